@@ -1,0 +1,108 @@
+"""Settings: defaults, then ``config.yaml``, then ``SMSBOT_*`` environment variables.
+
+The config file is found from ``--config``, then ``SMSBOT_CONFIG``, then
+``config.yaml`` in the current directory; without one, defaults and the
+environment still make a working setup. Relative paths in the file are taken
+relative to the file, so ``smsbot --config /etc/smsbot/config.yaml`` works
+from any directory. Secrets never belong in the file: they come from the
+environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "SMSBOT_CONFIG"
+DEFAULT_CONFIG_NAME = "config.yaml"
+_PATH_SETTINGS = ("rules_dir",)
+
+
+class ConfigError(Exception):
+    """Settings that cannot be used, with which setting and why."""
+
+
+class Settings(BaseSettings):
+    """Every setting, with its default. Environment: ``SMSBOT_`` + the name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="SMSBOT_", extra="forbid", frozen=True)
+
+    rules_dir: Path = Field(default=Path("rules"), description="folder (or file) of rule files")
+    param_max_length: int = Field(
+        default=6,
+        ge=1,
+        description="Tencent's limit for one template variable: 6 on accounts opened after 2024-01-25, else 12",
+    )
+    config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment overrides them.
+        return (env_settings, init_settings)
+
+
+def find_config_file(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file to read, or None when there is none to read."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file {explicit} does not exist")
+        return explicit
+    from_env = environ.get(CONFIG_ENV)
+    if from_env:
+        path = Path(from_env)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV}={from_env}: no such file")
+        return path
+    here = Path.cwd() / DEFAULT_CONFIG_NAME
+    return here if here.is_file() else None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of setting: value")
+    known = set(Settings.model_fields) - {"config_file"}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown setting '{key}'{hint}")
+    for key in _PATH_SETTINGS:
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
+    return data
+
+
+def load_settings(config: Path | None = None) -> Settings:
+    """Build settings from the config file (if any) and the environment."""
+    path = find_config_file(config, os.environ)
+    values = _read_file(path) if path else {}
+    try:
+        return Settings(**values, config_file=path)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            name = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{name}: {err['msg']} (from SMSBOT_{name.upper()} or {path or 'defaults'})")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from exc

@@ -1,0 +1,526 @@
+"""Turning one rule file's text into a ``CompiledFile``, reporting every problem found.
+
+Checking and compiling are one pass on purpose: the checks need the same
+compiled regexes, templates and keyword indexes the engine uses, so a file
+that passes ``smsbot rules check`` is exactly a file the engine can run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from bot.rules.diagnostics import Diagnostic, Severity
+from bot.rules.matching import MatcherSpec, RuleIndex
+from bot.rules.model import (
+    CompiledAction,
+    CompiledFile,
+    CompiledSection,
+    CompiledState,
+    CompiledTemplate,
+    RuleKind,
+)
+from bot.rules.normalize import NormalizedText, normalize
+from bot.rules.schema import Action, KeywordAction, Rule, RuleFile, State
+from bot.rules.templating import (
+    CONTACT_FIELDS,
+    CONTEXT_NAMES,
+    Expression,
+    ExpressionError,
+    compile_expression,
+    max_rendered_length,
+)
+from bot.rules.yaml_source import Located, Path_, YamlProblem, load_located
+
+DEFAULT_PARAM_MAX_LENGTH = 6
+"""Tencent's limit for a template variable on accounts opened after 2024-01-25."""
+
+PLACEHOLDER_RE = re.compile(r"\{(\d+)\}")
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNBOUNDED = 65535
+
+
+@dataclass
+class FileResult:
+    """What compiling one file produced."""
+
+    path: str
+    compiled: CompiledFile | None
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    signature: str | None = None
+    signature_line: int = 1
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def compile_file(text: str, *, path: str, name: str, param_max_length: int | None = None) -> FileResult:
+    """Compile ``text`` (the content of ``path``); ``compiled`` is None when there are errors."""
+    result = FileResult(path=path, compiled=None)
+    try:
+        located = load_located(text)
+    except YamlProblem as exc:
+        result.diagnostics.append(Diagnostic(path, exc.position.line, exc.position.col, "error", exc.message))
+        return result
+    if not isinstance(located.data, dict):
+        result.diagnostics.append(
+            Diagnostic(path, 1, 1, "error", "a rule file must be a mapping with at least a 'signature' key")
+        )
+        return result
+    try:
+        spec = RuleFile.model_validate(located.data)
+    except ValidationError as exc:
+        result.diagnostics.extend(_schema_problems(exc, located, path))
+        sig = located.data.get("signature")
+        if isinstance(sig, str):
+            result.signature = sig
+            result.signature_line = located.position(("signature",)).line
+        return result
+    result.signature = spec.signature
+    result.signature_line = located.position(("signature",)).line
+    builder = _Builder(spec, located, path, name, param_max_length or DEFAULT_PARAM_MAX_LENGTH)
+    compiled = builder.build(hashlib.sha256(text.encode()).hexdigest()[:12])
+    result.diagnostics.extend(builder.diagnostics)
+    if not any(d.is_error for d in result.diagnostics):
+        result.compiled = compiled
+    return result
+
+
+# ---------------------------------------------------------------- schema errors
+
+
+def _loc_text(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _unwrap(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else tp
+    return tp
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    tp: Any = RuleFile
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            info = tp.model_fields.get(str(part))
+            if info is None:
+                return None
+            tp = info.annotation
+        elif typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _schema_problems(exc: ValidationError, located: Located, path: str) -> list[Diagnostic]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            model = _model_at(loc[:-1])
+            allowed = list(model.model_fields) if model else []
+            pos = located.position(loc, key=True)
+            message = f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), allowed)}"
+            if allowed:
+                message += f"; allowed here: {', '.join(allowed)}"
+        elif kind == "missing":
+            pos = located.position(loc[:-1])
+            where = _loc_text(loc[:-1]) or "the file"
+            message = f"{where}: missing required key '{loc[-1]}'"
+        else:
+            pos = located.position(loc)
+            msg = str(err["msg"])
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            if isinstance(err.get("input"), bool) and "string" in msg:
+                msg += " (a bare true/false is read as a yes/no value: put it in quotes)"
+            message = f"{_loc_text(loc) or 'the file'}: {msg}"
+        problems.append(Diagnostic(path, pos.line, pos.col, "error", message))
+    return problems
+
+
+# ---------------------------------------------------------------- regex helpers
+
+
+def _group_widths(pattern: re.Pattern[str]) -> dict[str, int | None]:
+    """Longest text each named group can capture (None: unbounded)."""
+    parser: Any = importlib.import_module("re._parser")
+    parsed = parser.parse(pattern.pattern, pattern.flags)
+    by_gid: dict[int, int | None] = {}
+
+    def visit(obj: Any) -> None:
+        if hasattr(obj, "data") and hasattr(obj, "getwidth"):
+            for op, av in obj.data:
+                if str(op) == "SUBPATTERN" and isinstance(av, tuple) and av and isinstance(av[0], int):
+                    hi = av[-1].getwidth()[1]
+                    by_gid[av[0]] = None if hi >= _UNBOUNDED else int(hi)
+                visit(av)
+        elif isinstance(obj, tuple | list):
+            for item in obj:
+                visit(item)
+
+    visit(parsed)
+    return {name: by_gid.get(gid) for name, gid in pattern.groupindex.items()}
+
+
+# ---------------------------------------------------------------- the builder
+
+
+class _Builder:
+    def __init__(self, spec: RuleFile, located: Located, path: str, name: str, limit: int) -> None:
+        self.spec = spec
+        self.located = located
+        self.path = path
+        self.name = name
+        self.limit = spec.param_max_length or limit
+        self.diagnostics: list[Diagnostic] = []
+        self.templates: dict[str, CompiledTemplate] = {}
+        self.state_names: list[str] = list(spec.states) or [spec.start or "start"]
+
+    # -- reporting
+    def report(
+        self, where: Path_, severity: Severity, message: str, *, key: bool = False, line_offset: int = 0
+    ) -> None:
+        pos = self.located.position(where, key=key)
+        self.diagnostics.append(Diagnostic(self.path, pos.line + line_offset, pos.col, severity, message))
+
+    def line(self, where: Path_) -> int:
+        return self.located.position(where).line
+
+    # -- whole file
+    def build(self, version: str) -> CompiledFile:
+        spec = self.spec
+        self._templates()
+        start = spec.start or self.state_names[0]
+        if start not in self.state_names:
+            self.report(
+                ("start",),
+                "error",
+                f"start state '{start}' is not defined{did_you_mean(start, self.state_names)}",
+            )
+        opt_out = self._keyword_section("opt_out", spec.opt_out, ())
+        opt_in = self._keyword_section("opt_in", spec.opt_in, (("opt_out", opt_out),))
+        help_ = self._keyword_section("help", spec.help, (("opt_out", opt_out), ("opt_in", opt_in)))
+        globals_ = (("opt_out", opt_out), ("opt_in", opt_in), ("help", help_))
+        states: dict[str, CompiledState] = {}
+        for state_name in self.state_names:
+            state = spec.states.get(state_name, State())
+            where: Path_ = ("states", state_name)
+            section = self._rules_section(where + ("on",), state.on, "on", globals_, f"state '{state_name}'")
+            otherwise = (
+                self._action(where + ("otherwise",), state.otherwise, "state_otherwise", {})
+                if state.otherwise
+                else None
+            )
+            states[state_name] = CompiledState(state_name, state.expires, section, otherwise)
+        anywhere = self._rules_section(("anywhere",), spec.anywhere, "anywhere", globals_, "'anywhere'")
+        otherwise = self._action(("otherwise",), spec.otherwise, "otherwise", {}) if spec.otherwise else None
+        self._reachability(start)
+        self._tests()
+        return CompiledFile(
+            path=self.path,
+            name=self.name,
+            signature=spec.signature,
+            version=version,
+            start=start,
+            states=types.MappingProxyType(states),
+            opt_out=opt_out,
+            opt_in=opt_in,
+            help=help_,
+            anywhere=anywhere,
+            otherwise=otherwise,
+            templates=types.MappingProxyType(self.templates),
+            tests=tuple(spec.tests),
+            test_lines=tuple(self.line(("tests", i)) for i in range(len(spec.tests))),
+        )
+
+    def _templates(self) -> None:
+        for tname, tspec in self.spec.templates.items():
+            where: Path_ = ("templates", tname)
+            numbers = sorted({int(n) for n in PLACEHOLDER_RE.findall(tspec.text)})
+            if numbers and numbers != list(range(1, len(numbers) + 1)):
+                self.report(
+                    where + ("text",),
+                    "error",
+                    f"template '{tname}': placeholders must be numbered {{1}}, {{2}} ... without gaps, found "
+                    + ", ".join(f"{{{n}}}" for n in numbers),
+                )
+            if not tspec.id.isdigit():
+                self.report(
+                    where + ("id",),
+                    "error",
+                    f"template '{tname}': id {tspec.id!r} must be digits (Tencent template ids are numbers)",
+                )
+            self.templates[tname] = CompiledTemplate(tname, tspec.id, tspec.text, len(numbers), tspec.marketing)
+
+    # -- sections
+    def _specs(self, where: Path_, rule: KeywordAction | Rule) -> MatcherSpec:
+        pattern: re.Pattern[str] | None = None
+        for kind in ("keywords", "first_word", "contains"):
+            for i, word in enumerate(getattr(rule, kind) or ()):
+                if not normalize(word):
+                    self.report(
+                        where + (kind, i),
+                        "error",
+                        f"keyword {word!r} is empty once spaces and punctuation are ignored",
+                    )
+        if isinstance(rule, Rule) and rule.regex is not None:
+            try:
+                pattern = re.compile(rule.regex, re.IGNORECASE)
+            except re.error as exc:
+                self.report(
+                    where + ("regex",),
+                    "error",
+                    f"invalid regex {rule.regex!r}: {exc.msg} at position {exc.pos}",
+                )
+        return MatcherSpec(
+            keywords=tuple(rule.keywords or ()),
+            first_word=tuple(rule.first_word or ()),
+            contains=tuple(rule.contains or ()),
+            regex=pattern,
+        )
+
+    def _keyword_section(
+        self, key: str, rule: KeywordAction | None, earlier: Sequence[tuple[str, CompiledSection | None]]
+    ) -> CompiledSection | None:
+        if rule is None:
+            return None
+        where: Path_ = (key,)
+        spec = self._specs(where, rule)
+        self._shadowing(where, [spec], RuleIndex([spec]), earlier)
+        action = self._action(where, rule, key, {"keyword": None})
+        return CompiledSection(RuleIndex([spec]), (action,))
+
+    def _rules_section(
+        self,
+        where: Path_,
+        rules: Sequence[Rule],
+        kind: RuleKind,
+        earlier: Sequence[tuple[str, CompiledSection | None]],
+        label: str,
+    ) -> CompiledSection:
+        specs = [self._specs(where + (i,), rule) for i, rule in enumerate(rules)]
+        index = RuleIndex(specs)
+        self._shadowing(where, specs, index, earlier, label=label)
+        actions = []
+        for i, rule in enumerate(rules):
+            captures: dict[str, int | None] = {"keyword": None}
+            pattern = specs[i].regex
+            if pattern is not None:
+                captures = (
+                    _group_widths(pattern)
+                    if not (rule.keywords or rule.first_word or rule.contains)
+                    else {
+                        **_group_widths(pattern),
+                        "keyword": None,
+                    }
+                )
+            actions.append(self._action(where + (i,), rule, kind, captures))
+        return CompiledSection(index, tuple(actions))
+
+    def _shadowing(
+        self,
+        where: Path_,
+        specs: Sequence[MatcherSpec],
+        index: RuleIndex,
+        earlier: Sequence[tuple[str, CompiledSection | None]],
+        *,
+        label: str = "",
+    ) -> None:
+        """Report keywords that can never fire: repeated, or taken by opt-out/opt-in/help first."""
+        for i, spec in enumerate(specs):
+            rule_where = where + (i,) if label else where
+            for kind in ("keywords", "first_word", "contains"):
+                for k, word in enumerate(getattr(spec, kind)):
+                    probe = NormalizedText.of(word)
+                    if not probe.normalized:
+                        continue
+                    kw_where = rule_where + (kind, k)
+                    blocked = next(
+                        (name for name, sec in earlier if sec is not None and sec.index.find(probe) is not None),
+                        None,
+                    )
+                    if blocked is not None:
+                        self.report(
+                            kw_where,
+                            "error",
+                            f"keyword {word!r} is shadowed by the {blocked} keywords, which are tried first: "
+                            f"this rule can never fire for it",
+                        )
+                        continue
+                    if not label:
+                        continue
+                    hit = index.find(probe)
+                    if hit is not None and hit.index < i:
+                        other = self.line(where + (hit.index,))
+                        same = normalize(word) in {normalize(w) for w in getattr(specs[hit.index], kind)}
+                        what = "the same keyword appears twice" if same else "it is already matched"
+                        self.report(
+                            kw_where,
+                            "error",
+                            f"keyword {word!r} in {label}: {what} (the rule at line {other} takes it first)",
+                        )
+
+    # -- actions
+    def _action(self, where: Path_, action: Action, kind: str, captures: dict[str, int | None]) -> CompiledAction:
+        template: CompiledTemplate | None = None
+        if action.reply is not None:
+            template = self.templates.get(action.reply)
+            if template is None:
+                self.report(
+                    where + ("reply",),
+                    "error",
+                    f"reply names unknown template '{action.reply}'{did_you_mean(action.reply, self.templates)}",
+                )
+        if action.goto is not None and action.goto not in self.state_names:
+            self.report(
+                where + ("goto",),
+                "error",
+                f"goto names unknown state '{action.goto}'{did_you_mean(action.goto, self.state_names)}",
+            )
+        if template is not None and len(action.params) != template.placeholders:
+            self.report(
+                where + (("params",) if action.params else ("reply",)),
+                "error",
+                f"template '{template.name}' has {template.placeholders} placeholder(s) but "
+                f"{len(action.params)} param(s) are given",
+            )
+        if action.params and action.reply is None:
+            self.report(where + ("params",), "error", "params given without a reply")
+        params = tuple(
+            self._expression(where + ("params", i), source, captures, is_param=True)
+            for i, source in enumerate(action.params)
+        )
+        sets = []
+        for var, source in action.set.items():
+            if not _IDENT_RE.match(var):
+                self.report(
+                    where + ("set", var),
+                    "error",
+                    f"variable name {var!r} must be letters, digits and _",
+                    key=True,
+                )
+            sets.append((var, self._expression(where + ("set", var), source, captures, is_param=False)))
+        ref = f"{self.name}:{self.line(where)}"
+        return CompiledAction(ref, kind, template, params, tuple(sets), action.goto)  # type: ignore[arg-type]
+
+    def _expression(self, where: Path_, source: str, captures: dict[str, int | None], *, is_param: bool) -> Expression:
+        try:
+            expr = compile_expression(source)
+        except ExpressionError as exc:
+            self.report(where, "error", exc.message, line_offset=exc.lineno - 1)
+            return compile_expression("")
+        for unknown in sorted(expr.names - set(CONTEXT_NAMES)):
+            self.report(
+                where,
+                "error",
+                f"unknown variable '{unknown}'{did_you_mean(unknown, CONTEXT_NAMES)}; "
+                f"available: {', '.join(CONTEXT_NAMES)}",
+            )
+        for obj, attr in sorted(expr.attributes):
+            if obj == "match" and attr not in captures:
+                have = ", ".join(sorted(captures)) or "nothing"
+                self.report(where, "error", f"unknown variable 'match.{attr}': this rule captures {have}")
+            elif obj == "contact" and attr not in CONTACT_FIELDS:
+                self.report(where, "error", f"unknown variable 'contact.{attr}'; contact has nationcode, mobile")
+        if is_param:
+            longest = max_rendered_length(
+                expr,
+                group_widths=captures,
+                signature=None if self.spec.signature == "*" else self.spec.signature,
+            )
+            if expr.is_literal and longest is not None and longest > self.limit:
+                self.report(
+                    where,
+                    "error",
+                    f"parameter {source!r} is {longest} characters; Tencent allows {self.limit} per "
+                    f"template variable (param_max_length)",
+                )
+            elif not expr.is_literal and (longest is None or longest > self.limit):
+                about = "can be longer than" if longest is None else f"can be {longest} characters, over"
+                origin = "customer text or variables" if expr.uses_customer_data else "its values"
+                severity: Severity = "warning" if expr.uses_customer_data or longest is None else "error"
+                self.report(
+                    where,
+                    severity,
+                    f"parameter {source!r} is rendered from {origin} and {about} the limit of "
+                    f"{self.limit} characters per template variable; Tencent will refuse the send",
+                )
+        return expr
+
+    # -- whole-file checks
+    def _reachability(self, start: str) -> None:
+        spec = self.spec
+        if not spec.states:
+            return
+        global_gotos = [a.goto for a in (spec.opt_out, spec.opt_in, spec.help, spec.otherwise) if a and a.goto]
+        global_gotos += [r.goto for r in spec.anywhere if r.goto]
+        seen = {start, *global_gotos}
+        todo = list(seen)
+        while todo:
+            state = spec.states.get(todo.pop())
+            if state is None:
+                continue
+            nexts = [r.goto for r in state.on if r.goto]
+            if state.otherwise and state.otherwise.goto:
+                nexts.append(state.otherwise.goto)
+            for n in nexts:
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        for name in spec.states:
+            if name not in seen:
+                self.report(
+                    ("states", name),
+                    "warning",
+                    f"state '{name}' is unreachable: no goto leads to it",
+                    key=True,
+                )
+
+    def _tests(self) -> None:
+        for i, test in enumerate(self.spec.tests):
+            where: Path_ = ("tests", i)
+            if len(test.expect) != len(test.say):
+                self.report(
+                    where + ("expect",),
+                    "error",
+                    f"test '{test.name}': {len(test.say)} message(s) in 'say' but {len(test.expect)} in 'expect'",
+                )
+            for k, exp in enumerate(test.expect):
+                if exp.reply is not None and exp.reply not in self.templates:
+                    self.report(
+                        where + ("expect", k, "reply"),
+                        "error",
+                        f"test '{test.name}' expects unknown template '{exp.reply}'{did_you_mean(exp.reply, self.templates)}",
+                    )
+                if exp.state is not None and exp.state not in self.state_names:
+                    self.report(
+                        where + ("expect", k, "state"),
+                        "error",
+                        f"test '{test.name}' expects unknown state '{exp.state}'{did_you_mean(exp.state, self.state_names)}",
+                    )

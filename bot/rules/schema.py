@@ -1,0 +1,149 @@
+"""The shape of a rule file, as pydantic models.
+
+These models are the public contract of the rule language: field names here
+are the YAML keys marketers write. They only check shape and types; meaning
+(unknown templates, unreachable states, parameter counts ...) is checked by
+``bot.rules.lint`` where every problem can be reported at once.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+_DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+DURATION_PATTERN = r"^(?:\d+d)?(?:\d+h)?(?:\d+m)?(?:\d+s)?$"
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse '30m', '2h', '1h30m', '45s', '1d' into a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    text = str(value).strip().replace(" ", "")
+    m = _DURATION_RE.match(text)
+    if not text or not m or not any(m.groups()):
+        raise ValueError(f"expected a duration such as 30m, 2h, 1h30m, 45s or 1d, got {value!r}")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    result = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    if result <= timedelta(0):
+        raise ValueError("a duration must be longer than zero")
+    return result
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["30m", "1h30m"]}),
+]
+"""A duration written like ``30m``; a number of seconds on its own is refused."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
+
+
+class TemplateSpec(_Model):
+    """A Tencent-approved template: its id and the approved text with {1}, {2} ..."""
+
+    id: str = Field(min_length=1, description="Tencent template id, e.g. '1490001'")
+    text: str = Field(description="the approved template text, with {1}, {2} ... placeholders")
+    marketing: bool = Field(default=False, description="a marketing template: only sent 08:00-22:00 China time")
+
+
+class Action(_Model):
+    """What the bot does when a rule fires."""
+
+    reply: str | None = Field(default=None, description="name of the template to send")
+    params: list[str] = Field(default_factory=list, description="Jinja2 expressions, one per {n}")
+    set: dict[str, str] = Field(default_factory=dict, description="variables to store, name -> Jinja2 expression")
+    goto: str | None = Field(default=None, description="the state to move to")
+
+
+class _Matchers(_Model):
+    keywords: list[str] | None = Field(default=None, description="the whole message is one of these")
+    first_word: list[str] | None = Field(default=None, description="the first word of the message is one of these")
+    contains: list[str] | None = Field(
+        default=None, description="the message contains one of these (for languages without spaces)"
+    )
+
+    @model_validator(mode="after")
+    def _needs_a_matcher(self) -> Any:
+        if not any(getattr(self, k) for k in self._matcher_fields()):
+            names = ", ".join(self._matcher_fields())
+            raise ValueError(f"a rule needs something to match: one of {names}")
+        return self
+
+    @classmethod
+    def _matcher_fields(cls) -> tuple[str, ...]:
+        return ("keywords", "first_word", "contains")
+
+
+class KeywordAction(_Matchers, Action):
+    """opt_out, opt_in and help: keyword matchers plus an action."""
+
+
+class Rule(_Matchers, Action):
+    """One entry of a state's ``on`` list or of ``anywhere``."""
+
+    regex: str | None = Field(
+        default=None, description="Python regular expression, full match; named groups -> match.NAME"
+    )
+
+    @classmethod
+    def _matcher_fields(cls) -> tuple[str, ...]:
+        return ("keywords", "first_word", "contains", "regex")
+
+
+class State(_Model):
+    """A conversation state: its rules, expiry and fallback."""
+
+    on: list[Rule] = Field(default_factory=list)
+    expires: Duration | None = Field(
+        default=None, description="after this much silence the conversation returns to start"
+    )
+    otherwise: Action | None = None
+
+
+class Expect(_Model):
+    """What one step of a rule test must produce; keys left out are not checked."""
+
+    reply: str | None = Field(default=None, description="template name, or null for no reply")
+    params: list[str] | None = None
+    state: str | None = None
+    opted_out: bool | None = None
+    vars: dict[str, str] | None = Field(default=None, description="these variables have these values")
+    text: str | None = Field(default=None, description="the preview text of the reply")
+
+
+class RuleTest(_Model):
+    """A conversation the rules must produce."""
+
+    name: str
+    say: list[str] = Field(min_length=1)
+    expect: list[Expect]
+    gap: Duration = Field(default=timedelta(seconds=1), description="time between messages")
+    vars: dict[str, str] = Field(default_factory=dict, description="variables at the start")
+
+
+class RuleFile(_Model):
+    """One rule file: everything the bot does for one SMS signature."""
+
+    model_config = ConfigDict(title="smsbot rule file")
+
+    signature: str = Field(min_length=1, description='the callback "sign" this file answers; "*" for any other')
+    description: str | None = None
+    param_max_length: int | None = Field(
+        default=None, ge=1, description="Tencent's limit for one template variable (characters)"
+    )
+    templates: dict[str, TemplateSpec] = Field(default_factory=dict)
+    opt_out: KeywordAction | None = None
+    opt_in: KeywordAction | None = None
+    help: KeywordAction | None = None
+    start: str | None = Field(default=None, description="the first state (default: the first one listed)")
+    states: dict[str, State] = Field(default_factory=dict)
+    anywhere: list[Rule] = Field(default_factory=list)
+    otherwise: Action | None = None
+    tests: list[RuleTest] = Field(default_factory=list)
