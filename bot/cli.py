@@ -180,3 +180,70 @@ def simulate_command(
             sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
         else:
             _print_step(step)
+
+
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Apply the database migrations (creates the tables on a new database)."""
+    from bot.store.db import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url, revision)
+    typer.echo(f"database at {revision}: {_safe_url(settings.database_url)}")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="address to bind (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="port (default 8000)")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="allow a non-loopback address without a callback token")
+    ] = False,
+) -> None:
+    """Run the callback server with the in-process delivery loop."""
+    import logging
+
+    import uvicorn
+
+    from bot.live_rules import LiveRules, RulesInvalid
+    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
+    from bot.web.app import create_app
+
+    settings = _settings()
+    bind_host = host or settings.host
+    bind_port = port or settings.port
+    if bind_host not in _LOOPBACK and settings.callback_token is None and not insecure:
+        typer.echo(
+            f"smsbot: refusing to listen on {bind_host} without a callback token: set SMSBOT_CALLBACK_TOKEN "
+            "(Tencent then calls /sms/callback?token=...) or pass --insecure",
+            err=True,
+        )
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = make_engine(settings.database_url)
+    try:
+        check_schema(engine)
+    except SchemaOutOfDate as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    rules = LiveRules(settings.rules_dir, settings.param_max_length)
+    try:
+        rules.load()
+    except RulesInvalid as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    application = create_app(settings, engine=engine, rules=rules)
+    typer.echo(f"smsbot: listening on http://{bind_host}:{bind_port} (database {_safe_url(settings.database_url)})")
+    uvicorn.run(application, host=bind_host, port=bind_port, log_level="info", access_log=False)

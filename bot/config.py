@@ -13,16 +13,20 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bot.rules.schema import Duration
 
 CONFIG_ENV = "SMSBOT_CONFIG"
 DEFAULT_CONFIG_NAME = "config.yaml"
 _PATH_SETTINGS = ("rules_dir",)
+SECRET_SETTINGS = ("callback_token",)
 
 
 class ConfigError(Exception):
@@ -40,6 +44,19 @@ class Settings(BaseSettings):
         ge=1,
         description="Tencent's limit for one template variable: 6 on accounts opened after 2024-01-25, else 12",
     )
+    database_url: str = Field(
+        default="sqlite:///smsbot.db",
+        description="SQLAlchemy URL: sqlite:///smsbot.db (default) or postgresql+psycopg://user@host/db",
+    )
+    callback_token: SecretStr | None = Field(
+        default=None, description="when set, Tencent's callbacks must carry ?token=<it>; set it in the environment"
+    )
+    sender: Literal["console"] = Field(default="console", description="how replies are sent: console")
+    max_body_bytes: int = Field(default=64 * 1024, ge=256, description="largest callback body accepted")
+    loop_limit: int = Field(default=20, ge=1, description="identical replies to one number allowed per loop_window")
+    loop_window: Duration = Field(default=timedelta(minutes=5), description="window for loop_limit, e.g. 5m")
+    host: str = Field(default="127.0.0.1", description="address smsbot serve binds to")
+    port: int = Field(default=8000, ge=1, le=65535, description="port smsbot serve listens on")
     config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
 
     @classmethod
@@ -83,6 +100,12 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of setting: value")
     known = set(Settings.model_fields) - {"config_file"}
+    for secret in SECRET_SETTINGS:
+        if data.get(secret):
+            raise ConfigError(
+                f"{path}: '{secret}' is a secret and must not be stored in a file; "
+                f"set SMSBOT_{secret.upper()} in the environment instead"
+            )
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)

@@ -7,6 +7,7 @@ that passes ``smsbot rules check`` is exactly a file the engine can run.
 
 from __future__ import annotations
 
+import copy as copy_module
 import difflib
 import hashlib
 import importlib
@@ -78,23 +79,45 @@ def compile_file(text: str, *, path: str, name: str, param_max_length: int | Non
             Diagnostic(path, 1, 1, "error", "a rule file must be a mapping with at least a 'signature' key")
         )
         return result
+    sig = located.data.get("signature")
+    if isinstance(sig, str):
+        result.signature = sig
+        result.signature_line = located.position(("signature",)).line
     try:
         spec = RuleFile.model_validate(located.data)
     except ValidationError as exc:
         result.diagnostics.extend(_schema_problems(exc, located, path))
-        sig = located.data.get("signature")
-        if isinstance(sig, str):
-            result.signature = sig
-            result.signature_line = located.position(("signature",)).line
-        return result
-    result.signature = spec.signature
-    result.signature_line = located.position(("signature",)).line
+        # Misspelt keys alone do not stop the other checks: report everything in one run.
+        errors = exc.errors(include_url=False)
+        if any(err["type"] != "extra_forbidden" for err in errors):
+            return result
+        try:
+            spec = RuleFile.model_validate(_repaired(located.data, [tuple(err["loc"]) for err in errors]))
+        except ValidationError:
+            return result
     builder = _Builder(spec, located, path, name, param_max_length or DEFAULT_PARAM_MAX_LENGTH)
     compiled = builder.build(hashlib.sha256(text.encode()).hexdigest()[:12])
     result.diagnostics.extend(builder.diagnostics)
     if not any(d.is_error for d in result.diagnostics):
         result.compiled = compiled
     return result
+
+
+def _repaired(data: object, locs: Sequence[tuple[str | int, ...]]) -> object:
+    """A deep copy of ``data`` with each unknown key at ``locs`` renamed to its likely meaning, or dropped."""
+    copy = copy_module.deepcopy(data)
+    for loc in locs:
+        node: Any = copy
+        for part in loc[:-1]:
+            node = node[part]
+        if not isinstance(node, dict):
+            continue
+        value = node.pop(loc[-1], None)
+        model = _model_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields) if model else [], n=1, cutoff=0.6)
+        if close and close[0] not in node:
+            node[close[0]] = value
+    return copy
 
 
 # ---------------------------------------------------------------- schema errors
@@ -356,11 +379,19 @@ class _Builder:
         for i, spec in enumerate(specs):
             rule_where = where + (i,) if label else where
             for kind in ("keywords", "first_word", "contains"):
+                seen: dict[str, int] = {}
                 for k, word in enumerate(getattr(spec, kind)):
                     probe = NormalizedText.of(word)
                     if not probe.normalized:
                         continue
                     kw_where = rule_where + (kind, k)
+                    if probe.normalized in seen:
+                        first = getattr(spec, kind)[seen[probe.normalized]]
+                        self.report(
+                            kw_where, "error", f"keyword {word!r} appears twice in this rule (as {first!r} before)"
+                        )
+                        continue
+                    seen[probe.normalized] = k
                     blocked = next(
                         (name for name, sec in earlier if sec is not None and sec.index.find(probe) is not None),
                         None,
@@ -435,7 +466,8 @@ class _Builder:
         except ExpressionError as exc:
             self.report(where, "error", exc.message, line_offset=exc.lineno - 1)
             return compile_expression("")
-        for unknown in sorted(expr.names - set(CONTEXT_NAMES)):
+        unknown_names = sorted(expr.names - set(CONTEXT_NAMES))
+        for unknown in unknown_names:
             self.report(
                 where,
                 "error",
@@ -448,7 +480,7 @@ class _Builder:
                 self.report(where, "error", f"unknown variable 'match.{attr}': this rule captures {have}")
             elif obj == "contact" and attr not in CONTACT_FIELDS:
                 self.report(where, "error", f"unknown variable 'contact.{attr}'; contact has nationcode, mobile")
-        if is_param:
+        if is_param and not unknown_names:
             longest = max_rendered_length(
                 expr,
                 group_widths=captures,

@@ -133,7 +133,7 @@ def _apply(
         for name, expr in action.sets:
             try:
                 new_values[name] = expr.render(context)
-            except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError) as exc:
+            except Exception as exc:  # a rule's template must never crash the pipeline
                 errors.append(f"{action.ref}: set {name}: {_describe(exc)}")
         variables.update(new_values)
         context["vars"] = Bag(variables)
@@ -142,7 +142,7 @@ def _apply(
     if action.reply is not None:
         try:
             params = tuple(expr.render(context) for expr in action.params)
-        except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError) as exc:
+        except Exception as exc:  # a rule's template must never crash the pipeline
             errors.append(f"{action.ref}: params of reply {action.reply.name!r}: {_describe(exc)}")
         else:
             replies = (_reply(action, params, message),)
@@ -174,7 +174,8 @@ def _reply(action: CompiledAction, params: tuple[str, ...], message: InboundMess
         return params[n - 1] if 0 < n <= len(params) else m.group(0)
 
     text = _PLACEHOLDER_RE.sub(fill, template.text)
-    billed = f"【{message.sign}】{text}" if message.nationcode in ("86", "+86") else text
+    sign = message.sign.strip().removeprefix("【").removesuffix("】")
+    billed = f"【{sign}】{text}" if message.nationcode in ("86", "+86") else text
     size = sms_length(billed)
     return Reply(
         template=template.name,

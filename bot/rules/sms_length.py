@@ -38,7 +38,7 @@ def sms_length(text: str) -> SmsLength:
         single, multi = 160, 153
         encoding: Encoding = "GSM-7"
     else:
-        units = len(text.encode("utf-16-le")) // 2
+        units = len(text.encode("utf-16-le", "surrogatepass")) // 2
         single, multi = 70, 67
         encoding = "UCS-2"
     if units <= single:

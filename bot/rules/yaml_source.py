@@ -90,7 +90,11 @@ _MERGE_RE = re.compile(r"^<<$")
 
 
 def _build(node: yaml.Node, path: Path_, out: Located) -> object:
-    out.values[path] = _pos(node)
+    pos = _pos(node)
+    if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">"):
+        # A block scalar's text starts on the line after its '|' or '>' marker.
+        pos = Position(pos.line + 1, pos.col)
+    out.values[path] = pos
     if isinstance(node, yaml.ScalarNode):
         return _scalar(node)
     if isinstance(node, yaml.SequenceNode):

@@ -1,0 +1,187 @@
+"""The database schema: contacts, conversations, messages, outbox, opt-out events.
+
+Declared as typed SQLAlchemy 2 models so Alembic can compare them with the
+migrations; the hot path uses the same ``Table`` objects through Core
+statements to avoid per-row ORM object churn. Every constraint and index has
+a name (``NAMING``) so migrations are stable on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar, cast
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Id = BigInteger().with_variant(Integer(), "sqlite")
+"""64-bit ids on PostgreSQL; INTEGER on SQLite, where only that is an alias of the rowid."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database.
+
+    SQLite has no time zone type and hands back naive values; we store UTC and
+    always return aware UTC, so comparisons never mix naive and aware times.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[str]: JSON, datetime: UtcDateTime()}
+
+
+class Contact(Base):
+    """A phone number that wrote to us."""
+
+    __tablename__ = "contacts"
+    __table_args__ = (UniqueConstraint("nationcode", "mobile", name="uq_contacts_number"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    nationcode: Mapped[str] = mapped_column(String(8))
+    mobile: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime]
+
+
+class Conversation(Base):
+    """One contact under one signature: state, variables, expiry and opt-out status."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (
+        UniqueConstraint("signature", "contact_id", name="uq_conversations_signature_contact"),
+        Index("ix_conversations_updated_at", "updated_at"),
+        Index("ix_conversations_contact_id", "contact_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    signature: Mapped[str] = mapped_column(String(128))
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id"))
+    state: Mapped[str | None] = mapped_column(String(128))
+    variables: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    expires_at: Mapped[datetime | None]
+    opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    opted_out_at: Mapped[datetime | None]
+    opt_out_message_id: Mapped[int | None] = mapped_column(Id)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Message(Base):
+    """Every message in and out, with why the bot did what it did."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+        Index("ix_messages_created_at", "created_at"),
+        Index("ix_messages_status", "status"),
+        Index("ix_messages_contact_id_created_at", "contact_id", "created_at"),
+        Index("ix_messages_provider_serial", "provider_serial"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    direction: Mapped[str] = mapped_column(String(3))  # "in" | "out"
+    dedupe_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"))
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id"))
+    signature: Mapped[str] = mapped_column(String(128))
+    text: Mapped[str] = mapped_column(Text)
+    normalized_text: Mapped[str | None] = mapped_column(Text)
+    provider_time: Mapped[datetime | None]
+    """For inbound: when Tencent says the customer sent it."""
+    in_reply_to_id: Mapped[int | None] = mapped_column(Id)
+    rule: Mapped[str | None] = mapped_column(String(255))
+    rule_kind: Mapped[str | None] = mapped_column(String(32))
+    unmatched: Mapped[bool] = mapped_column(Boolean, default=False)
+    state_before: Mapped[str | None] = mapped_column(String(128))
+    state_after: Mapped[str | None] = mapped_column(String(128))
+    template_name: Mapped[str | None] = mapped_column(String(128))
+    template_id: Mapped[str | None] = mapped_column(String(32))
+    params: Mapped[list[str] | None]
+    segments: Mapped[int | None]
+    status: Mapped[str] = mapped_column(String(16))
+    """in: received | ignored; out: queued | sent | delivered | failed | suppressed | looping | error."""
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    provider_serial: Mapped[str | None] = mapped_column(String(64))
+    error_code: Mapped[str | None] = mapped_column(String(128))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Outbox(Base):
+    """Replies waiting to be sent; a row leaves when the send is settled."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_next_attempt_at", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    lease_until: Mapped[datetime | None]
+    leased_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class OptOutEvent(Base):
+    """Audit trail of every opt-out and opt-in, with the words that caused it."""
+
+    __tablename__ = "opt_out_events"
+    __table_args__ = (Index("ix_opt_out_events_conversation_id", "conversation_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"))
+    event: Mapped[str] = mapped_column(String(16))  # "opt_out" | "opt_in"
+    source: Mapped[str] = mapped_column(String(16))  # "keyword" | "ops" | "provider"
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
+    raw_text: Mapped[str | None] = mapped_column(Text)
+    normalized_text: Mapped[str | None] = mapped_column(Text)
+    rule: Mapped[str | None] = mapped_column(String(255))
+    actor: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+
+
+contacts = cast(Table, Contact.__table__)
+conversations = cast(Table, Conversation.__table__)
+messages = cast(Table, Message.__table__)
+outbox = cast(Table, Outbox.__table__)
+opt_out_events = cast(Table, OptOutEvent.__table__)

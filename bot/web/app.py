@@ -1,0 +1,222 @@
+"""The FastAPI application: Tencent's callbacks and health checks.
+
+Routes stay thin: they check the request, hand the work to the database
+writer (which commits it with others in one transaction) and answer only
+after that commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine, text
+
+from bot.config import Settings
+from bot.live_rules import LiveRules
+from bot.outbox import ConsoleSender, Deliverer, SmsSender
+from bot.service import Inbound, InboundResult, Policy, handle_inbound
+from bot.web.callbacks import BadCallback, CallbackAnswer, ReplyCallback, parse_reply_callback
+from bot.writer import DbWriter
+
+log = logging.getLogger("smsbot.web")
+
+RESULT_BAD_REQUEST = 1
+RESULT_UNAUTHORIZED = 2
+RESULT_TOO_LARGE = 3
+RESULT_UNAVAILABLE = 4
+
+
+@dataclass
+class Runtime:
+    """Everything the routes need, built once per app."""
+
+    settings: Settings
+    engine: Engine
+    rules: LiveRules
+    writer: DbWriter
+    deliverer: Deliverer | None
+    clock: Callable[[], datetime]
+    policy: Policy
+    warned_signatures: set[str] = field(default_factory=set)
+
+
+def _answer(status: int, result: int, errmsg: str) -> JSONResponse:
+    return JSONResponse({"result": result, "errmsg": errmsg}, status_code=status)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": CallbackAnswer, "description": "bad input: not JSON or UTF-8, missing or mistyped fields"},
+    401: {"model": CallbackAnswer, "description": "a callback token is configured and ?token= is wrong or missing"},
+    413: {"model": CallbackAnswer, "description": "body larger than max_body_bytes"},
+    503: {"model": CallbackAnswer, "description": "database unavailable: nothing stored, Tencent should retry"},
+}
+
+_REPLY_SCHEMA = ReplyCallback.model_json_schema()
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise OverflowError
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise OverflowError
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine,
+    rules: LiveRules,
+    sender: SmsSender | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    deliver: bool = True,
+    watch_rules: bool = True,
+) -> FastAPI:
+    """Build the app around an engine and loaded rules; the lifespan runs the writer and delivery loop."""
+    writer = DbWriter(engine)
+    deliverer = Deliverer(writer, sender or ConsoleSender(), clock=clock) if deliver else None
+    if deliverer is not None:
+        writer.on_commit = deliverer.wake
+    runtime = Runtime(
+        settings=settings,
+        engine=engine,
+        rules=rules,
+        writer=writer,
+        deliverer=deliverer,
+        clock=clock,
+        policy=Policy(loop_limit=settings.loop_limit, loop_window=settings.loop_window),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        writer.start()
+        tasks = []
+        if deliverer is not None:
+            tasks.append(asyncio.create_task(deliverer.run_forever(), name="smsbot-deliverer"))
+        if watch_rules:
+            tasks.append(asyncio.create_task(rules.watch(), name="smsbot-rules-watch"))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await asyncio.to_thread(writer.stop)
+
+    app = FastAPI(
+        title="smsbot",
+        summary="Conversational SMS auto-responder for Tencent Cloud SMS",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+
+    @app.post(
+        "/sms/callback",
+        response_model=CallbackAnswer,
+        responses=_ERRORS,
+        summary="Tencent Cloud 'SMS Reply' callback",
+        description=(
+            "A customer's reply (one JSON object as Tencent documents, or an array of them, "
+            "processed all or nothing). Answered with result 0 only after everything it caused is committed."
+        ),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"anyOf": [_REPLY_SCHEMA, {"type": "array", "items": _REPLY_SCHEMA}]}
+                    }
+                },
+            }
+        },
+    )
+    async def sms_callback(
+        request: Request,
+        token: str | None = Query(default=None, description="the configured callback token"),
+    ) -> JSONResponse:
+        expected = settings.callback_token.get_secret_value() if settings.callback_token else None
+        if expected and not hmac.compare_digest((token or "").encode(), expected.encode()):
+            return _answer(401, RESULT_UNAUTHORIZED, "missing or wrong token")
+        try:
+            body = await _read_limited(request, settings.max_body_bytes)
+        except OverflowError:
+            return _answer(413, RESULT_TOO_LARGE, f"body larger than {settings.max_body_bytes} bytes")
+        try:
+            inbound = parse_reply_callback(body, now=clock())
+        except BadCallback as exc:
+            return _answer(400, RESULT_BAD_REQUEST, str(exc))
+        try:
+            results = await _store(runtime, inbound)
+        except Exception as exc:
+            log.error("callback not stored: %s", exc)
+            return _answer(503, RESULT_UNAVAILABLE, "database unavailable, nothing stored; retry later")
+        for message, result in zip(inbound, results, strict=True):
+            if result.decision is None and not result.duplicate and message.sign not in runtime.warned_signatures:
+                runtime.warned_signatures.add(message.sign)
+                log.warning(
+                    "no rules answer signature %r (and no default file): messages stored, no reply", message.sign
+                )
+        return JSONResponse({"result": 0, "errmsg": "OK"})
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        summary="Ready to take callbacks: database reachable and rules loaded",
+        responses={503: {"description": "not ready: the body says what is missing"}},
+    )
+    async def readyz() -> JSONResponse:
+        database = "ok"
+        try:
+            await asyncio.to_thread(_ping, engine)
+        except Exception as exc:
+            database = f"unavailable: {type(exc).__name__}"
+        ruleset = rules.ruleset
+        body = {
+            "status": "ok" if database == "ok" and ruleset is not None else "unavailable",
+            "database": database,
+            "rules": {
+                "version": ruleset.version if ruleset else None,
+                "files": [f.name for f in ruleset.files] if ruleset else [],
+                "loaded_at": rules.loaded_at.isoformat() if rules.loaded_at else None,
+                "last_reload_error": rules.last_error or None,
+            },
+        }
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    return app
+
+
+def _ping(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+async def _store(runtime: Runtime, inbound: list[Inbound]) -> list[InboundResult]:
+    now = runtime.clock()
+    ruleset = runtime.rules.ruleset
+    policy = runtime.policy
+
+    def job(conn: Any) -> list[InboundResult]:
+        return [handle_inbound(conn, ruleset=ruleset, message=m, now=now, policy=policy) for m in inbound]
+
+    return await runtime.writer.run(job)

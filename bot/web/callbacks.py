@@ -1,0 +1,97 @@
+"""Tencent's "SMS Reply" callback payload: parsing and validation.
+
+Tencent documents a single JSON object per call; we also accept an array of
+them (processed all or nothing). Every problem names the field and what was
+wrong, because the person reading it is debugging an integration.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bot.service import Inbound
+
+EARLIEST = datetime(2010, 1, 1).timestamp()
+FUTURE_SLACK = timedelta(days=1)
+
+
+class BadCallback(Exception):  # noqa: N818 - named for what the caller sent
+    """A callback body we refuse, with the reason for Tencent's (or a developer's) logs."""
+
+
+class ReplyCallback(BaseModel):
+    """One customer reply as Tencent posts it."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    extend: str | None = Field(default="", description="extended code of the channel, usually empty")
+    mobile: str = Field(min_length=1, max_length=32, pattern=r"^\+?[0-9]+$", description="mobile number")
+    nationcode: str = Field(min_length=1, max_length=8, pattern=r"^\+?[0-9]+$", description="country code")
+    sign: str = Field(min_length=1, max_length=128, description="SMS signature")
+    text: str = Field(max_length=4096, description="the customer's reply")
+    time: int = Field(description="Unix timestamp in seconds")
+
+
+class CallbackAnswer(BaseModel):
+    """What Tencent expects back: result 0 means accepted."""
+
+    result: int = Field(description="0: success; anything else: failure")
+    errmsg: str = Field(description='"OK", or what was wrong')
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_reply_callback(body: bytes, *, now: datetime) -> list[Inbound]:
+    """Turn a callback body into messages, or raise BadCallback saying what is wrong."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadCallback(f"body is not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadCallback(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise BadCallback("empty array: no replies in the callback")
+    if len(items) > 1000:
+        raise BadCallback(f"too many replies in one callback ({len(items)}, at most 1000)")
+    messages: list[Inbound] = []
+    for index, item in enumerate(items):
+        prefix: tuple[int | str, ...] = (index,) if isinstance(data, list) else ()
+        if not isinstance(item, dict):
+            raise BadCallback(f"{_where(prefix) or 'body'}: expected a JSON object, got {type(item).__name__}")
+        try:
+            reply = ReplyCallback.model_validate(item)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors(include_url=False):
+                where = _where(prefix + tuple(err["loc"]))
+                problems.append(
+                    f"field '{where}': {err['msg']}" if err["type"] != "missing" else f"field '{where}' is missing"
+                )
+            raise BadCallback("; ".join(problems)) from exc
+        if not EARLIEST <= reply.time <= (now + FUTURE_SLACK).timestamp():
+            raise BadCallback(
+                f"field '{_where((*prefix, 'time'))}': {reply.time} is not a plausible Unix time in seconds"
+            )
+        messages.append(
+            Inbound(
+                nationcode=reply.nationcode.lstrip("+"),
+                mobile=reply.mobile.lstrip("+"),
+                sign=reply.sign.strip(),
+                text=reply.text,
+                time=reply.time,
+                extend=reply.extend or "",
+            )
+        )
+    return messages
