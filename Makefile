@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run simulate test lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("smsbot needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -14,9 +14,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Check and test the example rules, show a simulated conversation, then start the
+# callback server on SQLite (./smsbot.db) with the console sender.
 run: $(STAMP)
 	$(BIN)/smsbot rules check rules
 	$(BIN)/smsbot rules test rules
+	$(BIN)/smsbot simulate --rules rules --sign "Acme Shop" hi 1 MENU 2 TD MENU START
+	$(BIN)/smsbot db upgrade
+	$(BIN)/smsbot serve
+
+simulate: $(STAMP)
 	$(BIN)/smsbot simulate --rules rules --sign "Acme Shop" hi 1 MENU 2 TD MENU START
 
 lint: $(STAMP)
