@@ -31,6 +31,10 @@ T = TypeVar("T")
 _STOP = object()
 
 
+BatchHandler = Callable[[Connection, list[Any]], list[Any]]
+"""Handles the items of many jobs at once; returns one result per item, in order."""
+
+
 @dataclass
 class _Job(Generic[T]):
     fn: Callable[[Connection], T]
@@ -39,6 +43,8 @@ class _Job(Generic[T]):
     result: Any = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    handler: BatchHandler | None = None
+    items: list[Any] = field(default_factory=list)
 
 
 class DbWriter:
@@ -67,6 +73,20 @@ class DbWriter:
         job: _Job[T] = _Job(fn, loop, loop.create_future())
         self._queue.put(job)
         result: T = await job.future
+        return result
+
+    async def run_batch(self, handler: BatchHandler, items: list[Any]) -> list[Any]:
+        """Handle ``items`` together with the items of other waiting jobs that use the same ``handler``.
+
+        If the merged call fails, each job is retried on its own, so one bad
+        request cannot fail the others.
+        """
+        loop = asyncio.get_running_loop()
+        job: _Job[list[Any]] = _Job(
+            lambda conn: handler(conn, items), loop, loop.create_future(), handler=handler, items=items
+        )
+        self._queue.put(job)
+        result: list[Any] = await job.future
         return result
 
     def run_sync(self, fn: Callable[[Connection], T], timeout: float = 30.0) -> T:
@@ -105,14 +125,11 @@ class DbWriter:
     def _process(self, batch: list[_Job[Any]]) -> None:
         try:
             with self.engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
-                for job in batch:
-                    savepoint = conn.begin_nested()
-                    try:
-                        job.result = job.fn(conn)
-                        savepoint.commit()
-                    except Exception as exc:
-                        savepoint.rollback()
-                        job.error = exc
+                for group in _groups(batch):
+                    if len(group) > 1 and self._merged(conn, group):
+                        continue
+                    for job in group:
+                        self._alone(conn, job)
         except Exception as exc:  # the commit (or the connection) failed: nothing of the batch is stored
             log.error("database transaction failed for %d job(s): %s", len(batch), exc)
             for job in batch:
@@ -126,6 +143,35 @@ class DbWriter:
                 self.on_commit()
             except Exception:  # pragma: no cover - a notification must never kill the writer
                 log.exception("on_commit hook failed")
+
+    @staticmethod
+    def _alone(conn: Connection, job: _Job[Any]) -> None:
+        savepoint = conn.begin_nested()
+        try:
+            job.result = job.fn(conn)
+            savepoint.commit()
+        except Exception as exc:
+            savepoint.rollback()
+            job.error = exc
+
+    @staticmethod
+    def _merged(conn: Connection, group: list[_Job[Any]]) -> bool:
+        handler = group[0].handler
+        assert handler is not None
+        items = [item for job in group for item in job.items]
+        savepoint = conn.begin_nested()
+        try:
+            results = handler(conn, items)
+            savepoint.commit()
+        except Exception as exc:
+            savepoint.rollback()
+            log.info("merged batch of %d jobs failed (%s); retrying each alone", len(group), exc)
+            return False
+        start = 0
+        for job in group:
+            job.result = results[start : start + len(job.items)]
+            start += len(job.items)
+        return True
 
     @staticmethod
     def _resolve(job: _Job[Any]) -> None:
@@ -143,3 +189,14 @@ class DbWriter:
 
         with contextlib.suppress(RuntimeError):  # the loop has closed; nobody is waiting any more
             job.loop.call_soon_threadsafe(settle)
+
+
+def _groups(batch: list[_Job[Any]]) -> list[list[_Job[Any]]]:
+    """Consecutive jobs with the same batch handler form one group; order is kept."""
+    groups: list[list[_Job[Any]]] = []
+    for job in batch:
+        if groups and job.handler is not None and groups[-1][0].handler == job.handler:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups

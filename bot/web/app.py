@@ -18,12 +18,12 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from bot.config import Settings
 from bot.live_rules import LiveRules
 from bot.outbox import ConsoleSender, Deliverer, SmsSender
-from bot.service import Inbound, InboundResult, Policy, handle_inbound
+from bot.service import Inbound, InboundResult, Policy, handle_batch
 from bot.web.callbacks import BadCallback, CallbackAnswer, ReplyCallback, parse_reply_callback
 from bot.writer import DbWriter
 
@@ -47,6 +47,10 @@ class Runtime:
     clock: Callable[[], datetime]
     policy: Policy
     warned_signatures: set[str] = field(default_factory=set)
+
+    def store_inbound(self, conn: Connection, batch: list[Inbound]) -> list[InboundResult]:
+        """The writer's batch handler for callbacks: one call may carry many requests' messages."""
+        return handle_batch(conn, ruleset=self.rules.ruleset, batch=batch, now=self.clock(), policy=self.policy)
 
 
 def _answer(status: int, result: int, errmsg: str) -> JSONResponse:
@@ -212,11 +216,4 @@ def _ping(engine: Engine) -> None:
 
 
 async def _store(runtime: Runtime, inbound: list[Inbound]) -> list[InboundResult]:
-    now = runtime.clock()
-    ruleset = runtime.rules.ruleset
-    policy = runtime.policy
-
-    def job(conn: Any) -> list[InboundResult]:
-        return [handle_inbound(conn, ruleset=ruleset, message=m, now=now, policy=policy) for m in inbound]
-
-    return await runtime.writer.run(job)
+    return await runtime.writer.run_batch(runtime.store_inbound, inbound)
