@@ -431,7 +431,8 @@ otherwise: {{reply: t, params: [{json.dumps(expression)}]}}
         "{{ text | attr('__class__') }}",
         "{{ '{0.__class__}'.format(text) }}",
         "{{ [].append(1) }}",
-        "{{ range(10**9) | list }}",
+        "{{ 'a' * 10**6 }}",  # would build a huge string: refused by the sandbox's size limit
+        "{{ 7 ** 100000 }}",  # a huge power: refused too
         "{{ 1 / 0 }}",
         "{{ text.encode('no-such-codec') }}",
         "{{ '%(missing)s' % {} }}",

@@ -80,8 +80,15 @@ def test_rule_order_cases(specs: list[MatcherSpec], text: str, index: int | None
 @pytest.mark.parametrize(
     ("spec", "text", "captures"),
     [
-        (MatcherSpec(regex=rx(r"(?P<code>\d{6})")), "123456", {"code": "123456"}),
-        (MatcherSpec(regex=rx(r"(?P<a>\d+)(?:-(?P<b>\d+))?")), "12", {"a": "12", "b": ""}),
+        (MatcherSpec(regex=rx(r"(?P<code>\d{6})")), "123456", {"code": "123456", "keyword": ""}),
+        (MatcherSpec(regex=rx(r"(?P<a>\d+)(?:-(?P<b>\d+))?")), "12", {"a": "12", "b": "", "keyword": ""}),
+        # a rule with both kinds: the side that did not fire reads as "" (never undefined)
+        (
+            MatcherSpec(keywords=("ORDER",), regex=rx(r"order (?P<n>\d+)")),
+            "order 42",
+            {"n": "42", "keyword": ""},
+        ),
+        (MatcherSpec(keywords=("ORDER",), regex=rx(r"order (?P<n>\d+)")), "order", {"n": "", "keyword": "ORDER"}),
         (MatcherSpec(keywords=("Ｍｅｎｕ",)), "menu", {"keyword": "Ｍｅｎｕ"}),
         (MatcherSpec(contains=("退订",)), "我要退订", {"keyword": "退订"}),
     ],

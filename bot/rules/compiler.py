@@ -211,6 +211,15 @@ def _group_widths(pattern: re.Pattern[str]) -> dict[str, int | None]:
     return {name: by_gid.get(gid) for name, gid in pattern.groupindex.items()}
 
 
+def _capture_widths(spec: MatcherSpec) -> dict[str, int | None]:
+    """What ``match`` holds for a rule, with the longest value each name can take."""
+    words = spec.keywords + spec.first_word + spec.contains
+    widths: dict[str, int | None] = {"keyword": max((len(w) for w in words), default=0)}
+    if spec.regex is not None:
+        widths.update(_group_widths(spec.regex))
+    return widths
+
+
 # ---------------------------------------------------------------- the builder
 
 
@@ -336,7 +345,7 @@ class _Builder:
         where: Path_ = (key,)
         spec = self._specs(where, rule)
         self._shadowing(where, [spec], RuleIndex([spec]), earlier)
-        action = self._action(where, rule, key, {"keyword": None})
+        action = self._action(where, rule, key, _capture_widths(spec))
         return CompiledSection(RuleIndex([spec]), (action,))
 
     def _rules_section(
@@ -352,17 +361,7 @@ class _Builder:
         self._shadowing(where, specs, index, earlier, label=label)
         actions = []
         for i, rule in enumerate(rules):
-            captures: dict[str, int | None] = {"keyword": None}
-            pattern = specs[i].regex
-            if pattern is not None:
-                captures = (
-                    _group_widths(pattern)
-                    if not (rule.keywords or rule.first_word or rule.contains)
-                    else {
-                        **_group_widths(pattern),
-                        "keyword": None,
-                    }
-                )
+            captures = _capture_widths(specs[i])
             actions.append(self._action(where + (i,), rule, kind, captures))
         return CompiledSection(index, tuple(actions))
 
@@ -393,7 +392,11 @@ class _Builder:
                         continue
                     seen[probe.normalized] = k
                     blocked = next(
-                        (name for name, sec in earlier if sec is not None and sec.index.find(probe) is not None),
+                        (
+                            name
+                            for name, sec in earlier
+                            if sec is not None and sec.index.covering(word, kind) is not None
+                        ),
                         None,
                     )
                     if blocked is not None:
@@ -406,10 +409,10 @@ class _Builder:
                         continue
                     if not label:
                         continue
-                    hit = index.find(probe)
-                    if hit is not None and hit.index < i:
-                        other = self.line(where + (hit.index,))
-                        same = normalize(word) in {normalize(w) for w in getattr(specs[hit.index], kind)}
+                    taken_by = index.covering(word, kind)
+                    if taken_by is not None and taken_by < i:
+                        other = self.line(where + (taken_by,))
+                        same = normalize(word) in {normalize(w) for w in getattr(specs[taken_by], kind)}
                         what = "the same keyword appears twice" if same else "it is already matched"
                         self.report(
                             kw_where,

@@ -191,7 +191,8 @@ def _reply(action: CompiledAction, params: tuple[str, ...], message: InboundMess
 
 def _describe(exc: Exception) -> str:
     if isinstance(exc, jinja2.UndefinedError):
-        return f"undefined value ({exc.message})"
+        message = (exc.message or "").replace("'bot.rules.templating.Bag object'", "it")
+        return f"undefined value ({message}); use | default(...) for values that may be missing"
     return f"{type(exc).__name__}: {exc}"
 
 

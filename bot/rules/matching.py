@@ -44,6 +44,10 @@ class RuleIndex:
         self._first: dict[str, tuple[int, str]] = {}
         self._contains: ahocorasick.Automaton | None = None
         self._regexes: list[tuple[int, re.Pattern[str]]] = []
+        # Every name a rule's templates may read from ``match``, "" unless the matcher that fired sets it.
+        self._blank: list[dict[str, str]] = [
+            {"keyword": "", **(dict.fromkeys(spec.regex.groupindex, "") if spec.regex else {})} for spec in specs
+        ]
         automaton = ahocorasick.Automaton()
         for index, spec in enumerate(specs):
             for word in spec.keywords:
@@ -75,8 +79,27 @@ class RuleIndex:
                 break
             m = pattern.fullmatch(text.trimmed) or pattern.fullmatch(text.trimmed_bare)
             if m is not None:
-                captures = {k: v if v is not None else "" for k, v in m.groupdict().items()}
+                captures = dict(self._blank[index])
+                captures.update({k: v if v is not None else "" for k, v in m.groupdict().items()})
                 return Hit(index, captures)
         if best is None:
             return None
-        return Hit(best[0], {"keyword": best[1]})
+        return Hit(best[0], {**self._blank[best[0]], "keyword": best[1]})
+
+    def covering(self, word: str, kind: str) -> int | None:
+        """The first rule that takes every message a ``kind`` keyword ``word`` would match, if any.
+
+        An exact keyword is taken by any rule matching that exact text; a
+        first-word keyword only by an earlier first-word keyword or a contained
+        substring; a ``contains`` keyword only by a shorter ``contains``.
+        """
+        if kind == "keywords":
+            hit = self.find(NormalizedText.of(word))
+            return hit.index if hit is not None else None
+        key = normalize(word)
+        found: list[int] = []
+        if kind == "first_word" and key in self._first:
+            found.append(self._first[key][0])
+        if self._contains is not None and key:
+            found.extend(value[0] for _end, value in self._contains.iter(key))
+        return min(found) if found else None

@@ -37,12 +37,24 @@ def _strip_edges(text: str) -> str:
     return text[start:end]
 
 
+def clean(text: str) -> str:
+    """``text`` with lone UTF-16 surrogates (half an emoji from a broken client) replaced by U+FFFD.
+
+    Such text cannot be encoded as UTF-8, so it could never be stored or sent.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def trim(text: str) -> str:
     """NFKC, surrounding whitespace removed and inner whitespace collapsed; case and punctuation kept.
 
     This is what regular expressions see, and what templates get as ``text``.
     """
-    return _SPACE_RE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    return _SPACE_RE.sub(" ", unicodedata.normalize("NFKC", clean(text))).strip()
 
 
 def normalize(text: str) -> str:

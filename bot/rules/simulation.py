@@ -61,10 +61,10 @@ class TestFailure:
     actual: object
 
     def __str__(self) -> str:
-        return (
-            f"{self.path}:{self.line}: test '{self.test}' step {self.step} (said {self.said!r}): "
-            f"expected {self.what} {self.expected!r}, got {self.actual!r}"
-        )
+        where = f"{self.path}:{self.line}: test '{self.test}' step {self.step} (said {self.said!r})"
+        if self.what == "no error":
+            return f"{where}: the rules failed: {self.actual}"
+        return f"{where}: expected {self.what} {self.expected!r}, got {self.actual!r}"
 
 
 @dataclass(frozen=True)

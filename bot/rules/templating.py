@@ -20,6 +20,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import StrictUndefined, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 CONTEXT_NAMES = ("text", "match", "vars", "signature", "contact", "now")
@@ -27,8 +28,30 @@ CONTACT_FIELDS = {"nationcode": 4, "mobile": 15}
 _TRUNCATE_LEEWAY = 5
 
 
+MAX_RESULT_LENGTH = 10_000
+"""Longest string or list an expression may build: an SMS parameter never needs more."""
+
+
+class _RuleSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, plus limits on ``*`` and ``**`` so a rule cannot build a 10 GB string."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int) and abs(right) > 64:
+                raise SecurityError("exponent too large in a rule expression")
+            return left**right
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_RESULT_LENGTH:
+                raise SecurityError(f"result longer than {MAX_RESULT_LENGTH} in a rule expression")
+        return left * right
+
+
 def _make_env() -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    env = _RuleSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    env.globals.clear()  # no range, lipsum, cycler ...: only the documented context
+    return env
 
 
 ENV = _make_env()
@@ -194,6 +217,8 @@ def _node_max(node: nodes.Node, widths: Mapping[str, int | None], signature: str
 def _slice_max(sl: nodes.Slice, inner: int | None) -> int | None:
     start = sl.start.value if isinstance(sl.start, nodes.Const) else (0 if sl.start is None else None)
     stop = sl.stop.value if isinstance(sl.stop, nodes.Const) else None
+    if isinstance(start, int) and start < 0 and sl.stop is None and sl.step is None:
+        return -start if inner is None else min(-start, inner)  # [-4:]: the last four
     if isinstance(start, int) and isinstance(stop, int) and start >= 0 and stop >= 0 and sl.step is None:
         bound = max(stop - start, 0)
         return bound if inner is None else min(bound, inner)

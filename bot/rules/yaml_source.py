@@ -22,6 +22,9 @@ import yaml
 
 Path_ = tuple[str | int, ...]
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's parser when PyYAML was built with it: several times faster on large rule files."""
+
 _BOOL_TRUE = {"true", "True", "TRUE"}
 _BOOL_FALSE = {"false", "False", "FALSE"}
 _NULL = {"", "~", "null", "Null", "NULL"}
@@ -75,7 +78,7 @@ def _pos(node: yaml.Node) -> Position:
 
 def _scalar(node: yaml.ScalarNode) -> object:
     value: str = node.value
-    if node.style is not None:  # quoted or block scalar: always a string
+    if node.style:  # quoted or block scalar: always a string (plain is None, or "" from libyaml)
         return value
     if value in _NULL:
         return None
@@ -119,7 +122,7 @@ def _build(node: yaml.Node, path: Path_, out: Located) -> object:
 def load_located(text: str) -> Located:
     """Parse one YAML document, keeping positions; raise YamlProblem on bad YAML."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         position = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bot.rules.normalize import clean
 from bot.service import Inbound
 
 EARLIEST = datetime(2010, 1, 1).timestamp()
@@ -88,10 +89,10 @@ def parse_reply_callback(body: bytes, *, now: datetime) -> list[Inbound]:
             Inbound(
                 nationcode=reply.nationcode.lstrip("+"),
                 mobile=reply.mobile.lstrip("+"),
-                sign=reply.sign.strip(),
-                text=reply.text,
+                sign=clean(reply.sign).strip(),
+                text=clean(reply.text),
                 time=reply.time,
-                extend=reply.extend or "",
+                extend=clean(reply.extend or ""),
             )
         )
     return messages
