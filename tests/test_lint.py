@@ -41,8 +41,12 @@ def errors(result: FileResult) -> list[Diagnostic]:
     return [d for d in result.diagnostics if d.severity == "error"]
 
 
+NO_OPT_OUT = "no opt_out section"
+
+
 def warnings(result: FileResult) -> list[Diagnostic]:
-    return [d for d in result.diagnostics if d.severity == "warning"]
+    """Warnings, less the missing-opt-out one: most snippets here leave opt_out out on purpose."""
+    return [d for d in result.diagnostics if d.severity == "warning" and NO_OPT_OUT not in d.message]
 
 
 def the_one(diagnostics: list[Diagnostic], *words: str) -> Diagnostic:
@@ -556,15 +560,18 @@ def test_literal_parameter_longer_than_the_default_limit_of_6() -> None:
 
 
 def test_literal_parameter_of_exactly_6_is_fine() -> None:
-    assert lint(length_rules("123456")).diagnostics == []
+    assert not errors(r := lint(length_rules("123456")))
+    assert warnings(r) == []
 
 
 def test_chinese_literal_counts_characters_not_bytes() -> None:
-    assert lint(length_rules("六个汉字六个")).diagnostics == []
+    assert not errors(r := lint(length_rules("六个汉字六个")))
+    assert warnings(r) == []
 
 
 def test_per_file_param_max_length_raises_the_limit() -> None:
-    assert lint(length_rules("123456789012", extra="param_max_length: 12\n")).diagnostics == []
+    assert not errors(r := lint(length_rules("123456789012", extra="param_max_length: 12\n")))
+    assert warnings(r) == []
     too_long = lint(length_rules("1234567890123", extra="param_max_length: 12\n"))
     d = the_one(errors(too_long), "13 characters")
     assert "12" in d.message
@@ -619,7 +626,8 @@ def test_no_warning_for_a_regex_group_that_fits_the_limit() -> None:
                 params: ["{{ match.code }}"]
         """)
     result = lint(text)
-    assert result.diagnostics == [], [str(d) for d in result.diagnostics]
+    assert errors(result) == [], [str(d) for d in result.diagnostics]
+    assert warnings(result) == [], [str(d) for d in result.diagnostics]
 
 
 def test_warning_for_a_regex_group_that_can_exceed_the_limit() -> None:
@@ -689,7 +697,8 @@ def test_state_reached_only_through_anywhere_is_not_unreachable() -> None:
             reply: menu
             goto: menu
         """)
-    assert lint(text).diagnostics == []
+    assert errors(r := lint(text)) == []
+    assert warnings(r) == []
 
 
 # ---------------------------------------------------------------- the contract
@@ -701,5 +710,44 @@ def test_contract_file_loads_with_zero_errors() -> None:
     assert result.ruleset is not None
     assert [f.signature for f in result.ruleset.files] == ["Acme Shop"]
     assert not [d for d in result.diagnostics if "unreachable" in d.message]
-    # the only allowed warnings are the two vars-based params (unbounded customer variables)
-    assert all("customer text or variables" in d.message for d in result.diagnostics)
+    # the only warnings: the two vars-based params (unbounded customer variables) and the two
+    # templates (menu, bye) that cost 2 SMS once 【Acme Shop】 is added
+    messages = sorted(d.message.split(":")[0] for d in result.diagnostics)
+    assert len(messages) == 4
+    assert sum("customer text or variables" in d.message for d in result.diagnostics) == 2
+    assert sorted(d.message.split()[1] for d in result.diagnostics if "costs 2 SMS" in d.message) == ["'bye'", "'menu'"]
+
+
+# ---------------------------------------------------------------- compliance and cost warnings
+
+
+def test_a_signature_without_opt_out_is_warned_about_but_the_default_file_is_not() -> None:
+    text = rules("""\
+        signature: Acme
+        templates:
+          hi: {id: "1", text: "Hi"}
+        otherwise: {reply: hi}
+        """)
+    result = lint(text)
+    assert errors(result) == []
+    warning = the_one(result.diagnostics, NO_OPT_OUT)
+    assert (warning.severity, warning.line) == ("warning", 1)
+    assert not [
+        d for d in lint(text.replace("signature: Acme", 'signature: "*"')).diagnostics if NO_OPT_OUT in d.message
+    ]
+
+
+def test_a_template_that_costs_two_sms_with_its_signature_is_warned_about() -> None:
+    long_text = "x" * 60 + "。"  # 61 UCS-2 characters + 【Acme Shop】 (11) = 72 > 70
+    text = rules(f"""\
+        signature: Acme Shop
+        templates:
+          long: {{id: "1", text: "{long_text}"}}
+          short: {{id: "2", text: "Hi {{1}}。"}}
+        opt_out: {{keywords: [TD], reply: short, params: ["x"]}}
+        """)
+    result = lint(text)
+    warning = the_one(warnings(result), "costs 2 SMS")
+    assert (warning.line, warning.col) == (3, col(text, 3, long_text) - 1)
+    assert "72 characters" in warning.message
+    assert not [d for d in warnings(result) if "'short'" in d.message]

@@ -32,6 +32,7 @@ from bot.rules.model import (
 )
 from bot.rules.normalize import NormalizedText, normalize
 from bot.rules.schema import Action, KeywordAction, Rule, RuleFile, State
+from bot.rules.sms_length import sms_length
 from bot.rules.templating import (
     CONTACT_FIELDS,
     CONTEXT_NAMES,
@@ -273,6 +274,12 @@ class _Builder:
         anywhere = self._rules_section(("anywhere",), spec.anywhere, "anywhere", globals_, "'anywhere'")
         otherwise = self._action(("otherwise",), spec.otherwise, "otherwise", {}) if spec.otherwise else None
         self._reachability(start)
+        if spec.opt_out is None and spec.signature != "*":
+            self.report(
+                ("signature",),
+                "warning",
+                "no opt_out section: customers cannot unsubscribe from this signature by SMS (STOP, TD, 退订 ...)",
+            )
         self._tests()
         return CompiledFile(
             path=self.path,
@@ -309,6 +316,22 @@ class _Builder:
                     f"template '{tname}': id {tspec.id!r} must be digits (Tencent template ids are numbers)",
                 )
             self.templates[tname] = CompiledTemplate(tname, tspec.id, tspec.text, len(numbers), tspec.marketing)
+            self._template_cost(tname, tspec.text)
+
+    def _template_cost(self, tname: str, text: str) -> None:
+        """Warn when the fixed part of a template alone already costs more than one SMS."""
+        if self.spec.signature == "*":
+            return
+        fixed = PLACEHOLDER_RE.sub("", text)
+        size = sms_length(f"【{self.spec.signature}】{fixed}")
+        if size.segments > 1:
+            self.report(
+                ("templates", tname, "text"),
+                "warning",
+                f"template '{tname}' costs {size.segments} SMS per reply to Chinese-mainland numbers: "
+                f"{size.length} characters with 【{self.spec.signature}】 before any parameter "
+                f"({70 if size.encoding == 'UCS-2' else 160} fit in one)",
+            )
 
     # -- sections
     def _specs(self, where: Path_, rule: KeywordAction | Rule) -> MatcherSpec:
