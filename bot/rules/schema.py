@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 _DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-DURATION_PATTERN = r"^(?:\d+d)?(?:\d+h)?(?:\d+m)?(?:\d+s)?$"
+DURATION_PATTERN = r"^\s*(?:\d+\s*d)?\s*(?:\d+\s*h)?\s*(?:\d+\s*m)?\s*(?:\d+\s*s)?\s*$"
 
 
 def parse_duration(value: object) -> timedelta:
@@ -33,10 +33,13 @@ def parse_duration(value: object) -> timedelta:
     return result
 
 
+Text = Annotated[str, WithJsonSchema({"type": ["string", "number"]})]
+"""Text that may be written as a bare number (``id: 1490001``, ``keywords: [1, 2]``): it is read as text."""
+
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
-    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["30m", "1h30m"]}),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "minLength": 2, "examples": ["30m", "1h30m"]}),
 ]
 """A duration written like ``30m``; a number of seconds on its own is refused."""
 
@@ -48,7 +51,7 @@ class _Model(BaseModel):
 class TemplateSpec(_Model):
     """A Tencent-approved template: its id and the approved text with {1}, {2} ..."""
 
-    id: str = Field(min_length=1, description="Tencent template id, e.g. '1490001'")
+    id: Text = Field(min_length=1, description="Tencent template id, e.g. '1490001'")
     text: str = Field(description="the approved template text, with {1}, {2} ... placeholders")
     marketing: bool = Field(default=False, description="a marketing template: only sent 08:00-22:00 China time")
 
@@ -57,15 +60,15 @@ class Action(_Model):
     """What the bot does when a rule fires."""
 
     reply: str | None = Field(default=None, description="name of the template to send")
-    params: list[str] = Field(default_factory=list, description="Jinja2 expressions, one per {n}")
-    set: dict[str, str] = Field(default_factory=dict, description="variables to store, name -> Jinja2 expression")
+    params: list[Text] = Field(default_factory=list, description="Jinja2 expressions, one per {n}")
+    set: dict[str, Text] = Field(default_factory=dict, description="variables to store, name -> Jinja2 expression")
     goto: str | None = Field(default=None, description="the state to move to")
 
 
 class _Matchers(_Model):
-    keywords: list[str] | None = Field(default=None, description="the whole message is one of these")
-    first_word: list[str] | None = Field(default=None, description="the first word of the message is one of these")
-    contains: list[str] | None = Field(
+    keywords: list[Text] | None = Field(default=None, description="the whole message is one of these")
+    first_word: list[Text] | None = Field(default=None, description="the first word of the message is one of these")
+    contains: list[Text] | None = Field(
         default=None, description="the message contains one of these (for languages without spaces)"
     )
 
@@ -111,10 +114,10 @@ class Expect(_Model):
     """What one step of a rule test must produce; keys left out are not checked."""
 
     reply: str | None = Field(default=None, description="template name, or null for no reply")
-    params: list[str] | None = None
+    params: list[Text] | None = None
     state: str | None = None
     opted_out: bool | None = None
-    vars: dict[str, str] | None = Field(default=None, description="these variables have these values")
+    vars: dict[str, Text] | None = Field(default=None, description="these variables have these values")
     text: str | None = Field(default=None, description="the preview text of the reply")
 
 
@@ -122,10 +125,10 @@ class RuleTest(_Model):
     """A conversation the rules must produce."""
 
     name: str
-    say: list[str] = Field(min_length=1)
+    say: list[Text] = Field(min_length=1)
     expect: list[Expect]
     gap: Duration = Field(default=timedelta(seconds=1), description="time between messages")
-    vars: dict[str, str] = Field(default_factory=dict, description="variables at the start")
+    vars: dict[str, Text] = Field(default_factory=dict, description="variables at the start")
 
 
 class RuleFile(_Model):
