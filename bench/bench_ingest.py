@@ -14,8 +14,9 @@ script measures that, for SQLite and for PostgreSQL:
      ``smsbot serve``;
    - full: ``smsbot serve`` itself (rules from ``rules/``, console sender, the
      in-process delivery loop, the group-commit writer) on a fresh database: a
-     new SQLite file in a temporary folder, or the PostgreSQL database with its
-     ``public`` schema dropped and recreated, then ``smsbot db upgrade``.
+     new SQLite file in a temporary folder, or a PostgreSQL database of its own
+     (``smsbot_bench``, created when missing) with its ``public`` schema
+     dropped and recreated, then ``smsbot db upgrade``.
 2. Both are driven by the same load generator, ``wrk`` (C, one thread so the
    other core is left to the server), with the same connections and duration,
    after the same warm-up. A generated Lua script posts the seed's payload
@@ -33,7 +34,10 @@ script measures that, for SQLite and for PostgreSQL:
 Run it with ``.venv/bin/python bench/bench_ingest.py [--seconds 10]
 [--connections 32] [--databases sqlite,postgres]``. It needs ``wrk``
 (Debian/Ubuntu: ``apt-get install wrk``) and, for PostgreSQL, a database it may
-wipe (``--postgres-url``, default the test database of this machine). The
+wipe: ``--postgres-url``, default ``smsbot_bench`` on the local server of the
+test database (``postgres@127.0.0.1:5432``, trust auth), created if missing. It
+is deliberately not the ``test`` database itself: tests and CI run there,
+possibly at the same moment, and the benchmark wipes its database. The
 exit status is 1 when the target (ratio at least 0.5 on every database) is
 missed, 2 when the benchmark could not run.
 """
@@ -60,16 +64,17 @@ from pathlib import Path
 from typing import IO
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parent.parent
 RULES_DIR = REPO / "rules"
 BARE_APP = REPO / "bench" / "bare_app.py"
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/smsbot_bench"
 TARGET_RATIO = 0.5
 SIGN = "Acme Shop"
-NUMBER_POOL = 19_997
+NUMBER_POOL = 4_999
 """Distinct mobile numbers: numbers come back (conversations continue) but each request's key is new.
-Not a multiple of the five texts, so one number gets different texts over time."""
+Prime, so not a multiple of the five texts: one number gets different texts over time."""
 RUN_OFFSET = 10_000_000
 """Request counter offset of the measured run, so its keys never repeat the warm-up's."""
 MARKER = "BENCH_RESULT "
@@ -361,9 +366,32 @@ def count_stored(url: str, answered_ok: int) -> Stored:
     )
 
 
+def ensure_postgres_database(url: str) -> None:
+    """Create the benchmark's own database when it does not exist yet (needs CREATEDB)."""
+    target = make_url(url)
+    name = target.database
+    if not name:
+        raise BenchError(f"--postgres-url {url} names no database")
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}).first()
+            if exists is None:
+                quoted = conn.dialect.identifier_preparer.quote(name)
+                conn.execute(text(f"CREATE DATABASE {quoted}"))
+    except Exception as exc:
+        raise BenchError(
+            f"cannot reach or create the PostgreSQL database {name!r} ({exc}); "
+            "pass --postgres-url with a database the benchmark may wipe"
+        ) from exc
+    finally:
+        admin.dispose()
+
+
 def database_version(name: str, postgres_url: str) -> str:
     if name == "sqlite":
         return f"SQLite {sqlite3.sqlite_version}"
+    ensure_postgres_database(postgres_url)
     engine = create_engine(postgres_url)
     try:
         with engine.connect() as conn:
@@ -372,7 +400,7 @@ def database_version(name: str, postgres_url: str) -> str:
         raise BenchError(f"PostgreSQL is not reachable at {postgres_url}: {exc}") from exc
     finally:
         engine.dispose()
-    return f"PostgreSQL {version.split()[0]}"
+    return f"PostgreSQL {version.split()[0]} (database {make_url(postgres_url).database})"
 
 
 # ------------------------------------------------------------------ one measurement
@@ -504,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--postgres-url",
         default=os.environ.get("SMSBOT_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-        help="PostgreSQL database to WIPE and use (default $SMSBOT_BENCH_POSTGRES_URL or the local test database)",
+        help="PostgreSQL database to WIPE and use, created if missing "
+        "(default $SMSBOT_BENCH_POSTGRES_URL, else smsbot_bench on the local server)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with server and wrk logs")
     args = parser.parse_args(argv)

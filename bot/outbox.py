@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -196,18 +195,32 @@ class Deliverer:
                 loop.call_soon_threadsafe(event.set)
 
     async def run_once(self) -> int:
+        """Claim due replies, send them, record the outcomes: two transactions per round, not per reply."""
         now = self.clock()
         claimed = await self.writer.run(lambda conn: claim_due(conn, now=now, limit=self.batch, owner=self.owner))
+        if not claimed:
+            return 0
+        outcomes = await asyncio.to_thread(self._send_all, claimed)
+        done_at = self.clock()
+
+        def record(conn: Connection) -> None:
+            for sms, result in outcomes:
+                record_result(conn, sms=sms, result=result, now=done_at)
+
+        await self.writer.run(record)
+        self.sent += len(outcomes)
+        return len(claimed)
+
+    def _send_all(self, claimed: list[OutboundSms]) -> list[tuple[OutboundSms, SendResult]]:
+        outcomes = []
         for sms in claimed:
             try:
-                result = await asyncio.to_thread(self.sender.send, sms)
-            except Exception as exc:  # a sender bug must not lose the reply: leave it leased for a retry
+                result = self.sender.send(sms)
+            except Exception as exc:  # a sender bug must not lose the reply: it is recorded as failed
                 log.exception("sending message %s failed", sms.message_id)
                 result = SendResult(ok=False, code="InternalError.SenderCrashed", message=str(exc))
-            done_at = self.clock()
-            await self.writer.run(functools.partial(record_result, sms=sms, result=result, now=done_at))
-            self.sent += 1
-        return len(claimed)
+            outcomes.append((sms, result))
+        return outcomes
 
     async def run_forever(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -220,6 +233,9 @@ class Deliverer:
                 handled = 0
             if handled:
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # arrives together with a wake-up, and shutdown would then hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, text, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection
 
 from bot.rules.engine import decide
 from bot.rules.model import Conversation as EngineConversation
 from bot.rules.model import Decision, InboundMessage, Reply, Ruleset
-from bot.store.models import contacts, conversations, messages, opt_out_events, outbox
+from bot.store.driver_sql import DriverSql, chunks
 
 log = logging.getLogger("smsbot.service")
 
@@ -81,38 +80,36 @@ def mask_number(mobile: str) -> str:
     return mobile[:keep_head] + "*" * (len(mobile) - keep_head - 4) + mobile[-4:]
 
 
-def _insert_ignore(conn: Connection, table: Any) -> Any:
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
-def _chunks(items: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 # ------------------------------------------------------------------ contacts and conversations
 
 
-def contact_ids(conn: Connection, numbers: set[tuple[str, str]], now: datetime) -> dict[tuple[str, str], int]:
+def _by_group(pairs: Iterable[tuple[str, Any]]) -> dict[str, list[Any]]:
+    """Pairs grouped by their first element, so lookups can use an index (``a = ? AND b IN (...)``)."""
+    grouped: dict[str, list[Any]] = {}
+    for first, second in sorted(set(pairs)):
+        grouped.setdefault(first, []).append(second)
+    return grouped
+
+
+def contact_ids(db: DriverSql, numbers: set[tuple[str, str]], now: datetime) -> dict[tuple[str, str], int]:
     """Ids for (nationcode, mobile) pairs, creating the contacts that are new."""
     found: dict[tuple[str, str], int] = {}
 
-    def fetch(wanted: Sequence[tuple[str, str]]) -> None:
-        for chunk in _chunks(wanted):
-            query = select(contacts.c.id, contacts.c.nationcode, contacts.c.mobile).where(
-                tuple_(contacts.c.nationcode, contacts.c.mobile).in_(chunk)
-            )
-            for row in conn.execute(query):
-                found[(row.nationcode, row.mobile)] = row.id
+    def fetch(wanted: Iterable[tuple[str, str]]) -> None:
+        for nationcode, mobiles in _by_group(wanted).items():
+            for chunk in chunks(mobiles):
+                where, params = db.in_list("mobile", chunk)
+                for row in db.rows(
+                    f"SELECT id, mobile FROM contacts WHERE nationcode = ? AND {where}", [nationcode, *params]
+                ):
+                    found[(nationcode, row[1])] = int(row[0])
 
-    fetch(sorted(numbers))
+    fetch(numbers)
     missing = sorted(numbers - found.keys())
     if missing:
-        conn.execute(
-            _insert_ignore(conn, contacts).on_conflict_do_nothing(),
-            [{"nationcode": n, "mobile": m, "created_at": now} for n, m in missing],
+        db.executemany(
+            "INSERT INTO contacts (nationcode, mobile, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            [(n, m, db.ts(now)) for n, m in missing],
         )
         fetch(missing)
     return found
@@ -139,7 +136,10 @@ class _Convo:
         )
 
 
-def lock_conversations(conn: Connection, keys: set[tuple[str, int]], now: datetime) -> dict[tuple[str, int], _Convo]:
+_CONVO_COLUMNS = "id, contact_id, state, variables, expires_at, opted_out, opted_out_at, opt_out_message_id"
+
+
+def lock_conversations(db: DriverSql, keys: set[tuple[str, int]], now: datetime) -> dict[tuple[str, int], _Convo]:
     """The conversation rows for (signature, contact id), created if needed and locked until commit.
 
     On PostgreSQL ``FOR UPDATE`` (taken in id order, so two processes cannot
@@ -148,63 +148,58 @@ def lock_conversations(conn: Connection, keys: set[tuple[str, int]], now: dateti
     state. SQLite has a single writer (BEGIN IMMEDIATE): the same guarantee.
     """
     found: dict[tuple[str, int], _Convo] = {}
+    lock = " FOR UPDATE" if db.postgres else ""
 
-    def fetch(wanted: Sequence[tuple[str, int]]) -> None:
-        for chunk in _chunks(wanted):
-            query = (
-                select(conversations)
-                .where(tuple_(conversations.c.signature, conversations.c.contact_id).in_(chunk))
-                .order_by(conversations.c.id)
-                .with_for_update()
-            )
-            for row in conn.execute(query):
-                found[(row.signature, row.contact_id)] = _Convo(
-                    id=row.id,
-                    state=row.state,
-                    variables=dict(row.variables or {}),
-                    expires_at=row.expires_at,
-                    opted_out=bool(row.opted_out),
-                    opted_out_at=row.opted_out_at,
-                    opt_out_message_id=row.opt_out_message_id,
+    def fetch(wanted: Iterable[tuple[str, int]]) -> None:
+        for signature, contact_list in _by_group(wanted).items():
+            for chunk in chunks(contact_list):
+                where, params = db.in_list("contact_id", chunk)
+                statement = (
+                    f"SELECT {_CONVO_COLUMNS} FROM conversations WHERE signature = ? AND {where} ORDER BY id{lock}"
                 )
+                for row in db.rows(statement, [signature, *params]):
+                    found[(signature, int(row[1]))] = _Convo(
+                        id=int(row[0]),
+                        state=row[2],
+                        variables=dict(db.read_json(row[3]) or {}),
+                        expires_at=db.read_ts(row[4]),
+                        opted_out=bool(row[5]),
+                        opted_out_at=db.read_ts(row[6]),
+                        opt_out_message_id=row[7],
+                    )
 
-    fetch(sorted(keys))
+    fetch(keys)
     missing = sorted(keys - found.keys())
     if missing:
-        conn.execute(
-            _insert_ignore(conn, conversations).on_conflict_do_nothing(),
-            [
-                {
-                    "signature": sign,
-                    "contact_id": contact,
-                    "state": None,
-                    "variables": {},
-                    "opted_out": False,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for sign, contact in missing
-            ],
+        db.executemany(
+            "INSERT INTO conversations (signature, contact_id, state, variables, opted_out, created_at, updated_at)"
+            " VALUES (?, ?, NULL, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [(sign, contact, "{}", db.bool(False), db.ts(now), db.ts(now)) for sign, contact in missing],
         )
         fetch(missing)
     return found
 
 
-def _recent_reply_counts(conn: Connection, contact_list: Sequence[int], since: datetime) -> dict[tuple[int, str], int]:
+def _known_keys(db: DriverSql, keys: Sequence[str]) -> set[str]:
+    seen: set[str] = set()
+    for chunk in chunks(sorted(set(keys))):
+        where, params = db.in_list("dedupe_key", chunk)
+        seen.update(row[0] for row in db.rows(f"SELECT dedupe_key FROM messages WHERE {where}", params))
+    return seen
+
+
+def _recent_reply_counts(db: DriverSql, contact_list: Sequence[int], since: datetime) -> dict[tuple[int, str], int]:
     counts: dict[tuple[int, str], int] = {}
-    for chunk in _chunks(contact_list):
-        query = (
-            select(messages.c.contact_id, messages.c.text, func.count())
-            .where(
-                messages.c.contact_id.in_(chunk),
-                messages.c.direction == "out",
-                messages.c.created_at > since,
-                messages.c.status.in_(SENDING_STATUSES),
-            )
-            .group_by(messages.c.contact_id, messages.c.text)
+    # On SQLite the unary + keeps the planner on the (contact_id, created_at) index, not on status.
+    status = "status" if db.postgres else "+status"
+    for chunk in chunks(contact_list):
+        where, params = db.in_list("contact_id", chunk)
+        statement = (
+            f"SELECT contact_id, text, count(*) FROM messages WHERE {where} AND direction = 'out'"
+            f" AND created_at > ? AND {status} IN ('queued', 'sent', 'delivered') GROUP BY contact_id, text"
         )
-        for contact_id, reply_text, count in conn.execute(query):
-            counts[(contact_id, reply_text)] = count
+        for contact_id, reply_text, count in db.rows(statement, [*params, db.ts(since)]):
+            counts[(int(contact_id), reply_text)] = int(count)
     return counts
 
 
@@ -224,21 +219,6 @@ class _Pending:
     reply_statuses: list[tuple[Reply, str, str | None]] = field(default_factory=list)
 
 
-_UPDATE_CONVERSATION = (
-    update(conversations)
-    .where(conversations.c.id == bindparam("b_id"))
-    .values(
-        state=bindparam("b_state"),
-        variables=bindparam("b_variables"),
-        expires_at=bindparam("b_expires_at"),
-        opted_out=bindparam("b_opted_out"),
-        opted_out_at=bindparam("b_opted_out_at"),
-        opt_out_message_id=bindparam("b_opt_out_message_id"),
-        updated_at=bindparam("b_updated_at"),
-    )
-)
-
-
 def handle_batch(
     conn: Connection,
     *,
@@ -250,15 +230,12 @@ def handle_batch(
     """Store ``batch`` (in order) and everything it causes, on ``conn``; the caller commits."""
     if not batch:
         return []
-    ids = contact_ids(conn, {(m.nationcode, m.mobile) for m in batch}, now)
-    convos = lock_conversations(conn, {(m.sign, ids[(m.nationcode, m.mobile)]) for m in batch}, now)
+    db = DriverSql(conn)
+    ids = contact_ids(db, {(m.nationcode, m.mobile) for m in batch}, now)
+    convos = lock_conversations(db, {(m.sign, ids[(m.nationcode, m.mobile)]) for m in batch}, now)
     keys = [m.dedupe_key for m in batch]
-    seen: set[str] = set()
-    for chunk in _chunks(sorted(set(keys))):
-        seen.update(conn.execute(select(messages.c.dedupe_key).where(messages.c.dedupe_key.in_(chunk))).scalars())
-    counts = _recent_reply_counts(
-        conn, sorted({ids[(m.nationcode, m.mobile)] for m in batch}), now - policy.loop_window
-    )
+    seen = _known_keys(db, keys)
+    counts = _recent_reply_counts(db, sorted({ids[(m.nationcode, m.mobile)] for m in batch}), now - policy.loop_window)
 
     results: list[InboundResult | None] = [None] * len(batch)
     pending: list[_Pending] = []
@@ -279,29 +256,36 @@ def handle_batch(
                 item.reply_statuses.append((reply, status, reason))
         pending.append(item)
 
-    inbound_ids = _insert_returning_ids(conn, messages, [_inbound_row(p, keys[p.index], now) for p in pending])
+    inbound_ids = db.allocate_ids("messages", len(pending))
     id_by_index = {p.index: inbound_ids[n] for n, p in enumerate(pending)}
+    db.executemany(_INSERT_MESSAGE, [_inbound_row(db, p, id_by_index[p.index], keys[p.index], now) for p in pending])
 
-    _write_conversations(conn, convos.values(), id_by_index, now)
-    events = [_opt_event_row(p, id_by_index[p.index], now) for p in pending if p.decision and p.decision.opt_change]
-    if events:
-        conn.execute(insert(opt_out_events), events)
+    _write_conversations(db, convos.values(), id_by_index, now)
+    db.executemany(
+        _INSERT_OPT_EVENT,
+        [_opt_event_row(db, p, id_by_index[p.index], now) for p in pending if p.decision and p.decision.opt_change],
+    )
 
-    out_rows: list[dict[str, Any]] = []
-    for p in pending:
-        for reply, status, reason in p.reply_statuses:
-            out_rows.append(_outbound_row(p, id_by_index[p.index], reply, status, reason, now))
-    out_ids = _insert_returning_ids(conn, messages, out_rows)
-    queued_rows = [
-        {"message_id": out_id, "attempts": 0, "next_attempt_at": now, "created_at": now}
-        for out_id, row in zip(out_ids, out_rows, strict=True)
-        if row["status"] == "queued"
-    ]
-    if queued_rows:
-        conn.execute(insert(outbox), queued_rows)
-    for out_id, row in zip(out_ids, out_rows, strict=True):
-        if row["status"] != "queued":
-            log.warning("reply %s not queued (%s): %s", out_id, row["status"], row["status_reason"])
+    replies = [(p, reply, status, reason) for p in pending for reply, status, reason in p.reply_statuses]
+    out_ids = db.allocate_ids("messages", len(replies))
+    db.executemany(
+        _INSERT_MESSAGE,
+        [
+            _outbound_row(db, p, out_id, id_by_index[p.index], reply, status, reason, now)
+            for out_id, (p, reply, status, reason) in zip(out_ids, replies, strict=True)
+        ],
+    )
+    db.executemany(
+        "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at) VALUES (?, 0, ?, ?)",
+        [
+            (out_id, db.ts(now), db.ts(now))
+            for out_id, (_, _, status, _) in zip(out_ids, replies, strict=True)
+            if status == "queued"
+        ],
+    )
+    for out_id, (_, _, status, reason) in zip(out_ids, replies, strict=True):
+        if status != "queued":
+            log.warning("reply %s not queued (%s): %s", out_id, status, reason)
 
     for p in pending:
         queued = sum(1 for _, status, _ in p.reply_statuses if status == "queued")
@@ -348,117 +332,99 @@ def _reply_status(
     return "queued", None
 
 
-def _insert_returning_ids(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> list[int]:
-    """Insert ``rows`` with ids allocated up front, so one executemany can insert them all.
-
-    (Multi-row INSERT ... RETURNING cannot promise row order on SQLite, so
-    SQLAlchemy would fall back to one statement per row.) On PostgreSQL the
-    ids come from the table's sequence; on SQLite we hold the database's only
-    write lock (BEGIN IMMEDIATE), so max(id) + 1 ... is ours.
-    """
-    if not rows:
-        return []
-    if conn.dialect.name == "postgresql":
-        ids = [
-            int(i)
-            for i in conn.execute(
-                text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :n)"),
-                {"table": table.name, "n": len(rows)},
-            ).scalars()
-        ]
-    else:
-        top = int(conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one())
-        ids = list(range(top + 1, top + 1 + len(rows)))
-    for row, new_id in zip(rows, ids, strict=True):
-        row["id"] = new_id
-    conn.execute(insert(table), rows)
-    return ids
+_MESSAGE_COLUMNS = (
+    "id, direction, dedupe_key, conversation_id, contact_id, signature, text, normalized_text, provider_time,"
+    " in_reply_to_id, rule, rule_kind, unmatched, state_before, state_after, template_name, template_id, params,"
+    " segments, status, status_reason, error_message, created_at, updated_at"
+)
+_INSERT_MESSAGE = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({', '.join('?' * 24)})"
+_INSERT_OPT_EVENT = (
+    "INSERT INTO opt_out_events (conversation_id, event, source, message_id, raw_text, normalized_text, rule,"
+    " actor, created_at) VALUES (?, ?, 'keyword', ?, ?, ?, ?, NULL, ?)"
+)
+_UPDATE_CONVERSATION = (
+    "UPDATE conversations SET state = ?, variables = ?, expires_at = ?, opted_out = ?, opted_out_at = ?,"
+    " opt_out_message_id = ?, updated_at = ? WHERE id = ?"
+)
 
 
-def _inbound_row(p: _Pending, key: str, now: datetime) -> dict[str, Any]:
+def _inbound_row(db: DriverSql, p: _Pending, message_id: int, key: str, now: datetime) -> tuple[Any, ...]:
     d = p.decision
-    return {
-        "direction": "in",
-        "dedupe_key": key,
-        "conversation_id": p.convo.id,
-        "contact_id": p.contact_id,
-        "signature": p.message.sign,
-        "text": p.message.text,
-        "normalized_text": d.normalized_text if d else None,
-        "provider_time": datetime.fromtimestamp(p.message.time, UTC),
-        "in_reply_to_id": None,
-        "rule": d.rule if d else None,
-        "rule_kind": d.rule_kind if d else None,
-        "unmatched": bool(d and d.unmatched),
-        "state_before": p.state_before,
-        "state_after": d.state if d else p.state_before,
-        "template_name": None,
-        "template_id": None,
-        "params": None,
-        "segments": None,
-        "status": "received" if d else "ignored",
-        "status_reason": None if d else "no rules for this signature",
-        "provider_serial": None,
-        "error_code": None,
-        "error_message": "; ".join(d.errors) if d and d.errors else None,
-        "created_at": now,
-        "updated_at": now,
-    }
+    return (
+        message_id,
+        "in",
+        key,
+        p.convo.id,
+        p.contact_id,
+        p.message.sign,
+        p.message.text,
+        d.normalized_text if d else None,
+        db.ts(datetime.fromtimestamp(p.message.time, UTC)),
+        None,
+        d.rule if d else None,
+        d.rule_kind if d else None,
+        db.bool(bool(d and d.unmatched)),
+        p.state_before,
+        d.state if d else p.state_before,
+        None,
+        None,
+        None,
+        None,
+        "received" if d else "ignored",
+        None if d else "no rules for this signature",
+        "; ".join(d.errors) if d and d.errors else None,
+        db.ts(now),
+        db.ts(now),
+    )
 
 
 def _outbound_row(
-    p: _Pending, inbound_id: int, reply: Reply, status: str, reason: str | None, now: datetime
-) -> dict[str, Any]:
+    db: DriverSql,
+    p: _Pending,
+    message_id: int,
+    inbound_id: int,
+    reply: Reply,
+    status: str,
+    reason: str | None,
+    now: datetime,
+) -> tuple[Any, ...]:
     d = p.decision
     assert d is not None
-    return {
-        "direction": "out",
-        "dedupe_key": None,
-        "conversation_id": p.convo.id,
-        "contact_id": p.contact_id,
-        "signature": p.message.sign,
-        "text": reply.text,
-        "normalized_text": None,
-        "provider_time": None,
-        "in_reply_to_id": inbound_id,
-        "rule": d.rule,
-        "rule_kind": d.rule_kind,
-        "unmatched": False,
-        "state_before": p.state_before,
-        "state_after": d.state,
-        "template_name": reply.template,
-        "template_id": reply.template_id,
-        "params": list(reply.params),
-        "segments": reply.segments,
-        "status": status,
-        "status_reason": reason,
-        "provider_serial": None,
-        "error_code": None,
-        "error_message": None,
-        "created_at": now,
-        "updated_at": now,
-    }
+    return (
+        message_id,
+        "out",
+        None,
+        p.convo.id,
+        p.contact_id,
+        p.message.sign,
+        reply.text,
+        None,
+        None,
+        inbound_id,
+        d.rule,
+        d.rule_kind,
+        db.bool(False),
+        p.state_before,
+        d.state,
+        reply.template,
+        reply.template_id,
+        db.json(list(reply.params)),
+        reply.segments,
+        status,
+        reason,
+        None,
+        db.ts(now),
+        db.ts(now),
+    )
 
 
-def _opt_event_row(p: _Pending, inbound_id: int, now: datetime) -> dict[str, Any]:
+def _opt_event_row(db: DriverSql, p: _Pending, inbound_id: int, now: datetime) -> tuple[Any, ...]:
     d = p.decision
     assert d is not None
-    return {
-        "conversation_id": p.convo.id,
-        "event": d.opt_change,
-        "source": "keyword",
-        "message_id": inbound_id,
-        "raw_text": p.message.text,
-        "normalized_text": d.normalized_text,
-        "rule": d.rule,
-        "actor": None,
-        "created_at": now,
-    }
+    return (p.convo.id, d.opt_change, inbound_id, p.message.text, d.normalized_text, d.rule, db.ts(now))
 
 
-def _write_conversations(
-    conn: Connection, convos: Iterable[_Convo], id_by_index: dict[int, int], now: datetime
-) -> None:
+def _write_conversations(db: DriverSql, convos: Iterable[_Convo], id_by_index: dict[int, int], now: datetime) -> None:
     rows = []
     for convo in convos:
         if not convo.changed:
@@ -467,16 +433,15 @@ def _write_conversations(
             convo.opt_out_message_id = id_by_index[convo.opt_out_index]
             convo.opted_out_at = now
         rows.append(
-            {
-                "b_id": convo.id,
-                "b_state": convo.state,
-                "b_variables": convo.variables,
-                "b_expires_at": convo.expires_at,
-                "b_opted_out": convo.opted_out,
-                "b_opted_out_at": convo.opted_out_at,
-                "b_opt_out_message_id": convo.opt_out_message_id,
-                "b_updated_at": now,
-            }
+            (
+                convo.state,
+                db.json(convo.variables),
+                db.ts(convo.expires_at),
+                db.bool(convo.opted_out),
+                db.ts(convo.opted_out_at),
+                convo.opt_out_message_id,
+                db.ts(now),
+                convo.id,
+            )
         )
-    if rows:
-        conn.execute(_UPDATE_CONVERSATION, rows)
+    db.executemany(_UPDATE_CONVERSATION, rows)

@@ -38,10 +38,13 @@ def _strip_edges(text: str) -> str:
 
 
 def clean(text: str) -> str:
-    """``text`` with lone UTF-16 surrogates (half an emoji from a broken client) replaced by U+FFFD.
+    """``text`` with lone UTF-16 surrogates (half an emoji from a broken client) and NUL replaced by U+FFFD.
 
-    Such text cannot be encoded as UTF-8, so it could never be stored or sent.
+    Such text cannot be encoded as UTF-8 or stored in PostgreSQL, so it could
+    never be stored or sent; refusing it would make Tencent retry forever.
     """
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

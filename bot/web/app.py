@@ -48,9 +48,20 @@ class Runtime:
     policy: Policy
     warned_signatures: set[str] = field(default_factory=set)
 
+    queued_since_commit: bool = False
+
     def store_inbound(self, conn: Connection, batch: list[Inbound]) -> list[InboundResult]:
         """The writer's batch handler for callbacks: one call may carry many requests' messages."""
-        return handle_batch(conn, ruleset=self.rules.ruleset, batch=batch, now=self.clock(), policy=self.policy)
+        results = handle_batch(conn, ruleset=self.rules.ruleset, batch=batch, now=self.clock(), policy=self.policy)
+        if any(r.queued for r in results):
+            self.queued_since_commit = True
+        return results
+
+    def after_commit(self) -> None:
+        """Runs on the writer thread after each commit: wake the delivery loop only for new replies."""
+        if self.queued_since_commit and self.deliverer is not None:
+            self.queued_since_commit = False
+            self.deliverer.wake()
 
 
 def _answer(status: int, result: int, errmsg: str) -> JSONResponse:
@@ -94,8 +105,6 @@ def create_app(
     """Build the app around an engine and loaded rules; the lifespan runs the writer and delivery loop."""
     writer = DbWriter(engine)
     deliverer = Deliverer(writer, sender or ConsoleSender(), clock=clock) if deliver else None
-    if deliverer is not None:
-        writer.on_commit = deliverer.wake
     runtime = Runtime(
         settings=settings,
         engine=engine,
@@ -105,6 +114,7 @@ def create_app(
         clock=clock,
         policy=Policy(loop_limit=settings.loop_limit, loop_window=settings.loop_window),
     )
+    writer.on_commit = runtime.after_commit
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from bot.rules.normalize import clean
 from bot.service import Inbound
@@ -32,7 +32,9 @@ class ReplyCallback(BaseModel):
     extend: str | None = Field(default="", description="extended code of the channel, usually empty")
     mobile: str = Field(min_length=1, max_length=32, pattern=r"^\+?[0-9]+$", description="mobile number")
     nationcode: str = Field(min_length=1, max_length=8, pattern=r"^\+?[0-9]+$", description="country code")
-    sign: str = Field(min_length=1, max_length=128, description="SMS signature")
+    sign: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)] = Field(
+        description="SMS signature"
+    )
     text: str = Field(max_length=4096, description="the customer's reply")
     time: int = Field(description="Unix timestamp in seconds")
 
@@ -71,6 +73,9 @@ def parse_reply_callback(body: bytes, *, now: datetime) -> list[Inbound]:
         prefix: tuple[int | str, ...] = (index,) if isinstance(data, list) else ()
         if not isinstance(item, dict):
             raise BadCallback(f"{_where(prefix) or 'body'}: expected a JSON object, got {type(item).__name__}")
+        for name in ("text", "sign", "extend"):
+            if isinstance(item.get(name), str):
+                item[name] = clean(item[name])
         try:
             reply = ReplyCallback.model_validate(item)
         except ValidationError as exc:
@@ -89,10 +94,10 @@ def parse_reply_callback(body: bytes, *, now: datetime) -> list[Inbound]:
             Inbound(
                 nationcode=reply.nationcode.lstrip("+"),
                 mobile=reply.mobile.lstrip("+"),
-                sign=clean(reply.sign).strip(),
-                text=clean(reply.text),
+                sign=reply.sign,
+                text=reply.text,
                 time=reply.time,
-                extend=clean(reply.extend or ""),
+                extend=reply.extend or "",
             )
         )
     return messages

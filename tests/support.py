@@ -1,0 +1,267 @@
+"""Helpers for the storage and pipeline tests: databases, a fake clock, a recording sender, a running app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, Table, create_engine, func, select
+from sqlalchemy.engine import RowMapping, make_url
+
+from bot.config import Settings
+from bot.live_rules import LiveRules
+from bot.outbox import OutboundSms, SendResult
+from bot.store.db import make_engine
+from bot.store.models import contacts, conversations, messages, opt_out_events, outbox
+from bot.web.app import create_app
+
+PG_URL_ENV = "SMSBOT_TEST_DATABASE_URL"
+PG_URL = os.environ.get(PG_URL_ENV)
+REPO = Path(__file__).resolve().parent.parent
+RULES = REPO / "rules"
+SEED = REPO.parent / "shared" / "seeds" / "tencent-sms-reply-callback.txt"
+
+SIGN = "Acme Shop"
+MOBILE = "13800000000"
+NATIONCODE = "86"
+
+OUR_TABLES = ("opt_out_events", "outbox", "messages", "conversations", "contacts", "alembic_version")
+ALL_TABLES = (contacts, conversations, messages, outbox, opt_out_events)
+
+
+def reset_postgres(url: str) -> None:
+    """Drop everything our migrations create, so the next ``upgrade`` starts from nothing."""
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for table in OUR_TABLES:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+            conn.exec_driver_sql("DROP FUNCTION IF EXISTS smsbot_test_fail() CASCADE")
+    finally:
+        admin.dispose()
+
+
+def count(engine: Engine, table: Table, *where: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
+
+
+def rows(engine: Engine, table: Table, *where: Any) -> list[RowMapping]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(table).where(*where).order_by(table.c.id)).mappings())
+
+
+def stored_counts(engine: Engine) -> dict[str, int]:
+    return {table.name: count(engine, table) for table in ALL_TABLES}
+
+
+NOTHING_STORED = {table.name: 0 for table in ALL_TABLES}
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy; fail (never hang) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class FakeClock:
+    """The app's clock, moved by hand."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+class RecordingSender:
+    """An SmsSender that records what it was asked to send; ``gate`` holds sends back while cleared."""
+
+    def __init__(self) -> None:
+        self.sent: list[OutboundSms] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def send(self, sms: OutboundSms) -> SendResult:
+        if not self.gate.wait(timeout=10):
+            return SendResult(ok=False, code="Test.GateTimeout", message="the test never opened the gate")
+        self.sent.append(sms)
+        return SendResult(ok=True, serial=f"test:{sms.message_id}", code="Ok", message="recorded")
+
+
+def payload(
+    text: str,
+    *,
+    at: int,
+    mobile: str = MOBILE,
+    sign: str = SIGN,
+    nationcode: str = NATIONCODE,
+    extend: str = "",
+) -> dict[str, Any]:
+    return {"extend": extend, "mobile": mobile, "nationcode": nationcode, "sign": sign, "text": text, "time": at}
+
+
+async def _stop_deliverer() -> None:
+    for task in asyncio.all_tasks():
+        if task.get_name() != "smsbot-deliverer":
+            continue
+        for _ in range(200):
+            task.cancel()
+            done, _pending = await asyncio.wait({task}, timeout=0.05)
+            if done:
+                break
+
+
+def stop_app(client: TestClient, app: FastAPI, *, timeout: float = 10.0) -> None:
+    """Leave the TestClient context (the app's shutdown), bounded in time.
+
+    The delivery task is cancelled (repeatedly, until it ends) before the
+    lifespan's own shutdown runs: a single ``cancel()`` can be swallowed by the
+    delivery loop on Python 3.11 (see
+    ``test_delivery_task_honours_a_cancel_that_arrives_with_a_wake_up``), which
+    would hang the whole test session here.
+    """
+    app.state.runtime.writer.on_commit = None
+    with contextlib.suppress(Exception):  # the portal is gone: the app already stopped
+        client.portal.call(_stop_deliverer)
+    leaving = threading.Thread(target=client.__exit__, args=(None, None, None), daemon=True)
+    leaving.start()
+    leaving.join(timeout)
+    if leaving.is_alive():
+        raise AssertionError(f"the app did not shut down within {timeout}s")
+
+
+@dataclass
+class Harness:
+    """One running app (lifespan started: writer thread and delivery loop) and its test doubles."""
+
+    app: FastAPI
+    client: TestClient
+    engine: Engine
+    sender: RecordingSender
+    clock: FakeClock
+    rules: LiveRules
+    settings: Settings
+    _seq: int = field(default=0)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_time(self) -> int:
+        """A distinct, plausible ``time`` for each message (the dedupe key includes it)."""
+        with self._lock:
+            self._seq += 1
+            return int(self.clock().timestamp()) - 3600 + self._seq
+
+    def post(self, body: Any, *, token: str | None = None) -> httpx.Response:
+        params = {"token": token} if token is not None else None
+        if isinstance(body, bytes | str):
+            return self.client.post(
+                "/sms/callback", content=body, params=params, headers={"content-type": "application/json"}
+            )
+        return self.client.post("/sms/callback", json=body, params=params)
+
+    def say(self, text: str, **fields: Any) -> httpx.Response:
+        fields.setdefault("at", self.next_time())
+        response = self.post(payload(text, **fields))
+        assert response.status_code == 200, response.text
+        assert response.json() == {"result": 0, "errmsg": "OK"}
+        return response
+
+    def count(self, table: Table, *where: Any) -> int:
+        return count(self.engine, table, *where)
+
+    def rows(self, table: Table, *where: Any) -> list[RowMapping]:
+        return rows(self.engine, table, *where)
+
+    def outbound(self) -> list[RowMapping]:
+        return self.rows(messages, messages.c.direction == "out")
+
+    def inbound(self) -> list[RowMapping]:
+        return self.rows(messages, messages.c.direction == "in")
+
+    def wait_settled(self, *, timeout: float = 5.0) -> list[RowMapping]:
+        """Wait until the outbox is empty (every queued reply sent or suppressed); return the outbound rows."""
+        wait_until(lambda: self.count(outbox) == 0, timeout=timeout, what="the outbox to drain")
+        return self.outbound()
+
+
+def copy_rules(dest: Path, *names: str) -> Path:
+    """A rules folder in ``dest`` holding copies of the example files ``names`` (default: all)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for source in sorted(RULES.glob("*.yaml")):
+        if not names or source.name in names:
+            shutil.copy(source, dest / source.name)
+    return dest
+
+
+def write_rules(folder: Path, name: str, source: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(source, encoding="utf-8")
+    return path
+
+
+def texts(rows_: Sequence[RowMapping]) -> list[str]:
+    return [r["text"] for r in rows_]
+
+
+def start_app(
+    target: str | Engine,
+    *,
+    clock: FakeClock,
+    rules_path: Path,
+    settings: Settings | None = None,
+    sender: RecordingSender | None = None,
+    deliver: bool = True,
+    load_rules: bool = True,
+    watch_rules: bool = False,
+) -> Harness:
+    """Build an app and start its lifespan (writer thread, delivery loop); stop it with ``stop_app``."""
+    eng = make_engine(target) if isinstance(target, str) else target
+    live = LiveRules(rules_path)
+    if load_rules:
+        live.load()
+    settings = settings or Settings()
+    sender = sender or RecordingSender()
+    app = create_app(
+        settings, engine=eng, rules=live, sender=sender, clock=clock, deliver=deliver, watch_rules=watch_rules
+    )
+    client = TestClient(app, raise_server_exceptions=False)
+    client.__enter__()
+    return Harness(app, client, eng, sender, clock, live, settings)
+
+
+def postgres_schema_url(url: str, schema: str) -> str:
+    """``url`` with ``schema`` first on the search path (a private namespace for long-lived fixtures)."""
+    return make_url(url).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+
+
+def reset_postgres_schema(url: str, schema: str, *, create: bool = True) -> None:
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            if create:
+                conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    finally:
+        admin.dispose()
