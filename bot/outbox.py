@@ -15,15 +15,15 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TextIO
 
-from sqlalchemy import Connection, delete, or_, select, update
+from sqlalchemy import Connection
 
 from bot.service import mask_number
-from bot.store.models import contacts, conversations, messages, outbox
+from bot.store.driver_sql import DriverSql, chunks
 from bot.writer import DbWriter
 
 log = logging.getLogger("smsbot.outbox")
@@ -81,88 +81,88 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+_CLAIM = (
+    "SELECT o.id, o.message_id, m.signature, m.template_id, m.params, m.text, m.rule_kind,"
+    " c.nationcode, c.mobile, v.opted_out"
+    " FROM outbox o JOIN messages m ON m.id = o.message_id JOIN contacts c ON c.id = m.contact_id"
+    " JOIN conversations v ON v.id = m.conversation_id"
+    " WHERE o.next_attempt_at <= ? AND (o.lease_until IS NULL OR o.lease_until < ?)"
+    " ORDER BY o.next_attempt_at, o.id LIMIT ?"
+)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The final state of one reply: its message row is updated and its outbox row removed."""
+
+    outbox_id: int
+    message_id: int
+    status: str
+    reason: str | None = None
+    serial: str | None = None
+    code: str | None = None
+    error: str | None = None
+
+
 def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> list[OutboundSms]:
-    """Lease up to ``limit`` due outbox rows to ``owner``; rows of opted-out numbers are suppressed instead."""
-    query = (
-        select(
-            outbox.c.id,
-            outbox.c.message_id,
-            messages.c.signature,
-            messages.c.template_id,
-            messages.c.params,
-            messages.c.text,
-            messages.c.rule_kind,
-            contacts.c.nationcode,
-            contacts.c.mobile,
-            conversations.c.opted_out,
-        )
-        .join(messages, messages.c.id == outbox.c.message_id)
-        .join(contacts, contacts.c.id == messages.c.contact_id)
-        .join(conversations, conversations.c.id == messages.c.conversation_id)
-        .where(
-            outbox.c.next_attempt_at <= now,
-            or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
-        )
-        .order_by(outbox.c.next_attempt_at, outbox.c.id)
-        .limit(limit)
-    )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=outbox)
+    """Lease up to ``limit`` due outbox rows to ``owner``; rows of opted-out numbers are suppressed instead.
+
+    On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by
+    side without waiting for or taking each other's rows.
+    """
+    db = DriverSql(conn)
+    statement = _CLAIM + (" FOR UPDATE OF o SKIP LOCKED" if db.postgres else "")
     claimed: list[OutboundSms] = []
-    for row in conn.execute(query):
-        if row.opted_out and row.rule_kind != "opt_out":
-            _settle(
-                conn, row.id, row.message_id, now, status="suppressed", reason="the number opted out before sending"
-            )
+    suppressed: list[Settlement] = []
+    for row in db.rows(statement, (db.ts(now), db.ts(now), limit)):
+        outbox_id, message_id, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out = row
+        if opted_out and rule_kind != "opt_out":
+            suppressed.append(Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending"))
             continue
-        conn.execute(update(outbox).where(outbox.c.id == row.id).values(lease_until=now + LEASE, leased_by=owner))
         claimed.append(
             OutboundSms(
-                outbox_id=row.id,
-                message_id=row.message_id,
-                nationcode=row.nationcode,
-                mobile=row.mobile,
-                sign=row.signature,
-                template_id=row.template_id or "",
-                params=tuple(row.params or ()),
-                text=row.text,
+                outbox_id=outbox_id,
+                message_id=message_id,
+                nationcode=nationcode,
+                mobile=mobile,
+                sign=sign,
+                template_id=template_id or "",
+                params=tuple(db.read_json(params) or ()),
+                text=text,
             )
+        )
+    settle(conn, suppressed, now)
+    for chunk in chunks([sms.outbox_id for sms in claimed]):
+        where, params = db.in_list("id", chunk)
+        db.execute(
+            f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + LEASE), owner, *params]
         )
     return claimed
 
 
-def _settle(
-    conn: Connection,
-    outbox_id: int,
-    message_id: int,
-    now: datetime,
-    *,
-    status: str,
-    reason: str | None = None,
-    serial: str | None = None,
-    code: str | None = None,
-    error: str | None = None,
-) -> None:
-    conn.execute(
-        update(messages)
-        .where(messages.c.id == message_id)
-        .values(
-            status=status,
-            status_reason=reason,
-            provider_serial=serial,
-            error_code=code,
-            error_message=error,
-            updated_at=now,
-        )
+def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -> None:
+    """Record final outcomes: one statement per table for the whole list."""
+    if not settlements:
+        return
+    db = DriverSql(conn)
+    db.executemany(
+        "UPDATE messages SET status = ?, status_reason = ?, provider_serial = ?, error_code = ?, error_message = ?,"
+        " updated_at = ? WHERE id = ?",
+        [(s.status, s.reason, s.serial, s.code, s.error, db.ts(now), s.message_id) for s in settlements],
     )
-    conn.execute(delete(outbox).where(outbox.c.id == outbox_id))
+    for chunk in chunks([s.outbox_id for s in settlements]):
+        where, params = db.in_list("id", chunk)
+        db.execute(f"DELETE FROM outbox WHERE {where}", params)
+
+
+def settlement_for(sms: OutboundSms, result: SendResult) -> Settlement:
+    if result.ok:
+        return Settlement(sms.outbox_id, sms.message_id, "sent", serial=result.serial)
+    return Settlement(sms.outbox_id, sms.message_id, "failed", code=result.code, error=result.message)
 
 
 def record_result(conn: Connection, *, sms: OutboundSms, result: SendResult, now: datetime) -> None:
-    if result.ok:
-        _settle(conn, sms.outbox_id, sms.message_id, now, status="sent", serial=result.serial)
-    else:
-        _settle(conn, sms.outbox_id, sms.message_id, now, status="failed", code=result.code, error=result.message)
+    settle(conn, [settlement_for(sms, result)], now)
 
 
 class Deliverer:
@@ -203,11 +203,8 @@ class Deliverer:
         outcomes = await asyncio.to_thread(self._send_all, claimed)
         done_at = self.clock()
 
-        def record(conn: Connection) -> None:
-            for sms, result in outcomes:
-                record_result(conn, sms=sms, result=result, now=done_at)
-
-        await self.writer.run(record)
+        settlements = [settlement_for(sms, result) for sms, result in outcomes]
+        await self.writer.run(lambda conn: settle(conn, settlements, done_at))
         self.sent += len(outcomes)
         return len(claimed)
 

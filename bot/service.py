@@ -184,7 +184,10 @@ def _known_keys(db: DriverSql, keys: Sequence[str]) -> set[str]:
     seen: set[str] = set()
     for chunk in chunks(sorted(set(keys))):
         where, params = db.in_list("dedupe_key", chunk)
-        seen.update(row[0] for row in db.rows(f"SELECT dedupe_key FROM messages WHERE {where}", params))
+        seen.update(
+            row[0]
+            for row in db.rows(f"SELECT dedupe_key FROM messages WHERE dedupe_key IS NOT NULL AND {where}", params)
+        )
     return seen
 
 

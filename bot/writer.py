@@ -56,16 +56,22 @@ class DbWriter:
         self.on_commit = on_commit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="smsbot-db-writer", daemon=True)
+        self._conn: Connection | None = None
+        self._checkpointer = _Checkpointer(engine) if engine.dialect.name == "sqlite" else None
         self.batches = 0
         self.jobs = 0
 
     def start(self) -> None:
         self._thread.start()
+        if self._checkpointer is not None:
+            self._checkpointer.start()
 
     def stop(self) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout=10)
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in the next batch; return its result once the batch is committed."""
@@ -103,6 +109,12 @@ class DbWriter:
     # ------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._drop_connection()
+
+    def _loop(self) -> None:
         while True:
             first = self._queue.get()
             if first is _STOP:
@@ -122,9 +134,29 @@ class DbWriter:
             if stop:
                 return
 
+    def _connection(self) -> Connection:
+        """The writer's own connection, kept between batches (opened again after a failure)."""
+        if self._conn is None:
+            conn = self.engine.connect().execution_options(**WRITE_OPTIONS)
+            if self._checkpointer is not None:
+                # The checkpointer thread copies the WAL into the database, so commits never
+                # pay for that copy and its fsync.
+                conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+                conn.commit()
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()
+                self._conn.close()
+            self._conn = None
+
     def _process(self, batch: list[_Job[Any]]) -> None:
         try:
-            with self.engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+            conn = self._connection()
+            with conn.begin():
                 for group in _groups(batch):
                     if len(group) > 1 and self._merged(conn, group):
                         continue
@@ -132,12 +164,12 @@ class DbWriter:
                         self._alone(conn, job)
         except Exception as exc:  # the commit (or the connection) failed: nothing of the batch is stored
             log.error("database transaction failed for %d job(s): %s", len(batch), exc)
+            self._drop_connection()
             for job in batch:
                 job.error = exc
         self.batches += 1
         self.jobs += len(batch)
-        for job in batch:
-            self._resolve(job)
+        self._resolve_all(batch)
         if self.on_commit is not None:
             try:
                 self.on_commit()
@@ -174,21 +206,16 @@ class DbWriter:
         return True
 
     @staticmethod
-    def _resolve(job: _Job[Any]) -> None:
-        job.done.set()
-        if job.loop is None:
-            return
-
-        def settle() -> None:
-            if job.future.done():
-                return
-            if job.error is not None:
-                job.future.set_exception(job.error)
-            else:
-                job.future.set_result(job.result)
-
-        with contextlib.suppress(RuntimeError):  # the loop has closed; nobody is waiting any more
-            job.loop.call_soon_threadsafe(settle)
+    def _resolve_all(batch: list[_Job[Any]]) -> None:
+        """Wake every waiter: one hand-over per event loop, not one per job (each costs a syscall)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job[Any]]] = {}
+        for job in batch:
+            job.done.set()
+            if job.loop is not None:
+                by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop has closed; nobody is waiting any more
+                loop.call_soon_threadsafe(_settle, jobs)
 
 
 def _groups(batch: list[_Job[Any]]) -> list[list[_Job[Any]]]:
@@ -200,3 +227,49 @@ def _groups(batch: list[_Job[Any]]) -> list[list[_Job[Any]]]:
         else:
             groups.append([job])
     return groups
+
+
+class _Checkpointer:
+    """Copies SQLite's write-ahead log into the database file from its own thread.
+
+    With SQLite's automatic checkpoints, the commit that crosses the WAL size
+    limit does the copy and the fsyncs itself, which stalls every callback
+    waiting on that commit. A passive checkpoint here never blocks the writer.
+    """
+
+    def __init__(self, engine: Engine, *, interval: float = 0.5) -> None:
+        self.engine = engine
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="smsbot-sqlite-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._checkpoint("TRUNCATE")
+
+    def _checkpoint(self, mode: str) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
+        except Exception as exc:  # a missed checkpoint only means a longer WAL until the next one
+            log.warning("SQLite checkpoint failed: %s", exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._checkpoint("PASSIVE")
+
+
+def _settle(jobs: list[_Job[Any]]) -> None:
+    """Runs on the event loop: hand each job's outcome to its awaiting request."""
+    for job in jobs:
+        if job.future.done():
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job.result)

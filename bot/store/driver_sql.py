@@ -18,8 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
-"""SQLAlchemy's storage format for DATETIME on SQLite (we store naive UTC)."""
+# Datetimes go to SQLite as naive UTC "YYYY-MM-DD HH:MM:SS.ffffff": SQLAlchemy's storage format.
 
 
 class DriverSql:
@@ -28,6 +27,8 @@ class DriverSql:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.postgres = conn.dialect.name == "postgresql"
+        self._last_ts: datetime | None = None
+        self._last_text = ""
 
     def sql(self, statement: str) -> str:
         """Statements are written with ``?`` placeholders; psycopg wants ``%s``."""
@@ -55,11 +56,13 @@ class DriverSql:
     # -- values
 
     def ts(self, value: datetime | None) -> Any:
-        if value is None:
-            return None
-        if self.postgres:
+        if value is None or self.postgres:
             return value
-        return value.astimezone(UTC).strftime(SQLITE_DATETIME)
+        if value is self._last_ts:  # most values of a batch are its one "now"
+            return self._last_text
+        text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        self._last_ts, self._last_text = value, text
+        return text
 
     def read_ts(self, value: Any) -> datetime | None:
         if value is None:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -109,17 +110,37 @@ class Message(Base):
     """Every message in and out, with why the bot did what it did."""
 
     __tablename__ = "messages"
+    # Every index costs each callback a b-tree insert, so the ones that only matter for a
+    # few rows are partial: dedupe keys exist only on inbound rows, serial numbers only
+    # once Tencent accepted a send, and ops look for failures, not for successes.
     __table_args__ = (
         Index("ix_messages_conversation_id_id", "conversation_id", "id"),
         Index("ix_messages_created_at", "created_at"),
-        Index("ix_messages_status", "status"),
         Index("ix_messages_contact_id_created_at", "contact_id", "created_at"),
-        Index("ix_messages_provider_serial", "provider_serial"),
+        Index(
+            "uq_messages_dedupe_key",
+            "dedupe_key",
+            unique=True,
+            sqlite_where=text("dedupe_key IS NOT NULL"),
+            postgresql_where=text("dedupe_key IS NOT NULL"),
+        ),
+        Index(
+            "ix_messages_provider_serial",
+            "provider_serial",
+            sqlite_where=text("provider_serial IS NOT NULL"),
+            postgresql_where=text("provider_serial IS NOT NULL"),
+        ),
+        Index(
+            "ix_messages_failed_created_at",
+            "created_at",
+            sqlite_where=text("status = 'failed'"),
+            postgresql_where=text("status = 'failed'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     direction: Mapped[str] = mapped_column(String(3))  # "in" | "out"
-    dedupe_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    dedupe_key: Mapped[str | None] = mapped_column(String(64))
     conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"))
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id"))
     signature: Mapped[str] = mapped_column(String(128))

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 12:04:05.043040
+Create Date: 2026-11-25 12:41:46.889786
 """
 
 from __future__ import annotations
@@ -85,14 +85,32 @@ def upgrade() -> None:
             ["conversation_id"], ["conversations.id"], name=op.f("fk_messages_conversation_id_conversations")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_messages")),
-        sa.UniqueConstraint("dedupe_key", name=op.f("uq_messages_dedupe_key")),
     )
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.create_index("ix_messages_contact_id_created_at", ["contact_id", "created_at"], unique=False)
         batch_op.create_index("ix_messages_conversation_id_id", ["conversation_id", "id"], unique=False)
         batch_op.create_index("ix_messages_created_at", ["created_at"], unique=False)
-        batch_op.create_index("ix_messages_provider_serial", ["provider_serial"], unique=False)
-        batch_op.create_index("ix_messages_status", ["status"], unique=False)
+        batch_op.create_index(
+            "ix_messages_failed_created_at",
+            ["created_at"],
+            unique=False,
+            sqlite_where=sa.text("status = 'failed'"),
+            postgresql_where=sa.text("status = 'failed'"),
+        )
+        batch_op.create_index(
+            "ix_messages_provider_serial",
+            ["provider_serial"],
+            unique=False,
+            sqlite_where=sa.text("provider_serial IS NOT NULL"),
+            postgresql_where=sa.text("provider_serial IS NOT NULL"),
+        )
+        batch_op.create_index(
+            "uq_messages_dedupe_key",
+            ["dedupe_key"],
+            unique=True,
+            sqlite_where=sa.text("dedupe_key IS NOT NULL"),
+            postgresql_where=sa.text("dedupe_key IS NOT NULL"),
+        )
 
     op.create_table(
         "opt_out_events",
@@ -145,8 +163,21 @@ def downgrade() -> None:
 
     op.drop_table("opt_out_events")
     with op.batch_alter_table("messages", schema=None) as batch_op:
-        batch_op.drop_index("ix_messages_status")
-        batch_op.drop_index("ix_messages_provider_serial")
+        batch_op.drop_index(
+            "uq_messages_dedupe_key",
+            sqlite_where=sa.text("dedupe_key IS NOT NULL"),
+            postgresql_where=sa.text("dedupe_key IS NOT NULL"),
+        )
+        batch_op.drop_index(
+            "ix_messages_provider_serial",
+            sqlite_where=sa.text("provider_serial IS NOT NULL"),
+            postgresql_where=sa.text("provider_serial IS NOT NULL"),
+        )
+        batch_op.drop_index(
+            "ix_messages_failed_created_at",
+            sqlite_where=sa.text("status = 'failed'"),
+            postgresql_where=sa.text("status = 'failed'"),
+        )
         batch_op.drop_index("ix_messages_created_at")
         batch_op.drop_index("ix_messages_conversation_id_id")
         batch_op.drop_index("ix_messages_contact_id_created_at")
