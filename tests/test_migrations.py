@@ -54,11 +54,17 @@ def test_migrated_schema_has_the_tables_constraints_and_indexes(engine: Engine) 
     assert {"contacts", "conversations", "messages", "outbox", "opt_out_events", "alembic_version"} <= set(
         schema.get_table_names()
     )
-    uniques = {u["name"] for u in schema.get_unique_constraints("messages")}
-    assert "uq_messages_dedupe_key" in uniques
     assert "uq_contacts_number" in {u["name"] for u in schema.get_unique_constraints("contacts")}
-    indexes = {i["name"] for i in schema.get_indexes("messages")}
-    assert {"ix_messages_status", "ix_messages_created_at", "ix_messages_contact_id_created_at"} <= indexes
+    indexes = {i["name"]: i for i in schema.get_indexes("messages")}
+    # dedupe keys: a unique index over the inbound rows only (partial: outbound rows have none)
+    assert indexes["uq_messages_dedupe_key"]["unique"]
+    assert {
+        "ix_messages_created_at",
+        "ix_messages_contact_id_created_at",
+        "ix_messages_conversation_id_id",
+        "ix_messages_provider_serial",
+        "ix_messages_failed_created_at",
+    } <= set(indexes)
     assert "ix_outbox_next_attempt_at" in {i["name"] for i in schema.get_indexes("outbox")}
 
 
