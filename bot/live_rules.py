@@ -59,6 +59,15 @@ class LiveRules:
         """Reload whenever a file under ``path`` changes."""
         from watchfiles import awatch
 
-        async for _changes in awatch(self.path, debounce=200, step=50):
+        # A single rules file is watched through its folder: editors and deploy tools save by
+        # renaming a new file over the old one, which a watch on the file itself loses.
+        if self.path.is_file():
+            target = self.path.resolve()
+            changes = awatch(
+                self.path.parent, debounce=200, step=50, watch_filter=lambda _c, p: Path(p).resolve() == target
+            )
+        else:
+            changes = awatch(self.path, debounce=200, step=50)
+        async for _changes in changes:
             with contextlib.suppress(RulesInvalid):  # already logged; the old rules stay live
                 await asyncio.to_thread(self.load)

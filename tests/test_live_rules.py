@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -139,8 +140,17 @@ def test_a_second_file_claiming_the_same_signature_is_an_error(rules_dir: Path) 
 # ---------------------------------------------------------------- LiveRules.watch
 
 
+def plain_save(path: Path, source: str) -> None:
+    path.write_text(source, encoding="utf-8")
+
+
 async def _rewrite_until(
-    live: LiveRules, path: Path, sources: Callable[[int], str], done: Callable[[], bool], timeout: float = 8.0
+    live: LiveRules,
+    path: Path,
+    sources: Callable[[int], str],
+    done: Callable[[], bool],
+    timeout: float = 8.0,
+    write: Callable[[Path, str], None] = plain_save,
 ) -> None:
     """Write ``sources(n)`` again and again (the watcher may not be ready for the first write) until ``done``."""
     deadline = time.monotonic() + timeout
@@ -148,7 +158,7 @@ async def _rewrite_until(
     while not done():
         if time.monotonic() > deadline:
             raise AssertionError(f"the watcher did not react within {timeout}s")
-        path.write_text(sources(attempt), encoding="utf-8")
+        write(path, sources(attempt))
         attempt += 1
         for _ in range(10):
             await asyncio.sleep(0.05)
@@ -179,6 +189,50 @@ def test_watch_picks_up_valid_changes_and_keeps_old_rules_on_invalid_ones(rules_
             await _rewrite_until(live, path, lambda n: broken + f"# edit {n}\n", lambda: bool(live.last_error))
             assert live.ruleset is good
             assert any("acme-shop.yaml:" in error and "nowhere" in error for error in live.last_error)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(watcher, timeout=10)
+
+    asyncio.run(scenario())
+
+
+def atomic_save(path: Path, source: str) -> None:
+    """Save the way editors and deployment tools do: write a temporary file, then rename it over the old one."""
+    temporary = path.with_name(f".{path.name}.swp")
+    temporary.write_text(source, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["folder", "file"])
+def test_watch_survives_atomic_saves(rules_dir: Path, target: str) -> None:
+    """rules_dir may name a single file; every save must be seen, not only the first.
+
+    A rename replaces the file's inode: a watch on the file itself (rather
+    than on its folder) goes deaf after the first such save.
+    """
+    path = acme(rules_dir)
+    live = LiveRules(rules_dir if target == "folder" else path)
+    live.load()
+    original = path.read_text(encoding="utf-8")
+
+    async def scenario() -> None:
+        watcher = asyncio.create_task(live.watch())
+        try:
+            for save in range(3):
+                before = live.reloads
+                try:
+                    await _rewrite_until(
+                        live,
+                        path,
+                        lambda n, save=save: original + f"# save {save}.{n}\n",
+                        lambda before=before: live.reloads > before,
+                        timeout=3,
+                        write=atomic_save,
+                    )
+                except AssertionError as exc:
+                    raise AssertionError(f"save {save + 1} of 3 was not picked up: {exc}") from None
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

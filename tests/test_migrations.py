@@ -198,3 +198,16 @@ def test_serve_loopback_needs_no_token(
     result = runner.invoke(cli, ["serve", "--host", host], env=cli_env | {"SMSBOT_DATABASE_URL": db_url})
     assert result.exit_code == 0, result.output
     assert [c["host"] for c in uvicorn_calls] == [host]
+
+
+def test_serve_refuses_invalid_rules(
+    db_url: str, cli_env: dict[str, str], uvicorn_calls: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken-rules"
+    broken.mkdir()
+    (broken / "acme.yaml").write_text("signature: Acme Shop\nstates: [\n", encoding="utf-8")
+    env = cli_env | {"SMSBOT_DATABASE_URL": db_url, "SMSBOT_RULES_DIR": str(broken)}
+    result = runner.invoke(cli, ["serve"], env=env)
+    assert result.exit_code != 0
+    assert "acme.yaml:" in result.stderr
+    assert uvicorn_calls == []

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
 
 from bot.config import Settings
 from bot.outbox import claim_due
 from bot.rules.normalize import normalize
+from bot.store.db import make_engine
 from bot.store.models import contacts, conversations, messages, opt_out_events, outbox
 from bot.writer import DbWriter
 from tests.support import (
@@ -433,6 +433,10 @@ def test_template_rendering_error_is_recorded_and_callback_succeeds(
 # ---------------------------------------------------------------- loop protection
 
 
+def test_loop_protection_defaults_to_20_replies_in_5_minutes() -> None:
+    assert (Settings().loop_limit, Settings().loop_window) == (20, timedelta(minutes=5))
+
+
 def test_identical_replies_beyond_the_loop_limit_are_not_queued(make_app: Callable[..., Harness], db_url: str) -> None:
     h = make_app(db_url, settings=Settings(loop_limit=3))
     for _ in range(5):
@@ -479,6 +483,7 @@ def test_openapi_documents_callback_errors(harness: Harness) -> None:
     responses = spec["paths"]["/sms/callback"]["post"]["responses"]
     assert {"200", "400", "401", "413", "503"} <= set(responses)
     assert {"/healthz", "/readyz"} <= set(spec["paths"])
+    assert "503" in spec["paths"]["/readyz"]["get"]["responses"]
 
 
 # ---------------------------------------------------------------- the delivery loop's own behaviour
@@ -553,13 +558,15 @@ def test_delivery_task_honours_a_cancel_that_arrives_with_a_wake_up(harness: Har
     assert h.client.portal.call(wake_then_cancel), "the delivery task ignored cancel(): shutdown would hang"
 
 
-def test_sqlite_engine_uses_wal_and_busy_timeout(engine: Engine) -> None:
-    if engine.dialect.name != "sqlite":
-        pytest.skip("SQLite settings")
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert int(conn.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) >= 1000
-        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+def test_sqlite_engine_uses_wal_and_busy_timeout(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'smsbot.db'}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert int(conn.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) >= 1000
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
 
 
 def test_masked_numbers_in_logs() -> None:
