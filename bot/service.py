@@ -53,7 +53,7 @@ class Inbound:
         raw = json.dumps(
             [self.nationcode, self.mobile, self.sign, self.extend, self.time, self.text], ensure_ascii=False
         )
-        return hashlib.sha256(raw.encode()).hexdigest()
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]  # 128 bits: collisions are not a concern
 
 
 @dataclass(frozen=True)
@@ -191,18 +191,19 @@ def _known_keys(db: DriverSql, keys: Sequence[str]) -> set[str]:
     return seen
 
 
-def _recent_reply_counts(db: DriverSql, contact_list: Sequence[int], since: datetime) -> dict[tuple[int, str], int]:
+def _recent_reply_counts(db: DriverSql, conversation_ids: Sequence[int], since: datetime) -> dict[tuple[int, str], int]:
+    """Identical replies per (conversation, text) since ``since``: what loop protection counts."""
     counts: dict[tuple[int, str], int] = {}
-    # On SQLite the unary + keeps the planner on the (contact_id, created_at) index, not on status.
+    # On SQLite the unary + keeps the planner on the (conversation_id, created_at) index.
     status = "status" if db.postgres else "+status"
-    for chunk in chunks(contact_list):
-        where, params = db.in_list("contact_id", chunk)
+    for chunk in chunks(conversation_ids):
+        where, params = db.in_list("conversation_id", chunk)
         statement = (
-            f"SELECT contact_id, text, count(*) FROM messages WHERE {where} AND direction = 'out'"
-            f" AND created_at > ? AND {status} IN ('queued', 'sent', 'delivered') GROUP BY contact_id, text"
+            f"SELECT conversation_id, text, count(*) FROM messages WHERE {where} AND created_at > ?"
+            f" AND direction = 'out' AND {status} IN ('queued', 'sent', 'delivered') GROUP BY conversation_id, text"
         )
-        for contact_id, reply_text, count in db.rows(statement, [*params, db.ts(since)]):
-            counts[(int(contact_id), reply_text)] = int(count)
+        for conversation_id, reply_text, count in db.rows(statement, [*params, db.ts(since)]):
+            counts[(int(conversation_id), reply_text)] = int(count)
     return counts
 
 
@@ -238,7 +239,7 @@ def handle_batch(
     convos = lock_conversations(db, {(m.sign, ids[(m.nationcode, m.mobile)]) for m in batch}, now)
     keys = [m.dedupe_key for m in batch]
     seen = _known_keys(db, keys)
-    counts = _recent_reply_counts(db, sorted({ids[(m.nationcode, m.mobile)] for m in batch}), now - policy.loop_window)
+    counts = _recent_reply_counts(db, sorted(c.id for c in convos.values()), now - policy.loop_window)
 
     results: list[InboundResult | None] = [None] * len(batch)
     pending: list[_Pending] = []
@@ -253,9 +254,9 @@ def handle_batch(
         if item.decision is not None:
             _apply_to_convo(convo, item.decision, index)
             for reply in item.decision.replies:
-                status, reason = _reply_status(item.decision, reply, counts, contact_id, policy)
+                status, reason = _reply_status(item.decision, reply, counts, convo.id, policy)
                 if status == "queued":
-                    counts[(contact_id, reply.text)] = counts.get((contact_id, reply.text), 0) + 1
+                    counts[(convo.id, reply.text)] = counts.get((convo.id, reply.text), 0) + 1
                 item.reply_statuses.append((reply, status, reason))
         pending.append(item)
 
@@ -326,11 +327,11 @@ def _apply_to_convo(convo: _Convo, decision: Decision, index: int) -> None:
 
 
 def _reply_status(
-    decision: Decision, reply: Reply, counts: dict[tuple[int, str], int], contact_id: int, policy: Policy
+    decision: Decision, reply: Reply, counts: dict[tuple[int, str], int], conversation_id: int, policy: Policy
 ) -> tuple[str, str | None]:
     if decision.opted_out and decision.opt_change != "opt_out":
         return "suppressed", "the number has opted out"
-    if counts.get((contact_id, reply.text), 0) >= policy.loop_limit:
+    if counts.get((conversation_id, reply.text), 0) >= policy.loop_limit:
         return "looping", f"more than {policy.loop_limit} identical replies within {policy.loop_window}"
     return "queued", None
 

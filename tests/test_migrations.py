@@ -60,8 +60,7 @@ def test_migrated_schema_has_the_tables_constraints_and_indexes(engine: Engine) 
     assert indexes["uq_messages_dedupe_key"]["unique"]
     assert {
         "ix_messages_created_at",
-        "ix_messages_contact_id_created_at",
-        "ix_messages_conversation_id_id",
+        "ix_messages_conversation_id_created_at",
         "ix_messages_provider_serial",
         "ix_messages_failed_created_at",
     } <= set(indexes)

@@ -27,6 +27,9 @@ class DriverSql:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.postgres = conn.dialect.name == "postgresql"
+        # The DBAPI cursor of the same connection, inside the same transaction: SQLAlchemy's
+        # own execution path costs more per statement than SQLite's work for it.
+        self.cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         self._last_ts: datetime | None = None
         self._last_text = ""
 
@@ -41,17 +44,20 @@ class DriverSql:
         return f"{column} IN ({','.join('?' * len(values))})", list(values)
 
     def rows(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
-        return list(self.conn.exec_driver_sql(self.sql(statement), tuple(params)).fetchall())
+        self.cursor.execute(self.sql(statement), tuple(params))
+        return list(self.cursor.fetchall())
 
     def scalar(self, statement: str, params: Sequence[Any] = ()) -> Any:
-        return self.conn.exec_driver_sql(self.sql(statement), tuple(params)).scalar()
+        self.cursor.execute(self.sql(statement), tuple(params))
+        row = self.cursor.fetchone()
+        return None if row is None else row[0]
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
-        self.conn.exec_driver_sql(self.sql(statement), tuple(params))
+        self.cursor.execute(self.sql(statement), tuple(params))
 
     def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
-            self.conn.exec_driver_sql(self.sql(statement), [tuple(r) for r in rows])
+            self.cursor.executemany(self.sql(statement), [tuple(r) for r in rows])
 
     # -- values
 

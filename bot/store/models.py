@@ -114,9 +114,8 @@ class Message(Base):
     # few rows are partial: dedupe keys exist only on inbound rows, serial numbers only
     # once Tencent accepted a send, and ops look for failures, not for successes.
     __table_args__ = (
-        Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+        Index("ix_messages_conversation_id_created_at", "conversation_id", "created_at"),
         Index("ix_messages_created_at", "created_at"),
-        Index("ix_messages_contact_id_created_at", "contact_id", "created_at"),
         Index(
             "uq_messages_dedupe_key",
             "dedupe_key",
@@ -140,7 +139,7 @@ class Message(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     direction: Mapped[str] = mapped_column(String(3))  # "in" | "out"
-    dedupe_key: Mapped[str | None] = mapped_column(String(64))
+    dedupe_key: Mapped[str | None] = mapped_column(String(32))
     conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"))
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id"))
     signature: Mapped[str] = mapped_column(String(128))

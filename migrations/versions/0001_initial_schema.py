@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 12:41:46.889786
+Create Date: 2026-11-25 12:57:08.353219
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def upgrade() -> None:
         "messages",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("direction", sa.String(length=3), nullable=False),
-        sa.Column("dedupe_key", sa.String(length=64), nullable=True),
+        sa.Column("dedupe_key", sa.String(length=32), nullable=True),
         sa.Column("conversation_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("contact_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("signature", sa.String(length=128), nullable=False),
@@ -87,8 +87,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_messages")),
     )
     with op.batch_alter_table("messages", schema=None) as batch_op:
-        batch_op.create_index("ix_messages_contact_id_created_at", ["contact_id", "created_at"], unique=False)
-        batch_op.create_index("ix_messages_conversation_id_id", ["conversation_id", "id"], unique=False)
+        batch_op.create_index("ix_messages_conversation_id_created_at", ["conversation_id", "created_at"], unique=False)
         batch_op.create_index("ix_messages_created_at", ["created_at"], unique=False)
         batch_op.create_index(
             "ix_messages_failed_created_at",
@@ -179,8 +178,7 @@ def downgrade() -> None:
             postgresql_where=sa.text("status = 'failed'"),
         )
         batch_op.drop_index("ix_messages_created_at")
-        batch_op.drop_index("ix_messages_conversation_id_id")
-        batch_op.drop_index("ix_messages_contact_id_created_at")
+        batch_op.drop_index("ix_messages_conversation_id_created_at")
 
     op.drop_table("messages")
     with op.batch_alter_table("conversations", schema=None) as batch_op:
