@@ -31,7 +31,8 @@ PG_URL_ENV = "SMSBOT_TEST_DATABASE_URL"
 PG_URL = os.environ.get(PG_URL_ENV)
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "rules"
-SEED = REPO.parent / "shared" / "seeds" / "tencent-sms-reply-callback.txt"
+SEED = Path(__file__).resolve().parent / "fixtures" / "tencent-sms-reply-callback.txt"
+"""Tencent's "SMS Reply" callback page (a copy of the seed the project started from)."""
 
 SIGN = "Acme Shop"
 MOBILE = "13800000000"
