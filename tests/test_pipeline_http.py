@@ -482,6 +482,9 @@ def test_openapi_documents_callback_errors(harness: Harness) -> None:
     spec = harness.client.get("/openapi.json").json()
     responses = spec["paths"]["/sms/callback"]["post"]["responses"]
     assert {"200", "400", "401", "413", "503"} <= set(responses)
+    callback = spec["paths"]["/sms/callback"]["post"]
+    assert [p["name"] for p in callback["parameters"]] == ["token"]
+    assert callback["requestBody"]["content"]["application/json"]["schema"]["anyOf"][1]["type"] == "array"
     assert {"/healthz", "/readyz"} <= set(spec["paths"])
     assert "503" in spec["paths"]["/readyz"]["get"]["responses"]
 
