@@ -161,10 +161,6 @@ def settlement_for(sms: OutboundSms, result: SendResult) -> Settlement:
     return Settlement(sms.outbox_id, sms.message_id, "failed", code=result.code, error=result.message)
 
 
-def record_result(conn: Connection, *, sms: OutboundSms, result: SendResult, now: datetime) -> None:
-    settle(conn, [settlement_for(sms, result)], now)
-
-
 class Deliverer:
     """The in-process delivery loop: wakes on every commit that queued replies, polls otherwise."""
 

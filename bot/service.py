@@ -297,13 +297,6 @@ def handle_batch(
     return [r for r in results if r is not None]
 
 
-def handle_inbound(
-    conn: Connection, *, ruleset: Ruleset | None, message: Inbound, now: datetime, policy: Policy = Policy()
-) -> InboundResult:
-    """One message; the same code path as a batch of one."""
-    return handle_batch(conn, ruleset=ruleset, batch=[message], now=now, policy=policy)[0]
-
-
 def _decide(ruleset: Ruleset | None, convo: _Convo, message: Inbound, now: datetime) -> Decision | None:
     rules = ruleset.for_signature(message.sign) if ruleset is not None else None
     if rules is None:
