@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import jinja2
@@ -28,7 +29,7 @@ from bot.rules.model import (
     Ruleset,
 )
 from bot.rules.normalize import NormalizedText
-from bot.rules.sms_length import sms_length
+from bot.rules.sms_length import SmsLength, sms_length
 from bot.rules.templating import Bag
 
 _PLACEHOLDER_RE = re.compile(r"\{(\d+)\}")
@@ -120,14 +121,16 @@ def _apply(
 
     errors: list[str] = []
     variables = dict(conversation.vars)
-    context: dict[str, Any] = {
-        "text": text.trimmed,
-        "match": Bag(captures),
-        "vars": Bag(variables),
-        "signature": message.sign,
-        "contact": Bag({"nationcode": message.nationcode, "mobile": message.mobile}),
-        "now": now,
-    }
+    context: dict[str, Any] = {}
+    if action.needs_context:
+        context = {
+            "text": text.trimmed,
+            "match": Bag(captures),
+            "vars": Bag(variables),
+            "signature": message.sign,
+            "contact": Bag({"nationcode": message.nationcode, "mobile": message.mobile}),
+            "now": now,
+        }
     if action.sets:
         new_values: dict[str, str] = {}
         for name, expr in action.sets:
@@ -165,18 +168,24 @@ def _apply(
     )
 
 
-def _reply(action: CompiledAction, params: tuple[str, ...], message: InboundMessage) -> Reply:
-    template = action.reply
-    assert template is not None
+@lru_cache(maxsize=4096)
+def _preview(template_text: str, params: tuple[str, ...], billed_prefix: str) -> tuple[str, SmsLength]:
+    """The text the customer sees and what it costs; replies repeat, so this is cached."""
 
     def fill(m: re.Match[str]) -> str:
         n = int(m.group(1))
         return params[n - 1] if 0 < n <= len(params) else m.group(0)
 
-    text = _PLACEHOLDER_RE.sub(fill, template.text)
+    text = _PLACEHOLDER_RE.sub(fill, template_text) if params or "{" in template_text else template_text
+    return text, sms_length(billed_prefix + text)
+
+
+def _reply(action: CompiledAction, params: tuple[str, ...], message: InboundMessage) -> Reply:
+    template = action.reply
+    assert template is not None
     sign = message.sign.strip().removeprefix("【").removesuffix("】")
-    billed = f"【{sign}】{text}" if message.nationcode in ("86", "+86") else text
-    size = sms_length(billed)
+    prefix = f"【{sign}】" if message.nationcode in ("86", "+86") else ""
+    text, size = _preview(template.text, params, prefix)
     return Reply(
         template=template.name,
         template_id=template.id,

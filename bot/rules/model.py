@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property, lru_cache
 from types import MappingProxyType
 from typing import Literal
 
@@ -119,6 +120,11 @@ class CompiledAction:
     sets: tuple[tuple[str, Expression], ...]
     goto: str | None
 
+    @cached_property
+    def needs_context(self) -> bool:
+        """Whether any template of this action reads the render context (most replies are literal)."""
+        return bool(self.sets) or any(not p.is_literal for p in self.params)
+
 
 @dataclass(frozen=True)
 class CompiledSection:
@@ -158,6 +164,7 @@ class CompiledFile:
     test_lines: tuple[int, ...]
 
 
+@lru_cache(maxsize=1024)
 def signature_key(signature: str) -> str:
     """How signatures are compared: normalised, and without the 【】 Tencent prints around them."""
     text = signature.strip()

@@ -81,7 +81,8 @@ class NormalizedText:
     def of(cls, text: str) -> NormalizedText:
         trimmed = trim(text)
         normalized = normalize(text)
-        first = normalize(normalized.split(" ", 1)[0]) if normalized else ""
+        # ``normalized`` is already NFKC and case-folded: only the word's own edges need trimming.
+        first = _strip_edges(normalized.split(" ", 1)[0]) if normalized else ""
         return cls(
             raw=text,
             trimmed=trimmed,
