@@ -260,8 +260,14 @@ def handle_batch(
                 item.reply_statuses.append((reply, status, reason))
         pending.append(item)
 
-    inbound_ids = db.allocate_ids("messages", len(pending))
-    id_by_index = {p.index: inbound_ids[n] for n, p in enumerate(pending)}
+    # Ids in conversation order (a message, then its replies), allocated in one round trip.
+    replies = [(p, reply, status, reason) for p in pending for reply, status, reason in p.reply_statuses]
+    fresh = iter(db.allocate_ids("messages", len(pending) + len(replies)))
+    id_by_index: dict[int, int] = {}
+    out_ids: list[int] = []
+    for p in pending:
+        id_by_index[p.index] = next(fresh)
+        out_ids.extend(next(fresh) for _ in p.reply_statuses)
     db.executemany(_INSERT_MESSAGE, [_inbound_row(db, p, id_by_index[p.index], keys[p.index], now) for p in pending])
 
     _write_conversations(db, convos.values(), id_by_index, now)
@@ -270,8 +276,6 @@ def handle_batch(
         [_opt_event_row(db, p, id_by_index[p.index], now) for p in pending if p.decision and p.decision.opt_change],
     )
 
-    replies = [(p, reply, status, reason) for p in pending for reply, status, reason in p.reply_statuses]
-    out_ids = db.allocate_ids("messages", len(replies))
     db.executemany(
         _INSERT_MESSAGE,
         [
