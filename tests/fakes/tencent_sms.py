@@ -1,0 +1,1204 @@
+"""A faithful local fake of Tencent Cloud SMS API v3 (version 2021-01-11).
+
+It speaks the wire protocol the real ``tencentcloud-sdk-python`` uses: ``POST /`` with a JSON body,
+``X-TC-*`` headers and a TC3-HMAC-SHA256 ``Authorization`` header, and answers
+``{"Response": {...}}`` with HTTP 200 and ``Content-Type: application/json`` exactly (the SDK only
+raises on an error envelope when the content type is exactly that). Facts and error codes follow
+``shared/docs/tencent-sms.md`` and the SDK's own ``tencentcloud.sms.v20210111.errorcodes``.
+
+Actions: ``SendSms``, ``PullSmsReplyStatus``, ``PullSmsSendStatus``, ``DescribeSmsTemplateList``.
+
+In tests::
+
+    with FakeTencentSms(secret_id="AKID...", secret_key="...", app_id="1400006666",
+                        templates={"1490001": "Order {1}: {2}."}, signatures={"Acme Shop"}) as fake:
+        client = SmsClient(credential.Credential(fake.secret_id, fake.secret_key), "ap-guangzhou",
+                           ClientProfile(httpProfile=HttpProfile(protocol="http", endpoint=fake.endpoint)))
+        ...
+        fake.sends  # every accepted send, in order
+
+As a process (prints its URL on the first line of stdout, then serves until SIGINT/SIGTERM)::
+
+    python -m tests.fakes.tencent_sms --port 9000 --secret-id ID --secret-key KEY --app-id 1400006666 \
+        --template '1490001=Order {1}: {2}.' --signature 'Acme Shop'
+
+A process also answers ``GET /_fake/sends`` (the recorded sends as JSON, with their arrival time) and
+``GET /_fake/health``; these paths are not part of Tencent's API.
+
+Time: signatures are checked against the wall clock (``auth_clock``, the SDK signs with
+``time.time()``); frequency windows, marketing hours and report/reply times use ``clock`` plus
+whatever :meth:`FakeTencentSms.advance` added, so tests can move time without sleeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import math
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Literal, cast
+
+SERVICE = "sms"
+API_VERSION = "2021-01-11"
+ALGORITHM = "TC3-HMAC-SHA256"
+JSON_CONTENT_TYPE = "application/json"
+MAX_CLOCK_SKEW_SECONDS = 300
+"""Tencent rejects a timestamp more than five minutes off the server's clock."""
+MAX_PHONE_NUMBERS = 200
+MAX_PULL_LIMIT = 100
+MAX_SESSION_CONTEXT_BYTES = 512
+CHINA_TZ = timezone(timedelta(hours=8))
+DEFAULT_REGION = "ap-guangzhou"
+
+IMPLEMENTED_ACTIONS = frozenset({"SendSms", "PullSmsReplyStatus", "PullSmsSendStatus", "DescribeSmsTemplateList"})
+KNOWN_SMS_ACTIONS = IMPLEMENTED_ACTIONS | frozenset(
+    {
+        "AddSmsSign",
+        "AddSmsTemplate",
+        "CallbackStatusStatistics",
+        "DeleteSmsSign",
+        "DeleteSmsTemplate",
+        "DescribePhoneNumberInfo",
+        "DescribeSmsSignList",
+        "ModifySmsSign",
+        "ModifySmsTemplate",
+        "PullSmsReplyStatusByPhoneNumber",
+        "PullSmsSendStatusByPhoneNumber",
+        "ReportConversion",
+        "SendMultiGlobalSms",
+        "SendStatusStatistics",
+        "SmsPackagesStatistics",
+    }
+)
+"""Actions of sms 2021-01-11 (from the SDK's client); the others answer UnsupportedOperation here."""
+
+KNOWN_PARAMS: dict[str, frozenset[str]] = {
+    "SendSms": frozenset(
+        {
+            "PhoneNumberSet",
+            "SmsSdkAppId",
+            "TemplateId",
+            "SignName",
+            "TemplateParamSet",
+            "ExtendCode",
+            "SessionContext",
+            "SenderId",
+        }
+    ),
+    "PullSmsReplyStatus": frozenset({"Limit", "SmsSdkAppId"}),
+    "PullSmsSendStatus": frozenset({"Limit", "SmsSdkAppId"}),
+    "DescribeSmsTemplateList": frozenset({"International", "TemplateIdSet", "Limit", "Offset"}),
+}
+
+MESSAGES: dict[str, str] = {
+    "AuthFailure.InvalidAuthorization": "Authorization in the request header is invalid.",
+    "AuthFailure.SecretIdNotFound": (
+        "The SecretId is not found, please ensure that your SecretId is correct. "
+        "Key does not exist. Check if the key has been deleted or disabled in the console."
+    ),
+    "AuthFailure.SignatureExpire": (
+        "Signature expired. Timestamp and server time cannot differ by more than five minutes. "
+        "Please ensure your current local time matches the standard time."
+    ),
+    "AuthFailure.SignatureFailure": (
+        "The provided credentials could not be validated. Please check your signature is correct."
+    ),
+    "FailedOperation.PhoneNumberInBlacklist": "手机号在免打扰名单库中",
+    "FailedOperation.PhoneNumberParseFail": "号码解析失败，请检查号码是否符合 E.164 标准。",
+    "FailedOperation.SignatureIncorrectOrUnapproved": "签名未审批或格式错误。",
+    "FailedOperation.TemplateIncorrectOrUnapproved": "模板未审批或内容不匹配。",
+    "FailedOperation.TemplateParamSetNotMatchApprovedTemplate": (
+        "请求内容与审核通过的模板内容不匹配。请检查请求中模板参数的个数是否与申请的模板一致。"
+    ),
+    "FailedOperation.MarketingSendTimeConstraint": "营销短信发送时间限制，营销短信只允许在8点到22点发送。",
+    "InvalidParameterValue.IncorrectPhoneNumber": "手机号格式错误。",
+    "InvalidParameterValue.TemplateParameterFormatError": "验证码模板参数格式错误，验证码类模板，模板变量只能传入0 - 6位（包括6位）纯数字。",
+    "InvalidParameterValue.TemplateParameterLengthLimit": "单个模板变量字符数超过规定的限制数。",
+    "InvalidParameterValue.ProhibitedUseUrlInTemplateParameter": "禁止在模板变量中使用 URL。",
+    "InvalidParameterValue.LimitVerifyFail": "参数 Limit 校验失败。",
+    "InvalidParameterValue.OffsetVerifyFail": "参数 Offset 校验失败。",
+    "InvalidParameterValue.InvalidInternational": "International 字段校验错误。",
+    "LimitExceeded.PhoneNumberCountLimit": "调用接口单次提交的手机号个数超过200个。",
+    "LimitExceeded.PhoneNumberThirtySecondLimit": "单个手机号30秒内下发短信条数超过设定的上限。",
+    "LimitExceeded.PhoneNumberOneHourLimit": "单个手机号1小时内下发短信条数超过设定的上限。",
+    "LimitExceeded.PhoneNumberDailyLimit": "单个手机号日下发短信条数超过设定的上限。",
+    "LimitExceeded.PhoneNumberSameContentDailyLimit": "单个手机号下发相同内容超过设定的上限。",
+    "MissingParameter.EmptyPhoneNumberSet": "传入的号码列表为空，请确认您的参数中是否传入号码。",
+    "UnauthorizedOperation.SmsSdkAppIdVerifyFail": "SmsSdkAppId 校验失败。",
+    "UnsupportedOperation.ContainDomesticAndInternationalPhoneNumber": "群发请求里既有国内手机号也有国际手机号。",
+    "UnsupportedOperation.ChineseMainlandTemplateToGlobalPhone": "国内短信模板不支持发送国际/港澳台手机号。",
+    "UnsupportedOperation.GlobalTemplateToChineseMainlandPhone": "国际/港澳台短信模板不支持发送国内手机号。",
+    "InternalError.Timeout": "接口超时或短信收发包超时。",
+    "InternalError.SendAndRecvFail": "接口超时或短信收发包超时。",
+    "InternalError.UnknownError": "未知错误类型。",
+}
+
+_TWO_DIGIT_CALLING_CODES = frozenset(
+    ("20", "27", "30", "31", "32", "33", "34", "36", "39", "40", "41", "43", "44", "45", "46", "47", "48", "49")
+    + ("51", "52", "53", "54", "55", "56", "57", "58", "60", "61", "62", "63", "64", "65", "66")
+    + ("81", "82", "84", "86", "90", "91", "92", "93", "94", "95", "98")
+)
+_ISO_CODES = {
+    "86": "CN",
+    "852": "HK",
+    "853": "MO",
+    "886": "TW",
+    "1": "US",
+    "7": "RU",
+    "44": "GB",
+    "49": "DE",
+    "33": "FR",
+    "39": "IT",
+    "34": "ES",
+    "81": "JP",
+    "82": "KR",
+    "65": "SG",
+    "60": "MY",
+    "66": "TH",
+    "84": "VN",
+    "62": "ID",
+    "63": "PH",
+    "91": "IN",
+    "61": "AU",
+    "64": "NZ",
+    "971": "AE",
+    "55": "BR",
+    "52": "MX",
+}
+_GSM7_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+_GSM7_EXTENDED = frozenset("^{}\\[~]|€\f")
+_PLACEHOLDER = re.compile(r"\{(\d+)\}")
+_URL = re.compile(r"(?i)(https?://|www\.|\b[a-z0-9-]+\.(com|cn|net|org|io|cc|top|xyz|me|info)\b)")
+_AUTH = re.compile(
+    r"^TC3-HMAC-SHA256 Credential=(?P<id>[^/\s,]+)/(?P<date>[^/\s,]+)/(?P<service>[^/\s,]+)/tc3_request, "
+    r"SignedHeaders=(?P<signed>[a-z0-9;\-]+), Signature=(?P<sig>[0-9a-f]+)$"
+)
+
+
+# --------------------------------------------------------------------------- TC3 signing
+
+
+def _hmac_sha256(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+
+
+def tc3_signature(secret_key: str, date: str, service: str, string_to_sign: str) -> str:
+    """kDate = HMAC("TC3"+key, date); kService = HMAC(kDate, service); kSigning = HMAC(kService, "tc3_request")."""
+    k_date = _hmac_sha256(("TC3" + secret_key).encode("utf-8"), date)
+    k_service = _hmac_sha256(k_date, service)
+    k_signing = _hmac_sha256(k_service, "tc3_request")
+    return hmac.new(k_signing, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def tc3_string_to_sign(
+    *,
+    method: str,
+    path: str,
+    query: str,
+    headers: Mapping[str, str],
+    signed_headers: Sequence[str],
+    payload_hash: str,
+    timestamp: str,
+    date: str,
+    service: str = SERVICE,
+) -> str:
+    """The string to sign; ``headers`` maps lower-case names to values."""
+    canonical_headers = "".join(f"{name}:{headers.get(name, '').strip().lower()}\n" for name in signed_headers)
+    canonical_request = "\n".join([method, path, query, canonical_headers, ";".join(signed_headers), payload_hash])
+    digest = hashlib.sha256(canonical_request.encode("utf-8")).hexdigest()
+    return f"{ALGORITHM}\n{timestamp}\n{date}/{service}/tc3_request\n{digest}"
+
+
+def sign_tc3_request(
+    secret_id: str,
+    secret_key: str,
+    *,
+    host: str,
+    action: str,
+    body: bytes,
+    timestamp: int | None = None,
+    version: str = API_VERSION,
+    region: str | None = DEFAULT_REGION,
+    content_type: str = JSON_CONTENT_TYPE,
+    service: str = SERVICE,
+) -> dict[str, str]:
+    """Headers for a signed ``POST /`` the way the SDK builds them (for raw requests in tests and benches)."""
+    ts = int(time.time()) if timestamp is None else timestamp
+    date = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    headers = {"content-type": content_type, "host": host}
+    string_to_sign = tc3_string_to_sign(
+        method="POST",
+        path="/",
+        query="",
+        headers=headers,
+        signed_headers=["content-type", "host"],
+        payload_hash=hashlib.sha256(body).hexdigest(),
+        timestamp=str(ts),
+        date=date,
+        service=service,
+    )
+    signature = tc3_signature(secret_key, date, service, string_to_sign)
+    out = {
+        "Authorization": (
+            f"{ALGORITHM} Credential={secret_id}/{date}/{service}/tc3_request, "
+            f"SignedHeaders=content-type;host, Signature={signature}"
+        ),
+        "Content-Type": content_type,
+        "Host": host,
+        "X-TC-Action": action,
+        "X-TC-Version": version,
+        "X-TC-Timestamp": str(ts),
+    }
+    if region:
+        out["X-TC-Region"] = region
+    return out
+
+
+# --------------------------------------------------------------------------- numbers and content
+
+
+def split_e164(number: str) -> tuple[str, str] | None:
+    """``"+8613800000000"`` -> ``("86", "13800000000")``; None when it is not E.164."""
+    if not re.fullmatch(r"\+[1-9]\d{6,14}", number):
+        return None
+    digits = number[1:]
+    if digits[0] in "17":
+        cc = digits[0]
+    elif digits[:2] in _TWO_DIGIT_CALLING_CODES:
+        cc = digits[:2]
+    else:
+        cc = digits[:3]
+    return cc, digits[len(cc) :]
+
+
+def iso_code(country_code: str) -> str:
+    return _ISO_CODES.get(country_code, "")
+
+
+def segments(text: str) -> int:
+    """SMS count: GSM-7 160/153 (extended characters count double), else UCS-2 70/67 in UTF-16 units."""
+    if all(c in _GSM7_BASIC or c in _GSM7_EXTENDED for c in text):
+        units = sum(2 if c in _GSM7_EXTENDED else 1 for c in text)
+        single, multi = 160, 153
+    else:
+        units = len(text.encode("utf-16-le")) // 2
+        single, multi = 70, 67
+    if units == 0:
+        return 0
+    return 1 if units <= single else math.ceil(units / multi)
+
+
+# --------------------------------------------------------------------------- configuration and records
+
+
+TemplateKind = Literal["notification", "verification", "marketing"]
+TemplateStatus = Literal["approved", "reviewing", "rejected"]
+_STATUS_CODES: dict[str, int] = {"approved": 0, "reviewing": 1, "rejected": -1}
+
+
+@dataclass(frozen=True)
+class FakeTemplate:
+    """A template as configured in Tencent's console."""
+
+    content: str
+    status: TemplateStatus = "approved"
+    international: bool = False
+    kind: TemplateKind = "notification"
+    name: str = ""
+    review_reply: str = ""
+    create_time: int = 1_700_000_000
+
+    @property
+    def placeholders(self) -> int:
+        return len(set(_PLACEHOLDER.findall(self.content)))
+
+    def render(self, params: Sequence[str]) -> str:
+        return _PLACEHOLDER.sub(lambda m: params[int(m.group(1)) - 1], self.content)
+
+
+@dataclass(frozen=True)
+class FrequencyLimits:
+    """Per-number limits as Tencent's console sets them (defaults are the console's defaults); None disables one."""
+
+    same_content_seconds: float | None = 30.0
+    per_hour: int | None = 5
+    per_day: int | None = 10
+    same_content_per_day: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordedSend:
+    """One accepted message (one number of one SendSms)."""
+
+    serial_no: str
+    phone_number: str
+    country_code: str
+    subscriber_number: str
+    iso_code: str
+    sms_sdk_app_id: str
+    template_id: str
+    sign_name: str | None
+    template_params: tuple[str, ...]
+    text: str
+    """The template with its parameters filled in."""
+    content: str
+    """What the handset shows: ``【SignName】`` + text for Chinese mainland numbers."""
+    fee: int
+    session_context: str
+    extend_code: str | None
+    sender_id: str | None
+    request_id: str
+    received_at: float
+    """Wall-clock time (``time.time()``) when the request arrived."""
+    sent_at: float
+    """The fake's clock (``clock`` + ``advance``) at acceptance, used by the frequency windows."""
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """Every API request the fake answered, accepted or not."""
+
+    action: str
+    params: dict[str, Any] | None
+    error_code: str | None
+    request_id: str
+    received_at: float
+
+
+@dataclass
+class _Fault:
+    remaining: int | None
+    """None: forever."""
+    action: str | None
+    code: str = ""
+    message: str = ""
+    status: int = 500
+    body: bytes = b""
+    seconds: float = 0.0
+    after_processing: bool = True
+
+    def matches(self, action: str) -> bool:
+        return self.action is None or self.action == action
+
+
+@dataclass
+class _Reply:
+    status: int
+    content_type: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.message = message or MESSAGES.get(code, code)
+
+
+def _missing(name: str) -> ApiError:
+    return ApiError("MissingParameter", f"The request is missing a required parameter `{name}`.")
+
+
+def _get_str(params: Mapping[str, Any], name: str, *, required: bool) -> str | None:
+    value = params.get(name)
+    if value is None:
+        if required:
+            raise _missing(name)
+        return None
+    if not isinstance(value, str):
+        raise ApiError("InvalidParameter", f"The value type of parameter `{name}` is not valid; it should be String.")
+    return value
+
+
+def _get_str_list(params: Mapping[str, Any], name: str, *, required: bool) -> list[str] | None:
+    value = params.get(name)
+    if value is None:
+        if required:
+            raise _missing(name)
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(
+            "InvalidParameter", f"The value type of parameter `{name}` is not valid; it should be Array of String."
+        )
+    return cast(list[str], value)
+
+
+def _get_int(params: Mapping[str, Any], name: str, *, required: bool) -> int | None:
+    value = params.get(name)
+    if value is None:
+        if required:
+            raise _missing(name)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError("InvalidParameter", f"The value type of parameter `{name}` is not valid; it should be Integer.")
+    return value
+
+
+# --------------------------------------------------------------------------- the fake
+
+
+class FakeTencentSms:
+    """A Tencent Cloud SMS API v3 server on a loopback port, with scriptable faults."""
+
+    def __init__(
+        self,
+        *,
+        secret_id: str,
+        secret_key: str,
+        app_id: str = "1400006666",
+        templates: Mapping[str, str | FakeTemplate] | None = None,
+        signatures: Iterable[str] = (),
+        param_max_length: int = 6,
+        limits: FrequencyLimits | None = None,
+        report_sends: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.time,
+        auth_clock: Callable[[], float] = time.time,
+        extra_credentials: Mapping[str, str] | None = None,
+    ) -> None:
+        self.secret_id = secret_id
+        self.secret_key = secret_key
+        self.app_id = app_id
+        self.templates: dict[str, FakeTemplate] = {
+            tid: t if isinstance(t, FakeTemplate) else FakeTemplate(content=t) for tid, t in (templates or {}).items()
+        }
+        self.signatures: set[str] = set(signatures)
+        self.param_max_length = param_max_length
+        self.limits = FrequencyLimits() if limits is None else limits
+        self.report_sends = report_sends
+        self._credentials = {secret_id: secret_key, **(extra_credentials or {})}
+        self._bind = (host, port)
+        self._clock = clock
+        self._auth_clock = auth_clock
+        self._offset = 0.0
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._sends: list[RecordedSend] = []
+        self._calls: list[CallRecord] = []
+        self._history: dict[str, list[tuple[float, str]]] = {}
+        self._replies: deque[dict[str, Any]] = deque()
+        self._send_statuses: deque[dict[str, Any]] = deque()
+        self._number_faults: dict[str, list[_Fault]] = {}
+        self._request_faults: list[_Fault] = []
+        self._http_faults: list[_Fault] = []
+        self._slow_faults: list[_Fault] = []
+        self._serial = 0
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> FakeTencentSms:
+        if self._server is not None:
+            return self
+        self._closing.clear()
+        server = _Server(self._bind, _Handler)
+        server.fake = self
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        self._closing.set()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FakeTencentSms:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the fake is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` for ``HttpProfile(endpoint=...)``."""
+        return f"{self._bind[0]}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    # ------------------------------------------------------------ time
+
+    def now(self) -> float:
+        """The fake's clock: ``clock()`` plus everything :meth:`advance` added."""
+        return self._clock() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake's clock forward (frequency windows, marketing hours), not the signature check's."""
+        with self._lock:
+            self._offset += seconds
+
+    # ------------------------------------------------------------ inspection
+
+    @property
+    def sends(self) -> list[RecordedSend]:
+        with self._lock:
+            return list(self._sends)
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        with self._lock:
+            return list(self._calls)
+
+    def reset(self) -> None:
+        """Forget sends, calls, frequency history, queues and faults."""
+        with self._lock:
+            self._sends.clear()
+            self._calls.clear()
+            self._history.clear()
+            self._replies.clear()
+            self._send_statuses.clear()
+            self._number_faults.clear()
+            self._request_faults.clear()
+            self._http_faults.clear()
+            self._slow_faults.clear()
+            self._offset = 0.0
+
+    # ------------------------------------------------------------ faults
+
+    def fail_number(self, phone_number: str, code: str, message: str | None = None, *, times: int | None = 1) -> None:
+        """The next ``times`` sends to this number (None: all) get this per-number ``Code`` in ``SendStatusSet``."""
+        with self._lock:
+            self._number_faults.setdefault(phone_number, []).append(
+                _Fault(remaining=times, action="SendSms", code=code, message=message or MESSAGES.get(code, code))
+            )
+
+    def fail_requests(
+        self, code: str, message: str | None = None, *, times: int | None = 1, action: str | None = "SendSms"
+    ) -> None:
+        """The next ``times`` authenticated requests (of ``action``; None: any) answer this error envelope."""
+        with self._lock:
+            self._request_faults.append(
+                _Fault(remaining=times, action=action, code=code, message=message or MESSAGES.get(code, code))
+            )
+
+    def http_error(
+        self,
+        status: int = 500,
+        *,
+        times: int | None = 1,
+        action: str | None = "SendSms",
+        body: bytes = b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+    ) -> None:
+        """The next ``times`` requests get this HTTP status (before authentication, nothing is processed)."""
+        with self._lock:
+            self._http_faults.append(_Fault(remaining=times, action=action, status=status, body=body))
+
+    def slow(
+        self, seconds: float, *, times: int | None = 1, action: str | None = "SendSms", after_processing: bool = True
+    ) -> None:
+        """Delay the next ``times`` answers. ``after_processing`` (default): the request is processed (a send is
+        accepted and recorded) and only the answer is late, which is the ambiguous case a client timeout creates."""
+        with self._lock:
+            self._slow_faults.append(
+                _Fault(remaining=times, action=action, seconds=seconds, after_processing=after_processing)
+            )
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._number_faults.clear()
+            self._request_faults.clear()
+            self._http_faults.clear()
+            self._slow_faults.clear()
+
+    @staticmethod
+    def _take(faults: list[_Fault], action: str) -> _Fault | None:
+        for fault in faults:
+            if fault.matches(action):
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        faults.remove(fault)
+                return fault
+        return None
+
+    # ------------------------------------------------------------ replies, send statuses, delivery reports
+
+    def enqueue_reply(
+        self,
+        phone_number: str,
+        content: str,
+        *,
+        sign_name: str = "",
+        extend_code: str = "",
+        reply_time: int | None = None,
+    ) -> dict[str, Any]:
+        """Queue a customer reply for ``PullSmsReplyStatus`` (each is pulled once)."""
+        split = split_e164(phone_number)
+        if split is None:
+            raise ValueError(f"not an E.164 number: {phone_number!r}")
+        item = {
+            "CountryCode": split[0],
+            "ReplyContent": content,
+            "SubscriberNumber": split[1],
+            "ExtendCode": extend_code,
+            "ReplyTime": int(self.now()) if reply_time is None else reply_time,
+            "PhoneNumber": phone_number,
+            "SignName": sign_name,
+        }
+        with self._lock:
+            self._replies.append(item)
+        return item
+
+    def enqueue_send_status(
+        self,
+        send: RecordedSend,
+        *,
+        status: Literal["SUCCESS", "FAIL"] = "SUCCESS",
+        description: str | None = None,
+        receive_time: int | None = None,
+    ) -> dict[str, Any]:
+        """Queue a delivery status for ``PullSmsSendStatus`` (done automatically per send when ``report_sends``)."""
+        item = self._send_status_item(send, status, description, receive_time)
+        with self._lock:
+            self._send_statuses.append(item)
+        return item
+
+    def _send_status_item(
+        self, send: RecordedSend, status: str, description: str | None, receive_time: int | None
+    ) -> dict[str, Any]:
+        return {
+            "UserReceiveTime": int(self.now()) if receive_time is None else receive_time,
+            "CountryCode": send.country_code,
+            "SubscriberNumber": send.subscriber_number,
+            "PhoneNumber": send.phone_number,
+            "SerialNo": send.serial_no,
+            "ReportStatus": status,
+            "Description": description or ("用户短信接收成功" if status == "SUCCESS" else "用户短信接收失败"),
+            "SessionContext": send.session_context,
+        }
+
+    def delivery_report(
+        self,
+        send: RecordedSend,
+        *,
+        status: Literal["SUCCESS", "FAIL"] = "SUCCESS",
+        errmsg: str | None = None,
+        description: str | None = None,
+        receive_time: datetime | None = None,
+    ) -> dict[str, Any]:
+        """One item of the "SMS delivery status" callback for this send."""
+        when = receive_time or datetime.fromtimestamp(self.now(), UTC)
+        item: dict[str, Any] = {
+            "user_receive_time": when.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S"),
+            "nationcode": send.country_code,
+            "mobile": send.subscriber_number,
+            "report_status": status,
+            "errmsg": errmsg or ("DELIVRD" if status == "SUCCESS" else "UNDELIV"),
+            "description": description or ("用户短信送达成功" if status == "SUCCESS" else "用户短信未送达"),
+            "sid": send.serial_no,
+        }
+        if send.session_context:
+            item["ext"] = send.session_context
+        return item
+
+    @staticmethod
+    def push_delivery_reports(
+        url: str, items: Sequence[Mapping[str, Any]], *, timeout: float = 5.0, retries: int = 0
+    ) -> tuple[int, bytes]:
+        """POST the delivery-status callback (a JSON array, at most 100 items) to ``url`` like Tencent does.
+
+        Retries up to ``retries`` more times (Tencent: 2) when the answer is not HTTP 200 with ``result`` 0.
+        Proxies from the environment are ignored. Returns the last (status, body)."""
+        if len(items) > 100:
+            raise ValueError("Tencent pushes at most 100 delivery reports per request")
+        data = json.dumps(list(items), ensure_ascii=False).encode("utf-8")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        status, body = 0, b""
+        for _ in range(retries + 1):
+            request = urllib.request.Request(
+                url, data=data, method="POST", headers={"Content-Type": "application/json"}
+            )
+            try:
+                with opener.open(request, timeout=timeout) as response:
+                    status, body = int(response.status), response.read()
+            except urllib.error.HTTPError as e:
+                status, body = e.code, e.read()
+            except OSError as e:
+                status, body = 0, str(e).encode()
+            if status == 200:
+                try:
+                    if json.loads(body).get("result") == 0:
+                        break
+                except (ValueError, AttributeError):
+                    pass
+        return status, body
+
+    # ------------------------------------------------------------ request handling
+
+    def handle_http(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> _Reply:
+        """Answer one HTTP request (``headers`` with lower-case names). Runs on the server's handler threads."""
+        received_at = time.time()
+        if method == "GET" and path.startswith("/_fake/"):
+            return self._control(path)
+        action = headers.get("x-tc-action", "")
+        with self._lock:
+            http_fault = self._take(self._http_faults, action)
+            slow = self._take(self._slow_faults, action)
+        if http_fault is not None:
+            return _Reply(http_fault.status, "text/html", http_fault.body)
+        if slow is not None and not slow.after_processing:
+            self._closing.wait(slow.seconds)
+        request_id = str(uuid.uuid4())
+        params: dict[str, Any] | None = None
+        try:
+            params = self._authenticate(method, path, headers, body)
+            with self._lock:
+                fault = self._take(self._request_faults, action)
+            if fault is not None:
+                raise ApiError(fault.code, fault.message)
+            result = self._dispatch(action, params, request_id, received_at)
+            response: dict[str, Any] = {**result, "RequestId": request_id}
+            error_code = None
+        except ApiError as e:
+            response = {"Error": {"Code": e.code, "Message": e.message}, "RequestId": request_id}
+            error_code = e.code
+        with self._lock:
+            self._calls.append(CallRecord(action, params, error_code, request_id, received_at))
+        if slow is not None and slow.after_processing:
+            self._closing.wait(slow.seconds)
+        payload = json.dumps({"Response": response}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return _Reply(200, JSON_CONTENT_TYPE, payload, {"X-TC-RequestId": request_id})
+
+    def _control(self, path: str) -> _Reply:
+        if path == "/_fake/health":
+            body: Any = {"ok": True}
+        elif path == "/_fake/sends":
+            body = [asdict(s) for s in self.sends]
+        else:
+            return _Reply(404, "text/plain", b"not found")
+        return _Reply(200, JSON_CONTENT_TYPE, json.dumps(body, ensure_ascii=False).encode("utf-8"))
+
+    def _authenticate(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Check the envelope and the TC3 signature; returns the parsed JSON parameters."""
+        if method != "POST":
+            raise ApiError("UnsupportedProtocol", f"The fake only supports POST requests, not {method}.")
+        if path.split("?", 1)[0] != "/":
+            raise ApiError("InvalidParameter", f"The request path `{path}` is not valid; it should be `/`.")
+        action = headers.get("x-tc-action")
+        if not action:
+            raise _missing("Action")
+        version = headers.get("x-tc-version")
+        if not version:
+            raise _missing("Version")
+        if action not in KNOWN_SMS_ACTIONS:
+            raise ApiError("InvalidAction", f"The action `{action}` is not found in the service `{SERVICE}`.")
+        if version != API_VERSION:
+            raise ApiError("NoSuchVersion", f"The API version `{version}` is not supported by the fake.")
+        raw_ts = headers.get("x-tc-timestamp")
+        if not raw_ts:
+            raise _missing("Timestamp")
+        if not raw_ts.isdigit():
+            raise ApiError(
+                "InvalidParameter", "The value type of parameter `Timestamp` is not valid; it should be Integer."
+            )
+        if not headers.get("x-tc-region"):
+            raise _missing("Region")
+        authorization = headers.get("authorization")
+        if not authorization:
+            raise ApiError("AuthFailure.InvalidAuthorization", "The request is missing the `Authorization` header.")
+        match = _AUTH.match(authorization.strip())
+        if match is None:
+            raise ApiError("AuthFailure.InvalidAuthorization")
+        secret_key = self._credentials.get(match["id"])
+        if secret_key is None:
+            raise ApiError("AuthFailure.SecretIdNotFound")
+        timestamp = int(raw_ts)
+        if abs(self._auth_clock() - timestamp) > MAX_CLOCK_SKEW_SECONDS:
+            raise ApiError("AuthFailure.SignatureExpire")
+        signed_headers = match["signed"].split(";")
+        if (
+            "content-type" not in signed_headers
+            or "host" not in signed_headers
+            or signed_headers != sorted(signed_headers)
+            or any(h not in headers for h in signed_headers)
+            or match["service"] != SERVICE
+            or match["date"] != datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d")
+        ):
+            raise ApiError("AuthFailure.SignatureFailure")
+        payload_hash = (
+            "UNSIGNED-PAYLOAD"
+            if headers.get("x-tc-content-sha256") == "UNSIGNED-PAYLOAD"
+            else hashlib.sha256(body).hexdigest()
+        )
+        string_to_sign = tc3_string_to_sign(
+            method=method,
+            path="/",
+            query="",
+            headers=headers,
+            signed_headers=signed_headers,
+            payload_hash=payload_hash,
+            timestamp=raw_ts,
+            date=match["date"],
+        )
+        expected = tc3_signature(secret_key, match["date"], SERVICE, string_to_sign)
+        if not hmac.compare_digest(expected, match["sig"]):
+            raise ApiError("AuthFailure.SignatureFailure")
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != JSON_CONTENT_TYPE:
+            raise ApiError(
+                "InvalidParameter", f"The Content-Type `{content_type}` is not supported; use application/json."
+            )
+        try:
+            params = json.loads(body.decode("utf-8")) if body.strip() else {}
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ApiError("InvalidParameter", f"The request body is not valid JSON: {e}.") from None
+        if not isinstance(params, dict):
+            raise ApiError("InvalidParameter", "The request body should be a JSON object.")
+        unknown = sorted(set(params) - KNOWN_PARAMS.get(action, frozenset(params)))
+        if unknown:
+            raise ApiError("UnknownParameter", f"The parameter `{unknown[0]}` is not recognized.")
+        return cast(dict[str, Any], params)
+
+    def _dispatch(self, action: str, params: dict[str, Any], request_id: str, received_at: float) -> dict[str, Any]:
+        if action == "SendSms":
+            return self._send_sms(params, request_id, received_at)
+        if action == "PullSmsReplyStatus":
+            return {"PullSmsReplyStatusSet": self._pull(params, self._replies)}
+        if action == "PullSmsSendStatus":
+            return {"PullSmsSendStatusSet": self._pull(params, self._send_statuses)}
+        if action == "DescribeSmsTemplateList":
+            return self._describe_templates(params)
+        raise ApiError("UnsupportedOperation", f"The action `{action}` is not implemented by the fake.")
+
+    def _check_app_id(self, params: Mapping[str, Any]) -> None:
+        app_id = _get_str(params, "SmsSdkAppId", required=True)
+        if app_id != self.app_id:
+            raise ApiError("UnauthorizedOperation.SmsSdkAppIdVerifyFail")
+
+    def _pull(self, params: Mapping[str, Any], queue: deque[dict[str, Any]]) -> list[dict[str, Any]]:
+        limit = _get_int(params, "Limit", required=True)
+        self._check_app_id(params)
+        assert limit is not None
+        if not 0 < limit <= MAX_PULL_LIMIT:
+            raise ApiError("InvalidParameterValue.LimitVerifyFail")
+        with self._lock:
+            return [queue.popleft() for _ in range(min(limit, len(queue)))]
+
+    def _describe_templates(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        international = _get_int(params, "International", required=True)
+        if international not in (0, 1):
+            raise ApiError("InvalidParameterValue.InvalidInternational")
+        ids = params.get("TemplateIdSet")
+        limit = _get_int(params, "Limit", required=False)
+        offset = _get_int(params, "Offset", required=False)
+        candidates = sorted(
+            ((tid, t) for tid, t in self.templates.items() if t.international == bool(international)),
+            key=lambda item: (len(item[0]), item[0]),
+        )
+        if ids:
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ApiError(
+                    "InvalidParameter",
+                    "The value type of parameter `TemplateIdSet` is not valid; it should be Array of Integer.",
+                )
+            wanted = {str(i) for i in ids}
+            chosen = [(tid, t) for tid, t in candidates if tid in wanted]
+        else:
+            if limit is None:
+                raise _missing("Limit")
+            if offset is None:
+                raise _missing("Offset")
+            if not 0 < limit <= MAX_PULL_LIMIT:
+                raise ApiError("InvalidParameterValue.LimitVerifyFail")
+            if offset < 0:
+                raise ApiError("InvalidParameterValue.OffsetVerifyFail")
+            chosen = candidates[offset : offset + limit]
+        return {
+            "DescribeTemplateStatusSet": [
+                {
+                    "TemplateId": int(tid) if tid.isdigit() else tid,
+                    "International": int(t.international),
+                    "StatusCode": _STATUS_CODES[t.status],
+                    "ReviewReply": t.review_reply,
+                    "TemplateName": t.name or f"template {tid}",
+                    "CreateTime": t.create_time,
+                    "TemplateContent": t.content,
+                }
+                for tid, t in chosen
+            ]
+        }
+
+    def _send_sms(self, params: Mapping[str, Any], request_id: str, received_at: float) -> dict[str, Any]:
+        numbers = _get_str_list(params, "PhoneNumberSet", required=True)
+        _get_str(params, "SmsSdkAppId", required=True)
+        template_id = _get_str(params, "TemplateId", required=True)
+        sign_name = _get_str(params, "SignName", required=False)
+        template_params = _get_str_list(params, "TemplateParamSet", required=False) or []
+        extend_code = _get_str(params, "ExtendCode", required=False)
+        session_context = _get_str(params, "SessionContext", required=False) or ""
+        sender_id = _get_str(params, "SenderId", required=False)
+        assert numbers is not None
+        assert template_id is not None
+        if not numbers:
+            raise ApiError("MissingParameter.EmptyPhoneNumberSet")
+        if len(numbers) > MAX_PHONE_NUMBERS:
+            raise ApiError("LimitExceeded.PhoneNumberCountLimit")
+        self._check_app_id(params)
+        if len(session_context.encode("utf-8")) > MAX_SESSION_CONTEXT_BYTES:
+            raise ApiError("InvalidParameter", "The length of parameter `SessionContext` exceeds 512 bytes.")
+        if extend_code is not None and not re.fullmatch(r"\d{0,12}", extend_code):
+            raise ApiError("InvalidParameter", "The parameter `ExtendCode` should consist of digits.")
+
+        parsed = {n: split_e164(n) for n in numbers}
+        domestic = {split[0] == "86" for split in parsed.values() if split is not None}
+        if len(domestic) > 1:
+            raise ApiError("UnsupportedOperation.ContainDomesticAndInternationalPhoneNumber")
+        is_domestic = domestic != {False}
+
+        template = self.templates.get(template_id)
+        if template is None or template.status != "approved":
+            raise ApiError("FailedOperation.TemplateIncorrectOrUnapproved")
+        if domestic == {True} and template.international:
+            raise ApiError("UnsupportedOperation.GlobalTemplateToChineseMainlandPhone")
+        if domestic == {False} and not template.international:
+            raise ApiError("UnsupportedOperation.ChineseMainlandTemplateToGlobalPhone")
+        if is_domestic and (not sign_name or sign_name not in self.signatures):
+            raise ApiError("FailedOperation.SignatureIncorrectOrUnapproved")
+        if len(template_params) != template.placeholders:
+            raise ApiError("FailedOperation.TemplateParamSetNotMatchApprovedTemplate")
+        for value in template_params:
+            if template.kind == "verification":
+                if not re.fullmatch(r"\d{0,6}", value):
+                    raise ApiError("InvalidParameterValue.TemplateParameterFormatError")
+                continue
+            if _URL.search(value):
+                raise ApiError("InvalidParameterValue.ProhibitedUseUrlInTemplateParameter")
+            if len(value) > self.param_max_length:
+                raise ApiError("InvalidParameterValue.TemplateParameterLengthLimit")
+        now = self.now()
+        if template.kind == "marketing" and is_domestic and not 8 <= datetime.fromtimestamp(now, CHINA_TZ).hour < 22:
+            raise ApiError("FailedOperation.MarketingSendTimeConstraint")
+
+        text = template.render(template_params)
+        content = f"【{sign_name}】{text}" if is_domestic and sign_name else text
+        fee = segments(content)
+        statuses: list[dict[str, Any]] = []
+        accepted: list[RecordedSend] = []
+        with self._lock:
+            for number in numbers:
+                split = parsed[number]
+                entry: dict[str, Any] = {
+                    "SerialNo": "",
+                    "PhoneNumber": number,
+                    "Fee": 0,
+                    "SessionContext": session_context,
+                    "Code": "Ok",
+                    "Message": "send success",
+                    "IsoCode": iso_code(split[0]) if split else "",
+                }
+                code = self._number_outcome(number, split, content, now)
+                if code is not None:
+                    entry["Code"], entry["Message"] = code
+                else:
+                    assert split is not None
+                    self._serial += 1
+                    serial = f"5000:{secrets.randbelow(10**19):019d}{self._serial:09d}"
+                    send = RecordedSend(
+                        serial_no=serial,
+                        phone_number=number,
+                        country_code=split[0],
+                        subscriber_number=split[1],
+                        iso_code=entry["IsoCode"],
+                        sms_sdk_app_id=self.app_id,
+                        template_id=template_id,
+                        sign_name=sign_name,
+                        template_params=tuple(template_params),
+                        text=text,
+                        content=content,
+                        fee=fee,
+                        session_context=session_context,
+                        extend_code=extend_code,
+                        sender_id=sender_id,
+                        request_id=request_id,
+                        received_at=received_at,
+                        sent_at=now,
+                    )
+                    self._sends.append(send)
+                    self._history.setdefault(number, []).append((now, content))
+                    accepted.append(send)
+                    entry["SerialNo"], entry["Fee"] = serial, fee
+                statuses.append(entry)
+        if self.report_sends:
+            for send in accepted:
+                self.enqueue_send_status(send)
+        return {"SendStatusSet": statuses}
+
+    def _number_outcome(
+        self, number: str, split: tuple[str, str] | None, content: str, now: float
+    ) -> tuple[str, str] | None:
+        """(Code, Message) for a number that is not sent, None to send. Called with the lock held."""
+        if split is None:
+            return "FailedOperation.PhoneNumberParseFail", MESSAGES["FailedOperation.PhoneNumberParseFail"]
+        if split[0] == "86" and not re.fullmatch(r"1[3-9]\d{9}", split[1]):
+            return "InvalidParameterValue.IncorrectPhoneNumber", MESSAGES["InvalidParameterValue.IncorrectPhoneNumber"]
+        fault = self._take(self._number_faults.get(number, []), "SendSms")
+        if fault is not None:
+            return fault.code, fault.message
+        limits = self.limits
+        history = self._history.get(number, [])
+        day = datetime.fromtimestamp(now, CHINA_TZ).date()
+        today = [c for t, c in history if datetime.fromtimestamp(t, CHINA_TZ).date() == day]
+        code: str | None = None
+        if limits.same_content_seconds is not None and any(
+            c == content and now - t < limits.same_content_seconds for t, c in history
+        ):
+            code = "LimitExceeded.PhoneNumberThirtySecondLimit"
+        elif limits.per_hour is not None and sum(1 for t, _ in history if now - t < 3600) >= limits.per_hour:
+            code = "LimitExceeded.PhoneNumberOneHourLimit"
+        elif limits.per_day is not None and len(today) >= limits.per_day:
+            code = "LimitExceeded.PhoneNumberDailyLimit"
+        elif limits.same_content_per_day is not None and today.count(content) >= limits.same_content_per_day:
+            code = "LimitExceeded.PhoneNumberSameContentDailyLimit"
+        return None if code is None else (code, MESSAGES[code])
+
+
+# --------------------------------------------------------------------------- HTTP plumbing
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    fake: FakeTencentSms
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeTencentSms/1.0"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def _handle(self) -> None:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            body = self.rfile.read(int(length)) if length and length.isdigit() else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        fake = cast(_Server, self.server).fake
+        reply = fake.handle_http(self.command, self.path, headers, body)
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(reply.body)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _read_chunked(self) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.fakes.tencent_sms", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    parser.add_argument("--secret-id", required=True)
+    parser.add_argument("--secret-key", required=True)
+    parser.add_argument("--app-id", default="1400006666")
+    parser.add_argument(
+        "--template", action="append", default=[], metavar="ID=TEXT", help="an approved template (repeatable)"
+    )
+    parser.add_argument("--signature", action="append", default=[], help="an approved signature (repeatable)")
+    parser.add_argument("--param-max-length", type=int, default=6)
+    parser.add_argument("--no-limits", action="store_true", help="disable the per-number frequency limits")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    templates: dict[str, str | FakeTemplate] = {}
+    for spec in args.template:
+        tid, sep, text = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--template wants ID=TEXT, got {spec!r}")
+        templates[tid] = text
+    no_limits = FrequencyLimits(None, None, None, None)
+    fake = FakeTencentSms(
+        secret_id=args.secret_id,
+        secret_key=args.secret_key,
+        app_id=args.app_id,
+        templates=templates,
+        signatures=args.signature,
+        param_max_length=args.param_max_length,
+        limits=no_limits if args.no_limits else None,
+        host=args.host,
+        port=args.port,
+    )
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    with fake:
+        print(fake.url, flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
