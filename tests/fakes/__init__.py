@@ -1,5 +1,5 @@
-"""Local fakes of the services smsbot talks to (used by tests and benchmarks)."""
+"""Local fakes of the services smsbot talks to (used by tests and benchmarks).
 
-from tests.fakes.tencent_sms import FakeTemplate, FakeTencentSms, FrequencyLimits, RecordedSend, sign_tc3_request
-
-__all__ = ["FakeTemplate", "FakeTencentSms", "FrequencyLimits", "RecordedSend", "sign_tc3_request"]
+Import from the modules (``from tests.fakes.tencent_sms import FakeTencentSms``): this package imports
+nothing itself, so ``python -m tests.fakes.tencent_sms`` runs the module exactly once.
+"""

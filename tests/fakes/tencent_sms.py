@@ -22,6 +22,15 @@ As a process (prints its URL on the first line of stdout, then serves until SIGI
     python -m tests.fakes.tencent_sms --port 9000 --secret-id ID --secret-key KEY --app-id 1400006666 \
         --template '1490001=Order {1}: {2}.' --signature 'Acme Shop'
 
+Scriptable faults (Python API): :meth:`~FakeTencentSms.fail_number` (a per-number ``Code`` in
+``SendStatusSet``), :meth:`~FakeTencentSms.fail_requests` (a whole-request error envelope),
+:meth:`~FakeTencentSms.http_error` (HTTP 5xx -> the SDK's ``ServerNetworkError``),
+:meth:`~FakeTencentSms.slow` and :meth:`~FakeTencentSms.disconnect` (-> ``ClientNetworkError``; by default
+after the send was accepted, the ambiguous case), per-number frequency limits (:class:`FrequencyLimits`).
+Replies for ``PullSmsReplyStatus``: :meth:`~FakeTencentSms.enqueue_reply`; delivery statuses for
+``PullSmsSendStatus`` are queued per accepted send (``report_sends``); delivery-status callbacks:
+:meth:`~FakeTencentSms.delivery_report` + :meth:`~FakeTencentSms.push_delivery_reports`.
+
 A process also answers ``GET /_fake/sends`` (the recorded sends as JSON, with their arrival time) and
 ``GET /_fake/health``; these paths are not part of Tencent's API.
 
@@ -406,6 +415,8 @@ class _Reply:
     content_type: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    drop: bool = False
+    """Close the connection without answering."""
 
 
 class ApiError(Exception):
@@ -503,6 +514,7 @@ class FakeTencentSms:
         self._request_faults: list[_Fault] = []
         self._http_faults: list[_Fault] = []
         self._slow_faults: list[_Fault] = []
+        self._drop_faults: list[_Fault] = []
         self._serial = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -588,6 +600,7 @@ class FakeTencentSms:
             self._request_faults.clear()
             self._http_faults.clear()
             self._slow_faults.clear()
+            self._drop_faults.clear()
             self._offset = 0.0
 
     # ------------------------------------------------------------ faults
@@ -630,12 +643,21 @@ class FakeTencentSms:
                 _Fault(remaining=times, action=action, seconds=seconds, after_processing=after_processing)
             )
 
+    def disconnect(
+        self, *, times: int | None = 1, action: str | None = "SendSms", after_processing: bool = True
+    ) -> None:
+        """Close the connection without an answer for the next ``times`` requests; ``after_processing`` (default):
+        the request was processed first (a send is accepted and recorded), the other ambiguous network error."""
+        with self._lock:
+            self._drop_faults.append(_Fault(remaining=times, action=action, after_processing=after_processing))
+
     def clear_faults(self) -> None:
         with self._lock:
             self._number_faults.clear()
             self._request_faults.clear()
             self._http_faults.clear()
             self._slow_faults.clear()
+            self._drop_faults.clear()
 
     @staticmethod
     def _take(faults: list[_Fault], action: str) -> _Fault | None:
@@ -771,8 +793,11 @@ class FakeTencentSms:
         with self._lock:
             http_fault = self._take(self._http_faults, action)
             slow = self._take(self._slow_faults, action)
+            drop = self._take(self._drop_faults, action)
         if http_fault is not None:
             return _Reply(http_fault.status, "text/html", http_fault.body)
+        if drop is not None and not drop.after_processing:
+            return _Reply(0, "", b"", drop=True)
         if slow is not None and not slow.after_processing:
             self._closing.wait(slow.seconds)
         request_id = str(uuid.uuid4())
@@ -793,8 +818,10 @@ class FakeTencentSms:
             self._calls.append(CallRecord(action, params, error_code, request_id, received_at))
         if slow is not None and slow.after_processing:
             self._closing.wait(slow.seconds)
+        if drop is not None:
+            return _Reply(0, "", b"", drop=True)
         payload = json.dumps({"Response": response}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return _Reply(200, JSON_CONTENT_TYPE, payload, {"X-TC-RequestId": request_id})
+        return _Reply(200, JSON_CONTENT_TYPE, payload)
 
     def _control(self, path: str) -> _Reply:
         if path == "/_fake/health":
@@ -1099,6 +1126,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stalls
     server_version = "FakeTencentSms/1.0"
     sys_version = ""
 
@@ -1114,6 +1142,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         fake = cast(_Server, self.server).fake
         reply = fake.handle_http(self.command, self.path, headers, body)
+        if reply.drop:
+            self.close_connection = True
+            return
         try:
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)

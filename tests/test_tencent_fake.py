@@ -1,0 +1,683 @@
+"""The fake Tencent SMS API, driven by Tencent's real SDK, so the fake itself is trusted.
+
+Wrong signatures, expired timestamps, unknown SecretIds and malformed requests must come back as
+Tencent's error envelopes (which the SDK turns into ``TencentCloudSDKException``); request fields are
+checked the way Tencent does; scripted faults behave as documented in ``tests/fakes/tencent_sms.py``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from tencentcloud.common import abstract_client, credential  # type: ignore[import-untyped]
+from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
+    TencentCloudSDKException,
+)
+from tencentcloud.common.profile.client_profile import ClientProfile  # type: ignore[import-untyped]
+from tencentcloud.common.profile.http_profile import HttpProfile  # type: ignore[import-untyped]
+from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import-untyped]
+
+from tests.fakes.tencent_sms import (
+    CHINA_TZ,
+    FakeTemplate,
+    FakeTencentSms,
+    FrequencyLimits,
+    sign_tc3_request,
+    split_e164,
+)
+
+SECRET_ID = "AKIDfake0000000000000000000000000000"
+SECRET_KEY = "fakeSecretKey0000000000000000000"
+APP_ID = "1400006666"
+SIGN = "Acme Shop"
+TEMPLATE = "1490001"
+PHONE = "+8613800000000"
+PROXY_VARS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HTTP_PROXY set the SDK proxies even 127.0.0.1 (NO_PROXY does not help)."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+class Clock:
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(china_time(12))
+
+
+def china_time(hour: int) -> float:
+    return datetime(2026, 5, 28, hour, tzinfo=CHINA_TZ).timestamp()
+
+
+@pytest.fixture
+def fake(clock: Clock) -> Iterator[FakeTencentSms]:
+    templates: dict[str, str | FakeTemplate] = {
+        TEMPLATE: "Order {1}: {2}.",
+        "1490002": "Thanks!",
+        "1490003": FakeTemplate("Code {1}", kind="verification", name="login code"),
+        "1490004": FakeTemplate("Under review {1}", status="reviewing"),
+        "1490005": FakeTemplate("Hello {1}", international=True),
+        "1490006": FakeTemplate("Sale {1} 拒收请回复R", kind="marketing"),
+    }
+    with FakeTencentSms(
+        secret_id=SECRET_ID,
+        secret_key=SECRET_KEY,
+        app_id=APP_ID,
+        templates=templates,
+        signatures={SIGN},
+        clock=clock,
+    ) as running:
+        yield running
+
+
+def client_for(
+    fake: FakeTencentSms, *, secret_id: str = SECRET_ID, secret_key: str = SECRET_KEY, timeout: float = 5
+) -> Any:
+    profile = ClientProfile(httpProfile=HttpProfile(protocol="http", endpoint=fake.endpoint, reqTimeout=timeout))
+    return sms_client.SmsClient(credential.Credential(secret_id, secret_key), "ap-guangzhou", profile)
+
+
+def send_request(
+    numbers: list[str] | None = None,
+    params: list[str] | None = None,
+    *,
+    template_id: str = TEMPLATE,
+    sign_name: str | None = SIGN,
+    app_id: str = APP_ID,
+    session_context: str | None = "outbox-42",
+) -> Any:
+    request = models.SendSmsRequest()
+    request.PhoneNumberSet = [PHONE] if numbers is None else numbers
+    request.SmsSdkAppId = app_id
+    request.TemplateId = template_id
+    if sign_name is not None:
+        request.SignName = sign_name
+    request.TemplateParamSet = ["A17", "paid"] if params is None else params
+    if session_context is not None:
+        request.SessionContext = session_context
+    return request
+
+
+def sdk_error(call: Callable[[], Any]) -> Any:
+    with pytest.raises(TencentCloudSDKException) as info:
+        call()
+    return info.value
+
+
+def raw_post(fake: FakeTencentSms, body: bytes, headers: dict[str, str]) -> tuple[int, str | None, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        conn.request("POST", "/", body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type"), json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def signed_headers(fake: FakeTencentSms, body: bytes, action: str = "SendSms", **kw: Any) -> dict[str, str]:
+    return sign_tc3_request(SECRET_ID, SECRET_KEY, host=fake.endpoint, action=action, body=body, **kw)
+
+
+def error_of(envelope: dict[str, Any]) -> str:
+    response = envelope["Response"]
+    assert set(response) == {"Error", "RequestId"}
+    assert set(response["Error"]) == {"Code", "Message"}
+    assert response["RequestId"]
+    return str(response["Error"]["Code"])
+
+
+# --------------------------------------------------------------------------- sending
+
+
+def test_valid_send_succeeds_and_is_recorded(fake: FakeTencentSms, clock: Clock) -> None:
+    response = client_for(fake).SendSms(send_request())
+
+    assert len(response.SendStatusSet) == 1
+    status = response.SendStatusSet[0]
+    assert status.Code == "Ok"
+    assert status.Message == "send success"
+    assert status.PhoneNumber == PHONE
+    assert status.SessionContext == "outbox-42"
+    assert status.IsoCode == "CN"
+    assert status.Fee == 1
+    assert status.SerialNo.startswith("5000:")
+    assert status.SerialNo[5:].isdigit()
+    assert response.RequestId
+
+    [sent] = fake.sends
+    assert sent.serial_no == status.SerialNo
+    assert sent.phone_number == PHONE
+    assert (sent.country_code, sent.subscriber_number) == ("86", "13800000000")
+    assert sent.sms_sdk_app_id == APP_ID
+    assert sent.template_id == TEMPLATE
+    assert sent.sign_name == SIGN
+    assert sent.template_params == ("A17", "paid")
+    assert sent.text == "Order A17: paid."
+    assert sent.content == "【Acme Shop】Order A17: paid."
+    assert sent.session_context == "outbox-42"
+    assert sent.request_id == response.RequestId
+    assert sent.sent_at == clock.now
+    assert fake.calls[-1].action == "SendSms"
+    assert fake.calls[-1].error_code is None
+
+
+def test_fee_counts_segments_and_batches_report_each_number(fake: FakeTencentSms) -> None:
+    numbers = ["+8613800000001", "+8613800000002", "+8613800000003"]
+    response = client_for(fake).SendSms(send_request(numbers, template_id="1490002", params=[]))
+
+    assert [s.PhoneNumber for s in response.SendStatusSet] == numbers
+    assert {s.Code for s in response.SendStatusSet} == {"Ok"}
+    assert len({s.SerialNo for s in response.SendStatusSet}) == 3
+    assert [s.phone_number for s in fake.sends] == numbers
+
+
+def test_response_content_type_is_exactly_application_json(fake: FakeTencentSms) -> None:
+    body = json.dumps(
+        {"PhoneNumberSet": [PHONE], "SmsSdkAppId": APP_ID, "TemplateId": "1490002", "SignName": SIGN}
+    ).encode()
+    ok_status, ok_type, ok = raw_post(fake, body, signed_headers(fake, body))
+    bad_status, bad_type, bad = raw_post(fake, body, signed_headers(fake, b"tampered"))
+
+    assert (ok_status, ok_type) == (200, "application/json")
+    assert ok["Response"]["SendStatusSet"][0]["Code"] == "Ok"
+    assert (bad_status, bad_type) == (200, "application/json")
+    assert error_of(bad) == "AuthFailure.SignatureFailure"
+
+
+def test_missing_signature_name_for_mainland_numbers_is_refused(fake: FakeTencentSms) -> None:
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request(sign_name=None)))
+    assert error.code == "FailedOperation.SignatureIncorrectOrUnapproved"
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def test_wrong_secret_key_is_a_signature_failure(fake: FakeTencentSms) -> None:
+    error = sdk_error(lambda: client_for(fake, secret_key="not-the-key").SendSms(send_request()))
+
+    assert error.code == "AuthFailure.SignatureFailure"
+    assert error.requestId
+    assert fake.sends == []
+
+
+def test_unknown_secret_id_is_not_found(fake: FakeTencentSms) -> None:
+    error = sdk_error(lambda: client_for(fake, secret_id="AKIDunknown").SendSms(send_request()))
+
+    assert error.code == "AuthFailure.SecretIdNotFound"
+    assert fake.sends == []
+
+
+@pytest.mark.parametrize("skew", [-301, 301])
+def test_timestamp_more_than_five_minutes_off_has_expired(
+    fake: FakeTencentSms, monkeypatch: pytest.MonkeyPatch, skew: int
+) -> None:
+    """The SDK signs with ``time.time()`` of its own module: shift only that clock."""
+    monkeypatch.setattr(abstract_client, "time", SimpleNamespace(time=lambda: time.time() + skew))
+
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+
+    assert error.code == "AuthFailure.SignatureExpire"
+    assert fake.sends == []
+
+
+def test_timestamp_within_five_minutes_is_accepted(fake: FakeTencentSms, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(abstract_client, "time", SimpleNamespace(time=lambda: time.time() - 250))
+
+    assert client_for(fake).SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+
+
+def test_raw_request_with_an_old_timestamp_has_expired(fake: FakeTencentSms) -> None:
+    body = json.dumps(send_request()._serialize()).encode()
+    _, _, envelope = raw_post(fake, body, signed_headers(fake, body, timestamp=int(time.time()) - 3600))
+    assert error_of(envelope) == "AuthFailure.SignatureExpire"
+
+
+def test_body_is_hashed_as_received(fake: FakeTencentSms) -> None:
+    body = json.dumps(send_request()._serialize()).encode()
+    same_json_other_bytes = json.dumps(send_request()._serialize(), indent=1).encode()
+
+    _, _, good = raw_post(fake, body, signed_headers(fake, body))
+    _, _, bad = raw_post(fake, same_json_other_bytes, signed_headers(fake, body))
+
+    assert good["Response"]["SendStatusSet"][0]["Code"] == "Ok"
+    assert error_of(bad) == "AuthFailure.SignatureFailure"
+
+
+def test_signature_covers_the_host_header(fake: FakeTencentSms) -> None:
+    body = json.dumps(send_request()._serialize()).encode()
+    headers = sign_tc3_request(SECRET_ID, SECRET_KEY, host="sms.tencentcloudapi.com", action="SendSms", body=body)
+    headers["Host"] = fake.endpoint
+    _, _, envelope = raw_post(fake, body, headers)
+    assert error_of(envelope) == "AuthFailure.SignatureFailure"
+
+
+# --------------------------------------------------------------------------- malformed requests
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code"),
+    [
+        (lambda h: h.pop("X-TC-Action"), "MissingParameter"),
+        (lambda h: h.pop("X-TC-Version"), "MissingParameter"),
+        (lambda h: h.pop("X-TC-Timestamp"), "MissingParameter"),
+        (lambda h: h.pop("X-TC-Region"), "MissingParameter"),
+        (lambda h: h.pop("Authorization"), "AuthFailure.InvalidAuthorization"),
+        (lambda h: h.update({"Authorization": "Bearer nonsense"}), "AuthFailure.InvalidAuthorization"),
+        (lambda h: h.update({"X-TC-Action": "SendSmsPlease"}), "InvalidAction"),
+        (lambda h: h.update({"X-TC-Version": "2017-03-12"}), "NoSuchVersion"),
+    ],
+)
+def test_malformed_envelope_answers_an_error_envelope(
+    fake: FakeTencentSms, mutate: Callable[[dict[str, str]], object], code: str
+) -> None:
+    body = json.dumps(send_request()._serialize()).encode()
+    headers = signed_headers(fake, body)
+    mutate(headers)
+
+    status, content_type, envelope = raw_post(fake, body, headers)
+
+    assert (status, content_type) == (200, "application/json")
+    assert error_of(envelope) == code
+    assert fake.sends == []
+
+
+def test_bad_json_with_a_valid_signature_is_an_invalid_parameter(fake: FakeTencentSms) -> None:
+    body = b'{"PhoneNumberSet": ["+8613800000000"], '
+    _, _, envelope = raw_post(fake, body, signed_headers(fake, body))
+    assert error_of(envelope) == "InvalidParameter"
+
+
+def test_unknown_parameter_and_wrong_type_are_refused(fake: FakeTencentSms) -> None:
+    unknown = json.dumps({**send_request()._serialize(), "Bogus": 1}).encode()
+    wrong_type = json.dumps({**send_request()._serialize(), "PhoneNumberSet": PHONE}).encode()
+
+    assert error_of(raw_post(fake, unknown, signed_headers(fake, unknown))[2]) == "UnknownParameter"
+    assert error_of(raw_post(fake, wrong_type, signed_headers(fake, wrong_type))[2]) == "InvalidParameter"
+
+
+# --------------------------------------------------------------------------- SendSms field checks
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "code"),
+    [
+        ({"params": ["only-1"]}, "FailedOperation.TemplateParamSetNotMatchApprovedTemplate"),
+        ({"params": ["A17", "paid", "x"]}, "FailedOperation.TemplateParamSetNotMatchApprovedTemplate"),
+        ({"params": ["A17", "toolong7"]}, "InvalidParameterValue.TemplateParameterLengthLimit"),
+        ({"params": ["A17", "t.cn/x"]}, "InvalidParameterValue.ProhibitedUseUrlInTemplateParameter"),
+        ({"template_id": "9999999"}, "FailedOperation.TemplateIncorrectOrUnapproved"),
+        ({"template_id": "1490004", "params": ["1"]}, "FailedOperation.TemplateIncorrectOrUnapproved"),
+        ({"template_id": "1490003", "params": ["12ab"]}, "InvalidParameterValue.TemplateParameterFormatError"),
+        ({"sign_name": "Other Shop"}, "FailedOperation.SignatureIncorrectOrUnapproved"),
+        ({"app_id": "1400000000"}, "UnauthorizedOperation.SmsSdkAppIdVerifyFail"),
+        ({"numbers": []}, "MissingParameter.EmptyPhoneNumberSet"),
+        ({"numbers": [f"+86138{i:08d}" for i in range(201)]}, "LimitExceeded.PhoneNumberCountLimit"),
+        (
+            {"numbers": [PHONE, "+14155550100"]},
+            "UnsupportedOperation.ContainDomesticAndInternationalPhoneNumber",
+        ),
+        ({"numbers": ["+14155550100"]}, "UnsupportedOperation.ChineseMainlandTemplateToGlobalPhone"),
+        ({"template_id": "1490005", "params": ["Al"]}, "UnsupportedOperation.GlobalTemplateToChineseMainlandPhone"),
+        ({"session_context": "x" * 513}, "InvalidParameter"),
+    ],
+)
+def test_send_sms_field_checks(fake: FakeTencentSms, request_kwargs: dict[str, Any], code: str) -> None:
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request(**request_kwargs)))
+
+    assert error.code == code
+    assert fake.sends == []
+
+
+def test_param_length_limit_is_configurable(fake: FakeTencentSms) -> None:
+    fake.param_max_length = 12
+    assert client_for(fake).SendSms(send_request(params=["A17", "toolong7"])).SendStatusSet[0].Code == "Ok"
+
+
+def test_two_hundred_numbers_are_allowed(fake: FakeTencentSms) -> None:
+    numbers = [f"+86138{i:08d}" for i in range(200)]
+    response = client_for(fake).SendSms(send_request(numbers, template_id="1490002", params=[]))
+    assert len(response.SendStatusSet) == 200
+    assert len(fake.sends) == 200
+
+
+def test_invalid_numbers_fail_per_entry(fake: FakeTencentSms) -> None:
+    numbers = ["13800000000", "+8612345", PHONE]
+    response = client_for(fake).SendSms(send_request(numbers))
+
+    codes = [(s.PhoneNumber, s.Code, s.SerialNo, s.Fee) for s in response.SendStatusSet]
+    assert codes[0][:2] == ("13800000000", "FailedOperation.PhoneNumberParseFail")
+    assert codes[1][:2] == ("+8612345", "InvalidParameterValue.IncorrectPhoneNumber")
+    assert codes[0][2:] == codes[1][2:] == ("", 0)
+    assert codes[2][1] == "Ok"
+    assert [s.phone_number for s in fake.sends] == [PHONE]
+
+
+def test_international_send(fake: FakeTencentSms) -> None:
+    response = client_for(fake).SendSms(send_request(["+14155550100"], ["Al"], template_id="1490005", sign_name=None))
+    status = response.SendStatusSet[0]
+    assert (status.Code, status.IsoCode) == ("Ok", "US")
+    assert fake.sends[0].content == "Hello Al"
+
+
+def test_marketing_only_between_8_and_22_china_time(fake: FakeTencentSms, clock: Clock) -> None:
+    clock.now = china_time(23)
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request(template_id="1490006", params=["50%"])))
+    assert error.code == "FailedOperation.MarketingSendTimeConstraint"
+
+    clock.now += 10 * 3600  # 09:00 China
+    assert client_for(fake).SendSms(send_request(template_id="1490006", params=["50%"])).SendStatusSet[0].Code == "Ok"
+
+
+# --------------------------------------------------------------------------- scripted faults
+
+
+def test_per_number_fault_appears_in_that_entry_only(fake: FakeTencentSms) -> None:
+    blocked = "+8613800000002"
+    fake.fail_number(blocked, "FailedOperation.PhoneNumberInBlacklist")
+    numbers = ["+8613800000001", blocked, "+8613800000003"]
+
+    response = client_for(fake).SendSms(send_request(numbers))
+
+    by_number = {s.PhoneNumber: s for s in response.SendStatusSet}
+    assert by_number[blocked].Code == "FailedOperation.PhoneNumberInBlacklist"
+    assert (by_number[blocked].SerialNo, by_number[blocked].Fee) == ("", 0)
+    assert by_number[blocked].SessionContext == "outbox-42"
+    assert {by_number[n].Code for n in numbers if n != blocked} == {"Ok"}
+    assert [s.phone_number for s in fake.sends] == ["+8613800000001", "+8613800000003"]
+    # times=1: the next send to that number goes through
+    assert client_for(fake).SendSms(send_request([blocked], ["B2", "x"])).SendStatusSet[0].Code == "Ok"
+
+
+def test_whole_request_fault(fake: FakeTencentSms) -> None:
+    fake.fail_requests("InternalError.Timeout", times=2)
+    client = client_for(fake)
+
+    assert sdk_error(lambda: client.SendSms(send_request())).code == "InternalError.Timeout"
+    assert sdk_error(lambda: client.SendSms(send_request())).code == "InternalError.Timeout"
+    assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+    assert len(fake.sends) == 1
+
+
+def test_http_500_is_a_server_network_error(fake: FakeTencentSms) -> None:
+    fake.http_error(500)
+
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+
+    assert error.code == "ServerNetworkError"
+    assert fake.sends == []
+    assert client_for(fake).SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+
+
+def test_slow_answer_beyond_the_timeout_is_a_client_network_error_after_sending(fake: FakeTencentSms) -> None:
+    """The ambiguous case: Tencent accepted (the send is recorded) but the answer never arrived."""
+    fake.slow(1.0)
+
+    started = time.monotonic()
+    error = sdk_error(lambda: client_for(fake, timeout=0.3).SendSms(send_request()))
+
+    assert error.code == "ClientNetworkError"
+    assert time.monotonic() - started < 0.9
+    assert len(fake.sends) == 1
+
+
+def test_slow_answer_before_processing_records_nothing_yet(fake: FakeTencentSms) -> None:
+    fake.slow(0.6, after_processing=False)
+    error = sdk_error(lambda: client_for(fake, timeout=0.2).SendSms(send_request()))
+    assert error.code == "ClientNetworkError"
+    assert fake.sends == []
+
+
+@pytest.mark.parametrize(("after_processing", "recorded"), [(True, 1), (False, 0)])
+def test_dropped_connection_is_a_client_network_error(
+    fake: FakeTencentSms, after_processing: bool, recorded: int
+) -> None:
+    fake.disconnect(after_processing=after_processing)
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+    assert error.code == "ClientNetworkError"
+    assert len(fake.sends) == recorded
+
+
+# --------------------------------------------------------------------------- frequency limits
+
+
+def test_same_content_to_one_number_at_most_once_per_30_seconds(fake: FakeTencentSms) -> None:
+    client = client_for(fake)
+    assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+
+    fake.advance(29)
+    second = client.SendSms(send_request()).SendStatusSet[0]
+    assert second.Code == "LimitExceeded.PhoneNumberThirtySecondLimit"
+    assert (second.SerialNo, second.Fee) == ("", 0)
+    other_content = client.SendSms(send_request(params=["A18", "paid"])).SendStatusSet[0]
+    assert other_content.Code == "Ok"
+    other_number = client.SendSms(send_request(["+8613800000009"])).SendStatusSet[0]
+    assert other_number.Code == "Ok"
+
+    fake.advance(1)
+    assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+    assert [s.template_params for s in fake.sends if s.phone_number == PHONE] == [
+        ("A17", "paid"),
+        ("A18", "paid"),
+        ("A17", "paid"),
+    ]
+
+
+def test_hourly_and_daily_limits(fake: FakeTencentSms, clock: Clock) -> None:
+    clock.now = china_time(1)
+    fake.limits = FrequencyLimits(same_content_seconds=30, per_hour=2, per_day=3)
+    client = client_for(fake)
+
+    def send(n: int) -> str:
+        return str(client.SendSms(send_request(params=[f"A{n}", "x"])).SendStatusSet[0].Code)
+
+    assert [send(1), send(2), send(3)] == ["Ok", "Ok", "LimitExceeded.PhoneNumberOneHourLimit"]
+    fake.advance(3600)
+    assert [send(4), send(5)] == ["Ok", "LimitExceeded.PhoneNumberDailyLimit"]
+    fake.advance(23 * 3600)  # the next natural day in China time
+    assert send(6) == "Ok"
+
+
+def test_limits_can_be_disabled(fake: FakeTencentSms) -> None:
+    fake.limits = FrequencyLimits(None, None, None, None)
+    client = client_for(fake)
+    assert {client.SendSms(send_request()).SendStatusSet[0].Code for _ in range(12)} == {"Ok"}
+
+
+# --------------------------------------------------------------------------- pulls and templates
+
+
+def pull_replies(fake: FakeTencentSms, limit: int = 100) -> Any:
+    request = models.PullSmsReplyStatusRequest()
+    request.SmsSdkAppId = APP_ID
+    request.Limit = limit
+    return client_for(fake).PullSmsReplyStatus(request)
+
+
+def test_pull_sms_reply_status_returns_each_reply_once(fake: FakeTencentSms) -> None:
+    fake.enqueue_reply(PHONE, "1", sign_name=SIGN, extend_code="11", reply_time=1620734188)
+    fake.enqueue_reply("+8613800000001", "TD", sign_name=SIGN)
+    fake.enqueue_reply("+8613800000002", "hi", sign_name=SIGN)
+
+    first = pull_replies(fake, limit=2).PullSmsReplyStatusSet
+    rest = pull_replies(fake).PullSmsReplyStatusSet
+    again = pull_replies(fake).PullSmsReplyStatusSet
+
+    assert [r.ReplyContent for r in first] == ["1", "TD"]
+    assert first[0].CountryCode == "86"
+    assert first[0].SubscriberNumber == "13800000000"
+    assert first[0].PhoneNumber == PHONE
+    assert first[0].ExtendCode == "11"
+    assert first[0].ReplyTime == 1620734188
+    assert first[0].SignName == SIGN
+    assert [r.ReplyContent for r in rest] == ["hi"]
+    assert again == []
+
+
+def test_pull_limit_over_100_is_refused(fake: FakeTencentSms) -> None:
+    assert sdk_error(lambda: pull_replies(fake, limit=101)).code == "InvalidParameterValue.LimitVerifyFail"
+
+
+def test_pull_sms_send_status_reports_each_send_once(fake: FakeTencentSms) -> None:
+    response = client_for(fake).SendSms(send_request())
+    request = models.PullSmsSendStatusRequest()
+    request.SmsSdkAppId = APP_ID
+    request.Limit = 100
+
+    [status] = client_for(fake).PullSmsSendStatus(request).PullSmsSendStatusSet
+    assert status.SerialNo == response.SendStatusSet[0].SerialNo
+    assert status.ReportStatus == "SUCCESS"
+    assert status.SessionContext == "outbox-42"
+    assert (status.CountryCode, status.SubscriberNumber, status.PhoneNumber) == ("86", "13800000000", PHONE)
+    assert isinstance(status.UserReceiveTime, int)
+    assert client_for(fake).PullSmsSendStatus(request).PullSmsSendStatusSet == []
+
+
+def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
+    request = models.DescribeSmsTemplateListRequest()
+    request.International = 0
+    request.Limit = 100
+    request.Offset = 0
+
+    listed = {t.TemplateId: t for t in client_for(fake).DescribeSmsTemplateList(request).DescribeTemplateStatusSet}
+
+    assert set(listed) == {1490001, 1490002, 1490003, 1490004, 1490006}
+    assert listed[1490001].TemplateContent == "Order {1}: {2}."
+    assert listed[1490001].StatusCode == 0
+    assert listed[1490004].StatusCode == 1
+    assert listed[1490003].TemplateName == "login code"
+    assert listed[1490001].International == 0
+
+    by_id = models.DescribeSmsTemplateListRequest()
+    by_id.International = 1
+    by_id.TemplateIdSet = [1490005, 1490001]
+    [international] = client_for(fake).DescribeSmsTemplateList(by_id).DescribeTemplateStatusSet
+    assert (international.TemplateId, international.International) == (1490005, 1)
+
+
+# --------------------------------------------------------------------------- delivery reports
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[str | None, Any]]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((self.headers.get("Content-Type"), json.loads(body)))
+        answer = b'{"result":0,"errmsg":"OK"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+def test_delivery_report_push_reaches_a_local_receiver(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request(["+8613800000001", "+8613800000002"]))
+    received: list[tuple[str | None, Any]] = []
+    handler = type("Receiver", (_Receiver,), {"received": received})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        ok, failed = fake.sends
+        items = [fake.delivery_report(ok), fake.delivery_report(failed, status="FAIL", errmsg="MK:0001")]
+        status, body = fake.push_delivery_reports(f"http://127.0.0.1:{server.server_address[1]}/sms/status", items)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert status == 200
+    assert json.loads(body) == {"result": 0, "errmsg": "OK"}
+    [(content_type, pushed)] = received
+    assert content_type == "application/json"
+    assert isinstance(pushed, list)
+    assert pushed[0]["sid"] == ok.serial_no
+    assert pushed[0]["report_status"] == "SUCCESS"
+    assert pushed[0]["errmsg"] == "DELIVRD"
+    assert (pushed[0]["nationcode"], pushed[0]["mobile"]) == ("86", "13800000001")
+    assert pushed[0]["ext"] == "outbox-42"
+    assert len(pushed[0]["user_receive_time"]) == len("2015-10-17 08:03:04")
+    assert pushed[1]["report_status"] == "FAIL"
+    assert set(pushed[1]) == {
+        "user_receive_time",
+        "nationcode",
+        "mobile",
+        "report_status",
+        "errmsg",
+        "description",
+        "sid",
+        "ext",
+    }
+
+
+# --------------------------------------------------------------------------- helpers and the process
+
+
+def test_split_e164() -> None:
+    assert split_e164("+8613800000000") == ("86", "13800000000")
+    assert split_e164("+14155550100") == ("1", "4155550100")
+    assert split_e164("+85291234567") == ("852", "91234567")
+    assert split_e164("13800000000") is None
+    assert split_e164("+86 138") is None
+
+
+def test_runs_as_a_process() -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "tests.fakes.tencent_sms",
+        "--port",
+        "0",
+        "--secret-id",
+        SECRET_ID,
+        "--secret-key",
+        SECRET_KEY,
+        "--app-id",
+        APP_ID,
+        "--template",
+        f"{TEMPLATE}=Order {{1}}: {{2}}.",
+        "--signature",
+        SIGN,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        endpoint = url.removeprefix("http://")
+        profile = ClientProfile(httpProfile=HttpProfile(protocol="http", endpoint=endpoint, reqTimeout=5))
+        client = sms_client.SmsClient(credential.Credential(SECRET_ID, SECRET_KEY), "ap-guangzhou", profile)
+        assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+        conn = http.client.HTTPConnection(endpoint, timeout=5)
+        conn.request("GET", "/_fake/sends")
+        [sent] = json.loads(conn.getresponse().read())
+        conn.close()
+        assert sent["phone_number"] == PHONE
+        assert sent["content"] == "【Acme Shop】Order A17: paid."
+    finally:
+        process.terminate()
+        assert process.wait(timeout=5) == 0
