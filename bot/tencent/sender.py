@@ -1,0 +1,75 @@
+"""``TencentSender``: the ``SmsSender`` that calls Tencent's SendSms through the official SDK.
+
+The SDK client is built once. Its own retryer stays off: SendSms has no
+idempotency key, so a retry after a read timeout could text the customer
+twice; retries happen in the outbox, which can reconcile first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tencentcloud.common import credential  # type: ignore[import-untyped]
+from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
+    TencentCloudSDKException,
+)
+from tencentcloud.common.profile.client_profile import ClientProfile  # type: ignore[import-untyped]
+from tencentcloud.common.profile.http_profile import HttpProfile  # type: ignore[import-untyped]
+from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import-untyped]
+
+from bot.outbox import OutboundSms, SendResult
+
+
+@dataclass(frozen=True)
+class TencentConfig:
+    """Where and as whom to call Tencent."""
+
+    secret_id: str
+    secret_key: str
+    sdk_app_id: str
+    region: str = "ap-guangzhou"
+    endpoint: str = "sms.tencentcloudapi.com"
+    scheme: str = "https"
+    timeout_seconds: int = 5
+    sign_names: Mapping[str, str] = field(default_factory=dict)
+    """Per-signature SignName override: callback ``sign`` -> the approved SignName."""
+
+
+def e164(nationcode: str, mobile: str) -> str:
+    return f"+{nationcode.lstrip('+')}{mobile.lstrip('+')}"
+
+
+class TencentSender:
+    """Sends one reply per SendSms call and reports Tencent's answer as a ``SendResult``."""
+
+    def __init__(self, config: TencentConfig) -> None:
+        self.config = config
+        http = HttpProfile(endpoint=config.endpoint, reqTimeout=config.timeout_seconds)
+        http.scheme = config.scheme  # the SDK reads `scheme` once constructed
+        profile = ClientProfile(httpProfile=http)
+        self.client: Any = sms_client.SmsClient(
+            credential.Credential(config.secret_id, config.secret_key), config.region, profile
+        )
+
+    def send(self, sms: OutboundSms) -> SendResult:
+        request = models.SendSmsRequest()
+        request.PhoneNumberSet = [e164(sms.nationcode, sms.mobile)]
+        request.SmsSdkAppId = self.config.sdk_app_id
+        request.TemplateId = sms.template_id
+        request.SignName = self.config.sign_names.get(sms.sign, sms.sign)
+        request.TemplateParamSet = list(sms.params)
+        request.SessionContext = str(sms.message_id)  # matches delivery reports and pulls to our message
+        try:
+            response = self.client.SendSms(request)
+        except TencentCloudSDKException as exc:
+            return SendResult(ok=False, code=str(exc.code or "ClientError"), message=str(exc.message or ""))
+        statuses = response.SendStatusSet
+        if not statuses:
+            # The SDK hands back an empty result when it could not read Tencent's answer.
+            return SendResult(ok=False, code="", message="Tencent's answer had no SendStatusSet")
+        status = statuses[0]
+        if status.Code == "Ok":
+            return SendResult(ok=True, serial=status.SerialNo, code="Ok", message=status.Message or "")
+        return SendResult(ok=False, code=str(status.Code), message=str(status.Message or ""))
