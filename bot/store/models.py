@@ -163,6 +163,8 @@ class Message(Base):
     provider_serial: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None]
+    """For outbound: when the handset received it, from Tencent's delivery report."""
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
