@@ -241,6 +241,12 @@ class _Child:
                 not self._athread.is_alive() or time.monotonic() - stopping_at > STOP_TIMEOUT
             ):
                 break
+        log.info(
+            "writer process %s stopping: %d transaction(s) for %d job(s)",
+            os.getpid(),
+            self.writer.batches,
+            self.writer.jobs,
+        )
         self.writer.stop()  # the checkpointer (the thread was never started)
         self.writer._drop_connection()
         self.engine.dispose()
