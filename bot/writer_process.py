@@ -26,6 +26,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -81,8 +82,11 @@ class WriterConfig:
 
 def writer_main(conn: PipeEnd, config: WriterConfig) -> None:
     """Entry point of the writer process."""
-    # Ctrl-C reaches the whole process group: the HTTP process finishes its requests, then sends "stop".
+    # The HTTP process owns this one's life: Ctrl-C (SIGINT) and a service manager's SIGTERM reach the
+    # whole process group, and the HTTP process finishes its requests, then sends "stop". If the HTTP
+    # process dies instead, the pipe reaches EOF and this one finishes its batch and exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
     _Child(conn, config).run()
 
@@ -288,6 +292,12 @@ class ProcessWriter:
     """Runs the writer process, forwards jobs to it and restarts it when it dies (HTTP process, event loop)."""
 
     def __init__(self, config: WriterConfig) -> None:
+        try:
+            pickle.dumps(config)
+        except Exception as exc:
+            raise ValueError(
+                f"writer process: the sender must be picklable to reach the writer process: {exc}"
+            ) from exc
         self.config = config
         self.rules_status: dict[str, Any] = {
             "version": None,
@@ -364,17 +374,14 @@ class ProcessWriter:
         self._fail_all(WriterUnavailable("the server is shutting down"))
         if proc is not None:
             if proc.is_alive():
-                log.warning("writer process %s did not stop within %ss; terminating it", proc.pid, STOP_TIMEOUT)
+                log.warning("writer process %s did not stop within %ss; killing it", proc.pid, STOP_TIMEOUT)
             await self._reap(proc, kill=True)
 
     @staticmethod
     async def _reap(proc: Any, *, kill: bool) -> None:
-        """Wait for ``proc`` to exit (terminate, then kill it when ``kill``); keeps its exitcode readable."""
+        """Wait for ``proc`` to exit (killed first when ``kill``: it ignores SIGTERM); keeps its exitcode."""
         if kill and proc.is_alive():
-            proc.terminate()
-            await asyncio.to_thread(proc.join, 3)
-            if proc.is_alive():
-                proc.kill()
+            proc.kill()
         await asyncio.to_thread(proc.join, 3)
 
     def _close_pipe(self) -> None:

@@ -108,7 +108,12 @@ def serve(db_url: str, tmp_path: Path) -> Iterator[Server]:
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(SMSBOT), "serve", "--port", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+            [str(SMSBOT), "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as under a service manager
         )
     engine = create_engine(db_url)
     server = Server(proc, f"http://127.0.0.1:{port}", log, engine, rules)
@@ -322,3 +327,45 @@ def test_unknown_signature_is_warned_once(serve: Server) -> None:
     assert count(serve.engine, messages, messages.c.direction == "out") == 0
     wait_until(lambda: "no rules answer signature 'Nobody Shop'" in serve.output(), what="the warning")
     assert serve.output().count("no rules answer signature 'Nobody Shop'") == 1
+
+
+def test_sigterm_to_the_process_group_is_a_clean_shutdown(serve: Server) -> None:
+    """A service manager signals every process of the group: the writer waits for the HTTP side's "stop"."""
+    serve.say("hi")
+    pid = _writer_pid(serve)
+    os.killpg(serve.proc.pid, signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -15)
+    assert serve.proc.wait(20) in (0, -signal.SIGTERM)
+    output = serve.output()
+    assert "Application shutdown complete" in output
+    assert "stopping:" in output  # the writer finished on "stop", not on the signal
+    assert "died" not in output  # the writer was not restarted during shutdown
+    assert "Traceback" not in output
+    wait_until(lambda: not _alive(pid), what="the writer process to exit")
+
+
+def test_process_mode_needs_a_picklable_sender(tmp_path: Path) -> None:
+    import threading
+
+    from bot.config import Settings
+    from bot.live_rules import LiveRules
+    from bot.store.db import make_engine
+    from bot.web.app import create_app
+
+    class Unpicklable:
+        lock = threading.Lock()
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def send(self, sms: Any) -> Any:
+            raise NotImplementedError
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        with pytest.raises(ValueError, match="picklable"):
+            create_app(
+                Settings(), engine=engine, rules=LiveRules(tmp_path), sender=Unpicklable(), writer_mode="process"
+            )
+    finally:
+        engine.dispose()
