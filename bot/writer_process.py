@@ -288,6 +288,18 @@ class _Child:
 # ====================================================================== the HTTP side
 
 
+def _wait_for_eof(conn: PipeEnd, timeout: float) -> bool:
+    """Read (and drop) messages until the other end closes; False when ``timeout`` runs out first."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if conn.poll(left):
+                conn.recv()
+        return False
+    except (EOFError, OSError):
+        return True
+
+
 class ProcessWriter:
     """Runs the writer process, forwards jobs to it and restarts it when it dies (HTTP process, event loop)."""
 
@@ -365,17 +377,23 @@ class ProcessWriter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._restart_task
         proc, self._proc = self._proc, None
-        if self._conn is not None:
+        conn = self._conn
+        finished = conn is None
+        if conn is not None:
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(conn.fileno())
             with contextlib.suppress(OSError):
-                self._conn.send(("stop",))
-        if proc is not None:
-            await asyncio.to_thread(proc.join, STOP_TIMEOUT)
+                conn.send(("stop",))
+            # The end of the pipe, not join(), says the writer has finished: with forkserver, join()
+            # returns early if the fork server itself was signalled (SIGTERM to the process group).
+            finished = await asyncio.to_thread(_wait_for_eof, conn, STOP_TIMEOUT)
         self._close_pipe()
         self._fail_all(WriterUnavailable("the server is shutting down"))
         if proc is not None:
-            if proc.is_alive():
+            if not finished:
                 log.warning("writer process %s did not stop within %ss; killing it", proc.pid, STOP_TIMEOUT)
-            await self._reap(proc, kill=True)
+            await self._reap(proc, kill=not finished)
 
     @staticmethod
     async def _reap(proc: Any, *, kill: bool) -> None:
