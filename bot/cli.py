@@ -212,7 +212,7 @@ def serve(
         bool, typer.Option("--insecure", help="allow a non-loopback address without a callback token")
     ] = False,
 ) -> None:
-    """Run the callback server with the in-process delivery loop."""
+    """Run the callback server and the delivery loop (in a writer process unless SMSBOT_WRITER=thread)."""
     import logging
 
     import uvicorn
@@ -244,6 +244,11 @@ def serve(
     except RulesInvalid as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(1) from exc
-    application = create_app(settings, engine=engine, rules=rules)
-    typer.echo(f"smsbot: listening on http://{bind_host}:{bind_port} (database {_safe_url(settings.database_url)})")
+    application = create_app(settings, engine=engine, rules=rules, writer_mode=settings.writer)
+    if settings.writer == "process":
+        engine.dispose()  # the writer process opens its own; this one only checked the schema
+    typer.echo(
+        f"smsbot: listening on http://{bind_host}:{bind_port} (database {_safe_url(settings.database_url)}, "
+        f"writer {settings.writer})"
+    )
     uvicorn.run(application, host=bind_host, port=bind_port, log_level="info", access_log=False)

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         default=None, description="when set, Tencent's callbacks must carry ?token=<it>; set it in the environment"
     )
     sender: Literal["console"] = Field(default="console", description="how replies are sent: console")
+    writer: Literal["thread", "process"] = Field(
+        default="process",
+        description="where smsbot serve commits callbacks and delivers replies: 'process' (a writer process "
+        "with its own interpreter, so HTTP and the database do not share one GIL) or 'thread' (in the HTTP process)",
+    )
     max_body_bytes: int = Field(default=64 * 1024, ge=256, description="largest callback body accepted")
     loop_limit: int = Field(default=20, ge=1, description="identical replies to one number allowed per loop_window")
     loop_window: Duration = Field(default=timedelta(minutes=5), description="window for loop_limit, e.g. 5m")

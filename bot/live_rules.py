@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,8 +56,8 @@ class LiveRules:
         log.info("rules loaded: version %s, %d file(s)", result.ruleset.version, len(result.ruleset.files))
         return result.ruleset
 
-    async def watch(self) -> None:
-        """Reload whenever a file under ``path`` changes."""
+    async def watch(self, on_reload: Callable[[], None] | None = None) -> None:
+        """Reload whenever a file under ``path`` changes; ``on_reload`` runs after every attempt."""
         from watchfiles import awatch
 
         # A single rules file is watched through its folder: editors and deploy tools save by
@@ -71,3 +72,5 @@ class LiveRules:
         async for _changes in changes:
             with contextlib.suppress(RulesInvalid):  # already logged; the old rules stay live
                 await asyncio.to_thread(self.load)
+            if on_reload is not None:
+                on_reload()

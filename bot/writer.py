@@ -63,8 +63,30 @@ class DbWriter:
 
     def start(self) -> None:
         self._thread.start()
+        self.start_checkpointer()
+
+    def start_checkpointer(self) -> None:
+        """Start only the SQLite checkpointer (for a caller that runs ``process`` itself)."""
         if self._checkpointer is not None:
             self._checkpointer.start()
+
+    def _submit(self, job: _Job[Any]) -> None:
+        """Hand a job to whoever runs the batches (the writer thread here)."""
+        self._queue.put(job)
+
+    def take_waiting(self, limit: int) -> list[_Job[Any]]:
+        """Jobs submitted and not yet taken, up to ``limit`` (for a caller that runs ``process`` itself)."""
+        taken: list[_Job[Any]] = []
+        while len(taken) < limit:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def process(self, batch: list[_Job[Any]]) -> None:
+        """Run ``batch`` in one transaction on the calling thread (the writer process's main loop)."""
+        self._process(batch)
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -77,7 +99,7 @@ class DbWriter:
         """Run ``fn`` in the next batch; return its result once the batch is committed."""
         loop = asyncio.get_running_loop()
         job: _Job[T] = _Job(fn, loop, loop.create_future())
-        self._queue.put(job)
+        self._submit(job)
         result: T = await job.future
         return result
 
@@ -91,14 +113,14 @@ class DbWriter:
         job: _Job[list[Any]] = _Job(
             lambda conn: handler(conn, items), loop, loop.create_future(), handler=handler, items=items
         )
-        self._queue.put(job)
+        self._submit(job)
         result: list[Any] = await job.future
         return result
 
     def run_sync(self, fn: Callable[[Connection], T], timeout: float = 30.0) -> T:
         """The same for code outside the event loop (CLI, workers, tests)."""
         job: _Job[T] = _Job(fn, None, None)
-        self._queue.put(job)
+        self._submit(job)
         if not job.done.wait(timeout):
             raise TimeoutError("the database writer did not answer in time")
         if job.error is not None:
@@ -250,7 +272,7 @@ class _Checkpointer:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        self._checkpoint("TRUNCATE")
+            self._checkpoint("TRUNCATE")
 
     def _checkpoint(self, mode: str) -> None:
         try:

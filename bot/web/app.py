@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,6 +26,7 @@ from bot.outbox import ConsoleSender, Deliverer, SmsSender
 from bot.service import Inbound, InboundResult, Policy, handle_batch
 from bot.web.callbacks import BadCallback, CallbackAnswer, ReplyCallback, parse_reply_callback
 from bot.writer import DbWriter
+from bot.writer_process import ProcessWriter, WriterConfig
 
 log = logging.getLogger("smsbot.web")
 
@@ -47,6 +48,8 @@ class Runtime:
     clock: Callable[[], datetime]
     policy: Policy
     warned_signatures: set[str] = field(default_factory=set)
+    process_writer: ProcessWriter | None = None
+    """Set in ``writer_mode="process"``: the writer process does the database work, delivery and rules."""
 
     queued_since_commit: bool = False
 
@@ -106,10 +109,34 @@ def create_app(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     deliver: bool = True,
     watch_rules: bool = True,
+    writer_mode: Literal["thread", "process"] = "thread",
 ) -> FastAPI:
-    """Build the app around an engine and loaded rules; the lifespan runs the writer and delivery loop."""
+    """Build the app around an engine and loaded rules; the lifespan runs the writer and delivery loop.
+
+    ``writer_mode="process"`` moves the database work, the delivery loop and the
+    rules (loaded and watched from ``rules.path``) into a writer process of
+    its own (``bot/writer_process.py``); ``sender`` must then be picklable
+    (None: the console sender) and ``clock`` only stamps validation.
+    """
     writer = DbWriter(engine)
-    deliverer = Deliverer(writer, sender or ConsoleSender(), clock=clock) if deliver else None
+    policy = Policy(loop_limit=settings.loop_limit, loop_window=settings.loop_window)
+    process_writer = None
+    if writer_mode == "process":
+        process_writer = ProcessWriter(
+            WriterConfig(
+                database_url=engine.url.render_as_string(hide_password=False),
+                rules_dir=rules.path,
+                param_max_length=rules.param_max_length,
+                policy=policy,
+                deliver=deliver,
+                watch_rules=watch_rules,
+                sender=sender,
+                log_level=logging.getLogger().getEffectiveLevel(),
+            )
+        )
+    deliverer = (
+        Deliverer(writer, sender or ConsoleSender(), clock=clock) if deliver and process_writer is None else None
+    )
     runtime = Runtime(
         settings=settings,
         engine=engine,
@@ -117,12 +144,20 @@ def create_app(
         writer=writer,
         deliverer=deliverer,
         clock=clock,
-        policy=Policy(loop_limit=settings.loop_limit, loop_window=settings.loop_window),
+        policy=policy,
+        process_writer=process_writer,
     )
     writer.on_commit = runtime.after_commit
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if process_writer is not None:
+            await process_writer.start()
+            try:
+                yield
+            finally:
+                await process_writer.stop()
+            return
         writer.start()
         tasks = []
         if deliverer is not None:
@@ -196,6 +231,8 @@ def create_app(
         except Exception as exc:
             log.error("callback not stored: %s", exc)
             return _answer(503, RESULT_UNAVAILABLE, "database unavailable, nothing stored; retry later")
+        if process_writer is not None:  # the writer process warns about unknown signatures
+            return JSONResponse({"result": 0, "errmsg": "OK"})
         for message, result in zip(inbound, results, strict=True):
             if result.decision is None and not result.duplicate and message.sign not in runtime.warned_signatures:
                 runtime.warned_signatures.add(message.sign)
@@ -214,6 +251,8 @@ def create_app(
         responses={503: {"description": "not ready: the body says what is missing"}},
     )
     async def readyz() -> JSONResponse:
+        if process_writer is not None:
+            return await _process_readyz(process_writer)
         database = "ok"
         try:
             await asyncio.to_thread(_ping, engine)
@@ -240,5 +279,23 @@ def _ping(engine: Engine) -> None:
         conn.execute(text("SELECT 1"))
 
 
+async def _process_readyz(process_writer: ProcessWriter) -> JSONResponse:
+    database = "ok"
+    try:
+        await process_writer.ping()
+    except Exception as exc:
+        database = f"unavailable: {getattr(exc, 'kind', None) or type(exc).__name__}"
+    rules = process_writer.rules_status
+    body = {
+        "status": "ok" if database == "ok" and rules["version"] is not None else "unavailable",
+        "database": database,
+        "rules": rules,
+        "writer": {"mode": "process", "pid": process_writer.pid, "restarts": process_writer.restarts},
+    }
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+
 async def _store(runtime: Runtime, inbound: list[Inbound]) -> list[InboundResult]:
+    if runtime.process_writer is not None:
+        return await runtime.process_writer.store(inbound)
     return await runtime.writer.run_batch(runtime.store_inbound, inbound)
