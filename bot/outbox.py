@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from sqlalchemy import Connection
 
@@ -81,13 +81,17 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-_CLAIM = (
-    "SELECT o.id, o.message_id, m.signature, m.template_id, m.params, m.text, m.rule_kind,"
-    " c.nationcode, c.mobile, v.opted_out"
-    " FROM outbox o JOIN messages m ON m.id = o.message_id JOIN contacts c ON c.id = m.contact_id"
-    " JOIN conversations v ON v.id = m.conversation_id"
-    " WHERE o.next_attempt_at <= ? AND (o.lease_until IS NULL OR o.lease_until < ?)"
-    " ORDER BY o.next_attempt_at, o.id LIMIT ?"
+_DUE = (
+    "SELECT id, message_id FROM outbox WHERE next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+    " ORDER BY next_attempt_at, id LIMIT ?"
+)
+# Two steps rather than one join: the due rows come from the outbox index alone, then their
+# details by primary key; a four-table join let PostgreSQL pick hash joins over whole tables
+# whenever its statistics lagged behind a growing table.
+_DETAILS = (
+    "SELECT m.id, m.signature, m.template_id, m.params, m.text, m.rule_kind, c.nationcode, c.mobile, v.opted_out"
+    " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
+    " WHERE {where}"
 )
 
 
@@ -111,11 +115,19 @@ def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> lis
     side without waiting for or taking each other's rows.
     """
     db = DriverSql(conn)
-    statement = _CLAIM + (" FOR UPDATE OF o SKIP LOCKED" if db.postgres else "")
+    due = db.rows(_DUE + (" FOR UPDATE SKIP LOCKED" if db.postgres else ""), (db.ts(now), db.ts(now), limit))
+    if not due:
+        return []
+    outbox_of = {int(message_id): int(outbox_id) for outbox_id, message_id in due}
+    details: dict[int, Any] = {}
+    for chunk in chunks(sorted(outbox_of)):
+        where, params = db.in_list("m.id", chunk)
+        for row in db.rows(_DETAILS.format(where=where), params):
+            details[int(row[0])] = row
     claimed: list[OutboundSms] = []
     suppressed: list[Settlement] = []
-    for row in db.rows(statement, (db.ts(now), db.ts(now), limit)):
-        outbox_id, message_id, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out = row
+    for outbox_id, message_id in due:
+        _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out = details[int(message_id)]
         if opted_out and rule_kind != "opt_out":
             suppressed.append(Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending"))
             continue
