@@ -8,7 +8,6 @@ we do not know is logged, not refused: refusing would only make Tencent retry.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -17,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from sqlalchemy import Connection, and_, select, update
 
+from bot.json_body import BadBody, json_objects
 from bot.store.models import messages
 
 log = logging.getLogger("smsbot.reports")
@@ -25,7 +25,7 @@ CHINA = timezone(timedelta(hours=8))
 MAX_REPORTS = 100
 
 
-class BadReport(Exception):  # noqa: N818 - named for what the caller sent
+class BadReport(BadBody):
     """A delivery-status body we refuse, saying which field is wrong."""
 
 
@@ -51,23 +51,11 @@ class ReportOutcome:
 
 
 def parse_status_callback(body: bytes) -> list[StatusReport]:
-    """The reports in a callback body, or BadReport naming what is wrong."""
-    try:
-        data: Any = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise BadReport(f"body is not valid UTF-8 (byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise BadReport(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    items = data if isinstance(data, list) else [data]
-    if not items:
-        raise BadReport("empty array: no reports in the callback")
-    if len(items) > MAX_REPORTS:
-        raise BadReport(f"too many reports in one callback ({len(items)}, at most {MAX_REPORTS})")
+    """The reports in a callback body, or BadBody naming what is wrong."""
+    items, is_array = json_objects(body, max_items=MAX_REPORTS, noun="reports", error=BadReport)
     reports = []
     for index, item in enumerate(items):
-        where = f"[{index}]" if isinstance(data, list) else ""
-        if not isinstance(item, dict):
-            raise BadReport(f"{where or 'body'}: expected a JSON object, got {type(item).__name__}")
+        where = f"[{index}]" if is_array else ""
         try:
             report = StatusReport.model_validate(item)
         except ValidationError as exc:

@@ -7,12 +7,12 @@ wrong, because the person reading it is debugging an integration.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
+from bot.json_body import BadBody, json_objects
 from bot.rules.normalize import clean
 from bot.service import Inbound
 
@@ -21,8 +21,8 @@ FUTURE_SLACK = timedelta(days=1)
 MAX_ITEMS = 1000
 
 
-class BadCallback(Exception):  # noqa: N818 - named for what the caller sent
-    """A callback body we refuse, with the reason for Tencent's (or a developer's) logs."""
+class BadCallback(BadBody):
+    """A reply callback body we refuse, with the reason."""
 
 
 class ReplyCallback(BaseModel):
@@ -99,24 +99,10 @@ def _inbound(reply: ReplyCallback, *, cleaned: bool) -> Inbound:
 
 
 def _parse_carefully(body: bytes, *, now: datetime) -> list[Inbound]:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadCallback(f"body is not valid UTF-8 (byte {exc.start})") from exc
-    try:
-        data: Any = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadCallback(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    items = data if isinstance(data, list) else [data]
-    if not items:
-        raise BadCallback("empty array: no replies in the callback")
-    if len(items) > MAX_ITEMS:
-        raise BadCallback(f"too many replies in one callback ({len(items)}, at most {MAX_ITEMS})")
+    items, is_array = json_objects(body, max_items=MAX_ITEMS, noun="replies", error=BadCallback)
     messages: list[Inbound] = []
     for index, item in enumerate(items):
-        prefix: tuple[int | str, ...] = (index,) if isinstance(data, list) else ()
-        if not isinstance(item, dict):
-            raise BadCallback(f"{_where(prefix) or 'body'}: expected a JSON object, got {type(item).__name__}")
+        prefix: tuple[int | str, ...] = (index,) if is_array else ()
         for name in ("text", "sign", "extend"):
             if isinstance(item.get(name), str):
                 item[name] = clean(item[name])
