@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from bot.delivery_reports import ReportOutcome, StatusReport, apply_reports
 from bot.service import Inbound, InboundResult, Policy
 
 log = logging.getLogger("smsbot.writer")
@@ -234,6 +236,11 @@ class _Child:
                     job = _Job(self._ping, None, None)
                     batch.append(job)
                     remote.append((message[1], kind, job))
+                elif kind == "reports":
+                    _, job_id, reports = message
+                    job = _Job(functools.partial(_apply_reports_now, reports), None, None)
+                    batch.append(job)
+                    remote.append((job_id, kind, job))
                 elif kind == "stop" and stopping_at is None:
                     stopping_at = time.monotonic()
                     self._stop_async()
@@ -286,6 +293,10 @@ class _Child:
 
 
 # ====================================================================== the HTTP side
+
+
+def _apply_reports_now(reports: list[StatusReport], conn: Connection) -> ReportOutcome:
+    return apply_reports(conn, reports, now=datetime.now(UTC))
 
 
 def _wait_for_eof(conn: PipeEnd, timeout: float) -> bool:
@@ -500,6 +511,11 @@ class ProcessWriter:
         """Commit ``inbound`` in the writer process; results carry no decision (it stayed there)."""
         answers: list[tuple[int | None, bool, int]] = await self._submit("batch", inbound)
         return [InboundResult(message_id, duplicate, queued) for message_id, duplicate, queued in answers]
+
+    async def apply_reports(self, reports: list[StatusReport]) -> ReportOutcome:
+        """Apply Tencent's delivery reports in the writer process."""
+        outcome: ReportOutcome = await self._submit("reports", reports)
+        return outcome
 
     async def ping(self, timeout: float = 5.0) -> None:
         """A ``SELECT 1`` on the writer's own connection: the process is alive and the database answers."""

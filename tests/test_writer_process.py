@@ -167,6 +167,22 @@ def test_conversation_end_to_end(serve: Server) -> None:
     assert inbound[1]["state_before"] == inbound[0]["state_after"]
 
 
+def test_delivery_reports_are_applied_by_the_writer_process(serve: Server) -> None:
+    serve.say("hi")
+    serve.wait_settled()
+    [reply] = rows(serve.engine, messages, messages.c.direction == "out")
+    report = {
+        "user_receive_time": "2026-01-05 10:00:07",
+        "report_status": "SUCCESS",
+        "errmsg": "DELIVRD",
+        "sid": reply["provider_serial"],
+    }
+    response = httpx.post(f"{serve.base}/sms/status", json=[report, {**report, "sid": "5000:unknown"}], timeout=10)
+    assert response.status_code == 200, response.text
+    [after] = rows(serve.engine, messages, messages.c.id == reply["id"])
+    assert after["status"] == "delivered"
+
+
 def test_array_is_all_or_nothing_and_does_not_fail_others(serve: Server) -> None:
     """A database failure on one item of an array stores none of it; requests batched with it are stored."""
     with serve.engine.begin() as conn:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Connection, Engine, text
 
 from bot.config import Settings
+from bot.delivery_reports import BadReport, StatusReport, apply_reports, parse_status_callback
 from bot.live_rules import LiveRules
 from bot.outbox import ConsoleSender, Deliverer, SmsSender
 from bot.service import Inbound, InboundResult, Policy, handle_batch
@@ -79,6 +80,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 _REPLY_SCHEMA = ReplyCallback.model_json_schema()
+_REPORT_SCHEMA = StatusReport.model_json_schema()
+_TOKEN_PARAMETER = {
+    "name": "token",
+    "in": "query",
+    "required": False,
+    "description": "the configured callback token (required when SMSBOT_CALLBACK_TOKEN is set)",
+    "schema": {"type": "string"},
+}
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
@@ -192,15 +201,7 @@ def create_app(
             "processed all or nothing). Answered with result 0 only after everything it caused is committed."
         ),
         openapi_extra={
-            "parameters": [
-                {
-                    "name": "token",
-                    "in": "query",
-                    "required": False,
-                    "description": "the configured callback token (required when SMSBOT_CALLBACK_TOKEN is set)",
-                    "schema": {"type": "string"},
-                }
-            ],
+            "parameters": [_TOKEN_PARAMETER],
             "requestBody": {
                 "required": True,
                 "content": {
@@ -212,16 +213,9 @@ def create_app(
         },
     )
     async def sms_callback(request: Request) -> JSONResponse:
-        # The token is read by hand rather than declared as a Query parameter: this route is
-        # the hot path, and FastAPI's parameter machinery costs more than the rest of it.
-        if expected_token is not None:
-            token = request.query_params.get("token") or ""
-            if not hmac.compare_digest(token.encode(), expected_token):
-                return _answer(401, RESULT_UNAUTHORIZED, "missing or wrong token")
-        try:
-            body = await _read_limited(request, settings.max_body_bytes)
-        except OverflowError:
-            return _answer(413, RESULT_TOO_LARGE, f"body larger than {settings.max_body_bytes} bytes")
+        body = await _checked_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         try:
             inbound = parse_reply_callback(body, now=clock())
         except BadCallback as exc:
@@ -239,6 +233,63 @@ def create_app(
                 log.warning(
                     "no rules answer signature %r (and no default file): messages stored, no reply", message.sign
                 )
+        return JSONResponse({"result": 0, "errmsg": "OK"})
+
+    async def _checked_body(request: Request) -> bytes | JSONResponse:
+        """The body of a Tencent callback, or the answer refusing it (wrong token, too large)."""
+        # The token is read by hand rather than declared as a Query parameter: this is the
+        # hot path, and FastAPI's parameter machinery costs more than the rest of it.
+        if expected_token is not None:
+            token = request.query_params.get("token") or ""
+            if not hmac.compare_digest(token.encode(), expected_token):
+                return _answer(401, RESULT_UNAUTHORIZED, "missing or wrong token")
+        try:
+            return await _read_limited(request, settings.max_body_bytes)
+        except OverflowError:
+            return _answer(413, RESULT_TOO_LARGE, f"body larger than {settings.max_body_bytes} bytes")
+
+    @app.post(
+        "/sms/status",
+        response_model=CallbackAnswer,
+        responses=_ERRORS,
+        summary="Tencent Cloud 'SMS delivery status' callback",
+        description=(
+            "A JSON array of at most 100 delivery reports. Each marks the reply with that SerialNo (sid), "
+            "or our SessionContext (ext), delivered or failed. Reports for unknown sends are logged, not refused."
+        ),
+        openapi_extra={
+            "parameters": [_TOKEN_PARAMETER],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "anyOf": [_REPORT_SCHEMA, {"type": "array", "items": _REPORT_SCHEMA, "maxItems": 100}]
+                        }
+                    }
+                },
+            },
+        },
+    )
+    async def sms_status(request: Request) -> JSONResponse:
+        body = await _checked_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            reports = parse_status_callback(body)
+        except BadReport as exc:
+            return _answer(400, RESULT_BAD_REQUEST, str(exc))
+        try:
+            if process_writer is not None:
+                outcome = await process_writer.apply_reports(reports)
+            else:
+                now = clock()
+                outcome = await writer.run(lambda conn: apply_reports(conn, reports, now=now))
+        except Exception as exc:
+            log.error("delivery reports not stored: %s", exc)
+            return _answer(503, RESULT_UNAVAILABLE, "database unavailable, nothing stored; retry later")
+        if outcome.unknown:
+            log.info("%d delivery report(s) for sends we do not know: %s", len(outcome.unknown), outcome.unknown[:5])
         return JSONResponse({"result": 0, "errmsg": "OK"})
 
     @app.get("/healthz", summary="The process is up")
