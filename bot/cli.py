@@ -218,6 +218,7 @@ def serve(
     import uvicorn
 
     from bot.live_rules import LiveRules, RulesInvalid
+    from bot.sending import make_sender
     from bot.store.db import SchemaOutOfDate, check_schema, make_engine
     from bot.web.app import create_app
 
@@ -231,6 +232,11 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
+    try:
+        sender = make_sender(settings)
+    except ConfigError as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = make_engine(settings.database_url)
     try:
@@ -244,7 +250,7 @@ def serve(
     except RulesInvalid as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(1) from exc
-    application = create_app(settings, engine=engine, rules=rules, writer_mode=settings.writer)
+    application = create_app(settings, engine=engine, rules=rules, sender=sender, writer_mode=settings.writer)
     if settings.writer == "process":
         engine.dispose()  # the writer process opens its own; this one only checked the schema
     typer.echo(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bot.rules.schema import Duration
@@ -26,7 +26,7 @@ from bot.rules.schema import Duration
 CONFIG_ENV = "SMSBOT_CONFIG"
 DEFAULT_CONFIG_NAME = "config.yaml"
 _PATH_SETTINGS = ("rules_dir",)
-SECRET_SETTINGS = ("callback_token",)
+SECRET_SETTINGS = ("callback_token", "tencent_secret_id", "tencent_secret_key")
 
 
 class ConfigError(Exception):
@@ -51,7 +51,29 @@ class Settings(BaseSettings):
     callback_token: SecretStr | None = Field(
         default=None, description="when set, Tencent's callbacks must carry ?token=<it>; set it in the environment"
     )
-    sender: Literal["console"] = Field(default="console", description="how replies are sent: console")
+    sender: Literal["console", "tencent"] = Field(
+        default="console", description="how replies are sent: console (printed) or tencent (SendSms)"
+    )
+    tencent_endpoint: str = Field(
+        default="sms.tencentcloudapi.com", description="Tencent SMS API host, or host:port for a local fake"
+    )
+    tencent_scheme: Literal["https", "http"] = Field(default="https", description="http only for local fakes")
+    tencent_region: str = Field(default="ap-guangzhou", description="e.g. ap-guangzhou; ap-singapore internationally")
+    tencent_sdk_app_id: str | None = Field(default=None, description="the SmsSdkAppId, e.g. 1400006666")
+    tencent_timeout: int = Field(default=5, ge=1, le=60, description="seconds to wait for Tencent's answer")
+    tencent_sign_names: dict[str, str] = Field(
+        default_factory=dict, description="per-signature SignName override: callback sign -> approved SignName"
+    )
+    tencent_secret_id: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TENCENTCLOUD_SECRET_ID", "tencent_secret_id"),
+        description="environment only: TENCENTCLOUD_SECRET_ID (the SDK's own name)",
+    )
+    tencent_secret_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TENCENTCLOUD_SECRET_KEY", "tencent_secret_key"),
+        description="environment only: TENCENTCLOUD_SECRET_KEY (the SDK's own name)",
+    )
     writer: Literal["thread", "process"] = Field(
         default="process",
         description="where smsbot serve commits callbacks and delivers replies: 'process' (a writer process "

@@ -137,7 +137,9 @@ def make_app(clock: FakeClock, rules_dir: Path) -> Iterator[Callable[..., Harnes
     finally:
         errors: list[BaseException] = []
         for h in reversed(started):
-            h.sender.gate.set()
+            gate = getattr(h.sender, "gate", None)
+            if gate is not None:
+                gate.set()
             try:
                 stop_app(h.client, h.app)
             except BaseException as exc:  # stop the others anyway

@@ -53,6 +53,10 @@ class TencentSender:
             credential.Credential(config.secret_id, config.secret_key), config.region, profile
         )
 
+    def __reduce__(self) -> tuple[type[TencentSender], tuple[TencentConfig]]:
+        """Pickled as its config (the SDK client holds sockets): the writer process builds its own."""
+        return (TencentSender, (self.config,))
+
     def send(self, sms: OutboundSms) -> SendResult:
         request = models.SendSmsRequest()
         request.PhoneNumberSet = [e164(sms.nationcode, sms.mobile)]
