@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Protocol, TextIO
 
 from sqlalchemy import Connection
 
+from bot.retry import Final, Retry, RetryPolicy, plan
 from bot.service import mask_number
 from bot.store.driver_sql import DriverSql, chunks
 from bot.writer import DbWriter
@@ -43,6 +45,9 @@ class OutboundSms:
     template_id: str
     params: tuple[str, ...]
     text: str
+    attempts: int = 0
+    """Sends tried before this one."""
+    conversation_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,14 +87,15 @@ def worker_id() -> str:
 
 
 _DUE = (
-    "SELECT id, message_id FROM outbox WHERE next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+    "SELECT id, message_id, attempts FROM outbox WHERE next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
     " ORDER BY next_attempt_at, id LIMIT ?"
 )
 # Two steps rather than one join: the due rows come from the outbox index alone, then their
 # details by primary key; a four-table join let PostgreSQL pick hash joins over whole tables
 # whenever its statistics lagged behind a growing table.
 _DETAILS = (
-    "SELECT m.id, m.signature, m.template_id, m.params, m.text, m.rule_kind, c.nationcode, c.mobile, v.opted_out"
+    "SELECT m.id, m.signature, m.template_id, m.params, m.text, m.rule_kind, c.nationcode, c.mobile, v.opted_out,"
+    " v.id"
     " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
     " WHERE {where}"
 )
@@ -118,7 +124,7 @@ def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> lis
     due = db.rows(_DUE + (" FOR UPDATE SKIP LOCKED" if db.postgres else ""), (db.ts(now), db.ts(now), limit))
     if not due:
         return []
-    outbox_of = {int(message_id): int(outbox_id) for outbox_id, message_id in due}
+    outbox_of = {int(message_id): int(outbox_id) for outbox_id, message_id, _ in due}
     details: dict[int, Any] = {}
     for chunk in chunks(sorted(outbox_of)):
         where, params = db.in_list("m.id", chunk)
@@ -126,8 +132,8 @@ def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> lis
             details[int(row[0])] = row
     claimed: list[OutboundSms] = []
     suppressed: list[Settlement] = []
-    for outbox_id, message_id in due:
-        _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out = details[int(message_id)]
+    for outbox_id, message_id, attempts in due:
+        _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out, convo = details[int(message_id)]
         if opted_out and rule_kind != "opt_out":
             suppressed.append(Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending"))
             continue
@@ -141,6 +147,8 @@ def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> lis
                 template_id=template_id or "",
                 params=tuple(db.read_json(params) or ()),
                 text=text,
+                attempts=int(attempts or 0),
+                conversation_id=int(convo),
             )
         )
     settle(conn, suppressed, now)
@@ -167,10 +175,57 @@ def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -
         db.execute(f"DELETE FROM outbox WHERE {where}", params)
 
 
-def settlement_for(sms: OutboundSms, result: SendResult) -> Settlement:
-    if result.ok:
-        return Settlement(sms.outbox_id, sms.message_id, "sent", serial=result.serial)
-    return Settlement(sms.outbox_id, sms.message_id, "failed", code=result.code, error=result.message)
+def plan_for(
+    sms: OutboundSms, result: SendResult, *, now: datetime, policy: RetryPolicy, rng: random.Random
+) -> Final | Retry:
+    return plan(
+        ok=result.ok,
+        code=result.code,
+        message=result.message,
+        serial=result.serial,
+        attempts=sms.attempts + 1,
+        now=now,
+        policy=policy,
+        rng=rng,
+    )
+
+
+def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Retry]], now: datetime) -> None:
+    """Record what each send led to: final outcomes settle the reply, retries put it back in the outbox."""
+    db = DriverSql(conn)
+    finals = [(sms, p) for sms, p in plans if isinstance(p, Final)]
+    settle(
+        conn,
+        [Settlement(sms.outbox_id, sms.message_id, p.status, None, p.serial, p.code, p.error) for sms, p in finals],
+        now,
+    )
+    retries = [(sms, p) for sms, p in plans if isinstance(p, Retry)]
+    db.executemany(
+        "UPDATE outbox SET attempts = ?, next_attempt_at = ?, lease_until = NULL, leased_by = NULL WHERE id = ?",
+        [(p.attempts, db.ts(p.at), sms.outbox_id) for sms, p in retries],
+    )
+    db.executemany(
+        "UPDATE messages SET error_code = ?, error_message = ?, updated_at = ? WHERE id = ?",
+        [(p.code, p.error, db.ts(now), sms.message_id) for sms, p in retries],
+    )
+    for sms, p in finals:
+        if p.error_class.opted_out and sms.conversation_id:
+            _provider_opt_out(db, sms, p, now)
+        if p.error_class.alert_ops:
+            log.error("reply %s failed with %s: %s (needs ops)", sms.message_id, p.code, p.error)
+
+
+def _provider_opt_out(db: DriverSql, sms: OutboundSms, final: Final, now: datetime) -> None:
+    """Tencent says the customer unsubscribed there: stop messaging them here too, and say why."""
+    db.execute(
+        "UPDATE conversations SET opted_out = ?, opted_out_at = ?, updated_at = ? WHERE id = ?",
+        (db.bool(True), db.ts(now), db.ts(now), sms.conversation_id),
+    )
+    db.execute(
+        "INSERT INTO opt_out_events (conversation_id, event, source, message_id, raw_text, normalized_text, rule,"
+        " actor, created_at) VALUES (?, 'opt_out', 'provider', ?, NULL, NULL, NULL, ?, ?)",
+        (sms.conversation_id, sms.message_id, f"tencent:{final.code}", db.ts(now)),
+    )
 
 
 class Deliverer:
@@ -184,9 +239,13 @@ class Deliverer:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         poll_seconds: float = 1.0,
         batch: int = 100,
+        retry_policy: RetryPolicy | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.writer = writer
         self.sender = sender
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.rng = rng or random.Random()
         self.clock = clock
         self.poll_seconds = poll_seconds
         self.batch = batch
@@ -211,8 +270,11 @@ class Deliverer:
         outcomes = await asyncio.to_thread(self._send_all, claimed)
         done_at = self.clock()
 
-        settlements = [settlement_for(sms, result) for sms, result in outcomes]
-        await self.writer.run(lambda conn: settle(conn, settlements, done_at))
+        plans = [
+            (sms, plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng))
+            for sms, result in outcomes
+        ]
+        await self.writer.run(lambda conn: apply_plans(conn, plans, done_at))
         self.sent += len(outcomes)
         return len(claimed)
 

@@ -1,0 +1,93 @@
+"""What to do after a send, decided from Tencent's answer by the one error table.
+
+Pure: given the answer, how many attempts were made, the time and a random
+source for jitter, it says "done" (sent or failed for good) or "try again at".
+The outbox applies the plan; tests check every class with a frozen clock.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta, timezone
+
+from bot.tencent.errors import ErrorClass, Outcome, classify
+
+CHINA = timezone(timedelta(hours=8))
+MARKETING_OPENS = time(8, 0)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient failures."""
+
+    max_attempts: int = 6
+    base: timedelta = timedelta(seconds=5)
+    cap: timedelta = timedelta(minutes=10)
+    jitter: float = 0.2
+    """Each delay is scaled by a random factor in [1 - jitter, 1 + jitter]."""
+
+
+@dataclass(frozen=True)
+class Final:
+    status: str  # sent | failed | ambiguous
+    code: str | None
+    error: str | None
+    error_class: ErrorClass
+    serial: str | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    at: datetime
+    attempts: int
+    code: str
+    error: str
+
+
+def _next_china_day(now: datetime, at: time) -> datetime:
+    local = now.astimezone(CHINA)
+    candidate = local.replace(hour=at.hour, minute=at.minute, second=0, microsecond=0)
+    if candidate <= local:
+        candidate += timedelta(days=1)
+    return candidate
+
+
+FREQUENCY_WAITS: dict[str, timedelta] = {
+    "LimitExceeded.PhoneNumberThirtySecondLimit": timedelta(seconds=30),
+    "LimitExceeded.PhoneNumberOneHourLimit": timedelta(hours=1),
+    "LimitExceeded.DeliveryFrequencyLimit": timedelta(hours=1),
+}
+
+
+def plan(
+    *,
+    ok: bool,
+    code: str,
+    message: str,
+    serial: str | None,
+    attempts: int,
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random,
+) -> Final | Retry:
+    """The next step for a reply whose ``attempts``-th send (counting this one) answered ``code``."""
+    if ok:
+        return Final("sent", None, None, classify("Ok"), serial=serial)
+    kind = classify(code)
+    if kind.outcome is Outcome.AMBIGUOUS:
+        # Tencent may have sent it: never resend blindly; a delivery report (SessionContext) or ops settles it.
+        return Final("ambiguous", code or "NoAnswer", message or "no readable answer from Tencent", kind)
+    if kind.outcome is Outcome.FREQUENCY:
+        if code == "FailedOperation.MarketingSendTimeConstraint":
+            return Retry(_next_china_day(now, MARKETING_OPENS), attempts, code, message)
+        wait = FREQUENCY_WAITS.get(code)
+        at = now + wait if wait is not None else _next_china_day(now, time(0, 5))  # daily limits reset at midnight
+        return Retry(at, attempts, code, message)
+    if kind.outcome is Outcome.TRANSIENT and attempts < policy.max_attempts:
+        delay = min(policy.cap, policy.base * (2 ** (attempts - 1)))
+        factor = 1 + rng.uniform(-policy.jitter, policy.jitter)
+        return Retry(now + delay * factor, attempts, code, message)
+    if kind.outcome is Outcome.TRANSIENT:
+        return Final("failed", code, f"{message} (gave up after {attempts} attempts)", kind)
+    return Final("failed", code, message, kind)

@@ -1,0 +1,206 @@
+"""What happens after each kind of Tencent answer: the plan (pure) and the rows it leaves (SQLite and Postgres)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import SecretStr
+
+from bot.config import Settings
+from bot.retry import CHINA, Final, Retry, RetryPolicy, plan
+from bot.sending import make_sender
+from bot.store.models import conversations, opt_out_events, outbox
+from tests.fakes.tencent_sms import FakeTencentSms
+from tests.support import Harness, wait_until
+
+NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)  # 10:00 China time
+POLICY = RetryPolicy()
+
+
+def planned(code: str, *, attempts: int = 1, now: datetime = NOW, ok: bool = False, seed: int = 1) -> Final | Retry:
+    return plan(
+        ok=ok, code=code, message="msg", serial="5000:1" if ok else None,
+        attempts=attempts, now=now, policy=POLICY, rng=random.Random(seed),
+    )  # fmt: skip
+
+
+def jittered(seconds: float, seed: int = 1) -> timedelta:
+    return timedelta(seconds=seconds) * (1 + random.Random(seed).uniform(-POLICY.jitter, POLICY.jitter))
+
+
+def test_sent() -> None:
+    assert planned("Ok", ok=True) == Final("sent", None, None, planned("Ok", ok=True).error_class, serial="5000:1")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("attempts", "base_seconds"), [(1, 5), (2, 10), (3, 20), (5, 80)])
+def test_transient_errors_back_off_exponentially_with_jitter(attempts: int, base_seconds: int) -> None:
+    result = planned("InternalError.Timeout", attempts=attempts)
+    assert result == Retry(NOW + jittered(base_seconds), attempts, "InternalError.Timeout", "msg")
+
+
+def test_backoff_is_capped() -> None:
+    policy = RetryPolicy(max_attempts=20)
+    result = plan(ok=False, code="ServerNetworkError", message="", serial=None, attempts=15, now=NOW,
+                  policy=policy, rng=random.Random(1))  # fmt: skip
+    assert isinstance(result, Retry)
+    assert result.at - NOW <= policy.cap * (1 + policy.jitter)
+
+
+def test_transient_errors_give_up_after_the_last_attempt() -> None:
+    result = planned("InternalError.Timeout", attempts=POLICY.max_attempts)
+    assert isinstance(result, Final)
+    assert (result.status, result.code) == ("failed", "InternalError.Timeout")
+    assert "gave up after 6 attempts" in (result.error or "")
+
+
+@pytest.mark.parametrize(
+    ("code", "wait"),
+    [
+        ("LimitExceeded.PhoneNumberThirtySecondLimit", timedelta(seconds=30)),
+        ("LimitExceeded.PhoneNumberOneHourLimit", timedelta(hours=1)),
+    ],
+)
+def test_frequency_limits_wait_out_their_window(code: str, wait: timedelta) -> None:
+    assert planned(code) == Retry(NOW + wait, 1, code, "msg")
+
+
+def test_daily_limits_wait_for_the_next_china_day() -> None:
+    result = planned("LimitExceeded.PhoneNumberDailyLimit")
+    assert isinstance(result, Retry)
+    assert result.at.astimezone(CHINA) == datetime(2026, 1, 6, 0, 5, tzinfo=CHINA)
+
+
+@pytest.mark.parametrize(
+    ("china_now", "opens"),
+    [
+        (datetime(2026, 1, 5, 23, 0, tzinfo=CHINA), datetime(2026, 1, 6, 8, 0, tzinfo=CHINA)),
+        (datetime(2026, 1, 5, 6, 30, tzinfo=CHINA), datetime(2026, 1, 5, 8, 0, tzinfo=CHINA)),
+    ],
+)
+def test_marketing_time_constraint_waits_for_08_00_china(china_now: datetime, opens: datetime) -> None:
+    result = planned("FailedOperation.MarketingSendTimeConstraint", now=china_now.astimezone(UTC))
+    assert isinstance(result, Retry)
+    assert result.at == opens
+
+
+def test_permanent_errors_fail_at_once() -> None:
+    result = planned("FailedOperation.TemplateIncorrectOrUnapproved", attempts=1)
+    assert isinstance(result, Final)
+    assert (result.status, result.error_class.alert_ops) == ("failed", True)
+
+
+def test_blacklisted_number_fails_and_means_opted_out() -> None:
+    result = planned("FailedOperation.PhoneNumberInBlacklist")
+    assert isinstance(result, Final)
+    assert (result.status, result.error_class.opted_out) == ("failed", True)
+
+
+def test_no_answer_is_ambiguous_never_retried() -> None:
+    result = planned("ClientNetworkError")
+    assert isinstance(result, Final)
+    assert result.status == "ambiguous"
+
+
+# ---------------------------------------------------------------- through the outbox, against the fake
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeTencentSms]:
+    templates = {"1490001": "Reply 1 for order status, 2 for opening hours. Reply TD to opt out."}
+    with FakeTencentSms(secret_id="AKIDr", secret_key="k", templates=templates, signatures={"Acme Shop"}) as server:
+        yield server
+
+
+@pytest.fixture
+def tencent(make_app: Callable[..., Harness], db_url: str, fake: FakeTencentSms) -> Harness:
+    settings = Settings(
+        sender="tencent",
+        tencent_endpoint=fake.endpoint,
+        tencent_scheme="http",
+        tencent_sdk_app_id=fake.app_id,
+        tencent_secret_id=SecretStr("AKIDr"),
+        tencent_secret_key=SecretStr("k"),
+        tencent_timeout=1,
+    )
+    return make_app(db_url, settings=settings, sender=make_sender(settings))
+
+
+def attempted(h: Harness) -> None:
+    """Wait until the first send attempt has been recorded (error code set, or the outbox row gone)."""
+    wait_until(
+        lambda: h.count(outbox) == 0 or any(r["error_code"] for r in h.outbound()),
+        timeout=10,
+        what="the first send attempt to be recorded",
+    )
+
+
+def test_transient_error_leaves_the_reply_queued_for_a_backed_off_retry(tencent: Harness, fake: FakeTencentSms) -> None:
+    fake.fail_requests("InternalError.Timeout")
+    h = tencent
+    h.say("hi")
+    attempted(h)
+    [reply] = h.outbound()
+    [row] = h.rows(outbox)
+    assert (reply["status"], reply["error_code"]) == ("queued", "InternalError.Timeout")
+    assert row["attempts"] == 1
+    assert h.clock.now + timedelta(seconds=4) <= row["next_attempt_at"] <= h.clock.now + timedelta(seconds=6)
+    assert fake.sends == []
+    h.clock.advance(timedelta(seconds=7))  # past the backoff: the next round sends it
+    [reply] = h.wait_settled()
+    assert reply["status"] == "sent"
+    assert len(fake.sends) == 1
+
+
+def test_frequency_limit_defers_the_reply_by_its_window(tencent: Harness, fake: FakeTencentSms) -> None:
+    fake.fail_number("+8613800000000", "LimitExceeded.PhoneNumberThirtySecondLimit")
+    h = tencent
+    h.say("hi")
+    attempted(h)
+    [row] = h.rows(outbox)
+    assert row["next_attempt_at"] == h.clock.now + timedelta(seconds=30)
+    assert h.outbound()[0]["status"] == "queued"
+
+
+def test_blacklisted_number_fails_the_reply_and_opts_the_number_out(tencent: Harness, fake: FakeTencentSms) -> None:
+    fake.fail_number("+8613800000000", "FailedOperation.PhoneNumberInBlacklist")
+    h = tencent
+    h.say("hi")
+    [reply] = h.wait_settled()
+    assert (reply["status"], reply["error_code"]) == ("failed", "FailedOperation.PhoneNumberInBlacklist")
+    [convo] = h.rows(conversations)
+    assert convo["opted_out"]
+    [event] = h.rows(opt_out_events)
+    assert (event["event"], event["source"], event["message_id"]) == ("opt_out", "provider", reply["id"])
+    h.say("MENU")  # and the bot now stays silent
+    assert [r["status"] for r in h.wait_settled()] == ["failed"]
+
+
+def test_permanent_error_fails_at_once_with_tencents_code(tencent: Harness, fake: FakeTencentSms) -> None:
+    fake.fail_requests("FailedOperation.TemplateIncorrectOrUnapproved")
+    h = tencent
+    h.say("hi")
+    [reply] = h.wait_settled()
+    assert (reply["status"], reply["error_code"]) == ("failed", "FailedOperation.TemplateIncorrectOrUnapproved")
+
+
+@pytest.mark.slow
+def test_no_answer_after_tencent_accepted_is_marked_ambiguous_not_resent(
+    tencent: Harness, fake: FakeTencentSms
+) -> None:
+    fake.slow(2.5)  # accepted and recorded, the answer comes after our 1 s timeout
+    h = tencent
+    h.say("hi")
+    [reply] = h.wait_settled(timeout=10)
+    assert (reply["status"], reply["error_code"]) == ("ambiguous", "ClientNetworkError")
+    h.clock.advance(timedelta(hours=1))
+    assert h.count(outbox) == 0
+    assert len(fake.sends) == 1  # sent once, never again
