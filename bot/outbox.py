@@ -23,7 +23,7 @@ from typing import Any, Protocol, TextIO
 
 from sqlalchemy import Connection
 
-from bot.retry import Final, Retry, RetryPolicy, plan
+from bot.retry import Final, Retry, RetryPolicy, marketing_hours, next_marketing_opening, plan
 from bot.service import mask_number
 from bot.store.driver_sql import DriverSql, chunks
 from bot.writer import DbWriter
@@ -95,7 +95,7 @@ _DUE = (
 # whenever its statistics lagged behind a growing table.
 _DETAILS = (
     "SELECT m.id, m.signature, m.template_id, m.params, m.text, m.rule_kind, c.nationcode, c.mobile, v.opted_out,"
-    " v.id"
+    " v.id, m.marketing"
     " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
     " WHERE {where}"
 )
@@ -132,10 +132,15 @@ def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> lis
             details[int(row[0])] = row
     claimed: list[OutboundSms] = []
     suppressed: list[Settlement] = []
+    held: list[int] = []
     for outbox_id, message_id, attempts in due:
-        _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out, convo = details[int(message_id)]
+        row = details[int(message_id)]
+        _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out, convo, marketing = row
         if opted_out and rule_kind != "opt_out":
             suppressed.append(Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending"))
+            continue
+        if marketing and not marketing_hours(now):
+            held.append(int(outbox_id))
             continue
         claimed.append(
             OutboundSms(
@@ -152,6 +157,11 @@ def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> lis
             )
         )
     settle(conn, suppressed, now)
+    if held:  # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
+        opens = next_marketing_opening(now)
+        for chunk in chunks(held):
+            where, params = db.in_list("id", chunk)
+            db.execute(f"UPDATE outbox SET next_attempt_at = ? WHERE {where}", [db.ts(opens), *params])
     for chunk in chunks([sms.outbox_id for sms in claimed]):
         where, params = db.in_list("id", chunk)
         db.execute(

@@ -53,6 +53,18 @@ def _next_china_day(now: datetime, at: time) -> datetime:
     return candidate
 
 
+MARKETING_CLOSES = time(22, 0)
+
+
+def marketing_hours(now: datetime) -> bool:
+    """Whether marketing SMS may be sent now: 08:00-22:00 China time."""
+    return MARKETING_OPENS <= now.astimezone(CHINA).time() < MARKETING_CLOSES
+
+
+def next_marketing_opening(now: datetime) -> datetime:
+    return _next_china_day(now, MARKETING_OPENS)
+
+
 FREQUENCY_WAITS: dict[str, timedelta] = {
     "LimitExceeded.PhoneNumberThirtySecondLimit": timedelta(seconds=30),
     "LimitExceeded.PhoneNumberOneHourLimit": timedelta(hours=1),

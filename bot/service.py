@@ -336,9 +336,9 @@ def _reply_status(
 _MESSAGE_COLUMNS = (
     "id, direction, dedupe_key, conversation_id, contact_id, signature, text, normalized_text, provider_time,"
     " in_reply_to_id, rule, rule_kind, unmatched, state_before, state_after, template_name, template_id, params,"
-    " segments, status, status_reason, error_message, created_at, updated_at"
+    " segments, status, status_reason, error_message, marketing, created_at, updated_at"
 )
-_INSERT_MESSAGE = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({', '.join('?' * 24)})"
+_INSERT_MESSAGE = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({', '.join('?' * 25)})"
 _INSERT_OPT_EVENT = (
     "INSERT INTO opt_out_events (conversation_id, event, source, message_id, raw_text, normalized_text, rule,"
     " actor, created_at) VALUES (?, ?, 'keyword', ?, ?, ?, ?, NULL, ?)"
@@ -374,6 +374,7 @@ def _inbound_row(db: DriverSql, p: _Pending, message_id: int, key: str, now: dat
         "received" if d else "ignored",
         None if d else "no rules for this signature",
         "; ".join(d.errors) if d and d.errors else None,
+        db.bool(False),
         db.ts(now),
         db.ts(now),
     )
@@ -414,6 +415,7 @@ def _outbound_row(
         status,
         reason,
         None,
+        db.bool(reply.marketing),
         db.ts(now),
         db.ts(now),
     )

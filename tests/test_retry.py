@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -14,7 +15,7 @@ from bot.retry import CHINA, Final, Retry, RetryPolicy, plan
 from bot.sending import make_sender
 from bot.store.models import conversations, opt_out_events, outbox
 from tests.fakes.tencent_sms import FakeTencentSms
-from tests.support import Harness, wait_until
+from tests.support import FakeClock, Harness, wait_until
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)  # 10:00 China time
 POLICY = RetryPolicy()
@@ -204,3 +205,43 @@ def test_no_answer_after_tencent_accepted_is_marked_ambiguous_not_resent(
     h.clock.advance(timedelta(hours=1))
     assert h.count(outbox) == 0
     assert len(fake.sends) == 1  # sent once, never again
+
+
+# ---------------------------------------------------------------- marketing hours
+
+
+@pytest.mark.parametrize(
+    ("china", "allowed"),
+    [((7, 59), False), ((8, 0), True), ((21, 59), True), ((22, 0), False), ((23, 30), False)],
+)
+def test_marketing_hours_are_08_to_22_china_time(china: tuple[int, int], allowed: bool) -> None:
+    from bot.retry import marketing_hours
+
+    assert marketing_hours(datetime(2026, 1, 5, *china, tzinfo=CHINA)) is allowed
+
+
+def test_marketing_reply_waits_for_08_00_china_time_then_goes(
+    make_app: Callable[..., Harness], db_url: str, rules_dir: Path
+) -> None:
+    shop = rules_dir / "acme-shop.yaml"
+    text = shop.read_text(encoding="utf-8")
+    marked = text.replace('menu:     {id: "1490001",', 'menu:     {marketing: true, id: "1490001",')
+    assert marked != text
+    shop.write_text(marked, encoding="utf-8")
+    late = FakeClock(datetime(2026, 1, 5, 23, 0, tzinfo=CHINA).astimezone(UTC))
+    h = make_app(db_url, app_clock=late)
+    h.say("hi")  # the menu template is a marketing template now
+    wait_until(
+        lambda: any(r["next_attempt_at"] > late.now for r in h.rows(outbox)),
+        timeout=10,
+        what="the marketing reply to be held",
+    )
+    [reply] = h.outbound()
+    assert (reply["status"], reply["marketing"]) == ("queued", True)
+    [row] = h.rows(outbox)
+    assert row["next_attempt_at"] == datetime(2026, 1, 6, 8, 0, tzinfo=CHINA)
+    assert h.sender.sent == []
+    late.advance(timedelta(hours=9, minutes=1))  # 08:01 the next morning
+    [reply] = h.wait_settled()
+    assert reply["status"] == "sent"
+    assert len(h.sender.sent) == 1

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -163,6 +164,8 @@ class Message(Base):
     provider_serial: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
+    marketing: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """For outbound: sent with a marketing template, so only 08:00-22:00 China time."""
     delivered_at: Mapped[datetime | None]
     """For outbound: when the handset received it, from Tencent's delivery report."""
     created_at: Mapped[datetime]
