@@ -46,6 +46,13 @@ def _no_smsbot_settings_from_the_shell() -> Iterator[None]:
 # ---------------------------------------------------------------- databases
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests talk to loopback only; a proxy from the shell would swallow the SDK's requests to the fake."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "postgres" and not PG_URL:

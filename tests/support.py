@@ -266,3 +266,17 @@ def reset_postgres_schema(url: str, schema: str, *, create: bool = True) -> None
                 conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     finally:
         admin.dispose()
+
+
+def delivery_report(sid: str, status: str = "SUCCESS", **extra: Any) -> dict[str, Any]:
+    """One item of Tencent's delivery-status callback, as Tencent writes it."""
+    return {
+        "user_receive_time": "2026-01-05 10:00:07",
+        "nationcode": "86",
+        "mobile": "13800000000",
+        "report_status": status,
+        "errmsg": "DELIVRD" if status == "SUCCESS" else "MK:0001",
+        "description": "用户短信接收成功" if status == "SUCCESS" else "空号",
+        "sid": sid,
+        **extra,
+    }

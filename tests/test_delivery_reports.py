@@ -13,22 +13,9 @@ from bot.rules.loader import load_rules
 from bot.service import Inbound, handle_batch
 from bot.store.db import WRITE_OPTIONS
 from bot.store.models import messages
-from tests.support import REPO
+from tests.support import REPO, delivery_report
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
-
-
-def report(sid: str, status: str = "SUCCESS", **extra: object) -> dict[str, object]:
-    return {
-        "user_receive_time": "2026-01-05 10:00:07",
-        "nationcode": "86",
-        "mobile": "13800000000",
-        "report_status": status,
-        "errmsg": "DELIVRD" if status == "SUCCESS" else "MK:0001",
-        "description": "用户短信接收成功" if status == "SUCCESS" else "空号",
-        "sid": sid,
-        **extra,
-    }
 
 
 def one_reply(engine: Engine, serial: str | None) -> int:
@@ -57,7 +44,7 @@ def apply(engine: Engine, body: object) -> tuple[int, list[str]]:
 
 def test_success_report_marks_the_reply_delivered_with_the_handset_time(engine: Engine) -> None:
     out_id = one_reply(engine, "5000:1045710669157053657849499619")
-    assert apply(engine, [report("5000:1045710669157053657849499619")]) == (1, [])
+    assert apply(engine, [delivery_report("5000:1045710669157053657849499619")]) == (1, [])
     row = reply_row(engine, out_id)
     assert row["status"] == "delivered"
     assert row["delivered_at"] == datetime(2026, 1, 5, 2, 0, 7, tzinfo=UTC)  # 10:00:07 China time
@@ -65,21 +52,21 @@ def test_success_report_marks_the_reply_delivered_with_the_handset_time(engine: 
 
 def test_fail_report_marks_it_failed_with_tencents_code_and_text(engine: Engine) -> None:
     out_id = one_reply(engine, "5000:1")
-    assert apply(engine, [report("5000:1", "FAIL")]) == (1, [])
+    assert apply(engine, [delivery_report("5000:1", "FAIL")]) == (1, [])
     row = reply_row(engine, out_id)
     assert (row["status"], row["error_code"], row["error_message"]) == ("failed", "MK:0001", "空号")
 
 
 def test_report_matched_by_session_context_when_the_serial_is_unknown(engine: Engine) -> None:
     out_id = one_reply(engine, None)
-    assert apply(engine, [report("5000:77", ext=str(out_id))]) == (1, [])
+    assert apply(engine, [delivery_report("5000:77", ext=str(out_id))]) == (1, [])
     row = reply_row(engine, out_id)
     assert (row["status"], row["provider_serial"]) == ("delivered", "5000:77")
 
 
 def test_unknown_sids_are_reported_not_refused(engine: Engine) -> None:
     out_id = one_reply(engine, "5000:1")
-    assert apply(engine, [report("5000:nope"), report("5000:1")]) == (1, ["5000:nope"])
+    assert apply(engine, [delivery_report("5000:nope"), delivery_report("5000:1")]) == (1, ["5000:nope"])
     assert reply_row(engine, out_id)["status"] == "delivered"
 
 
@@ -89,10 +76,10 @@ def test_unknown_sids_are_reported_not_refused(engine: Engine) -> None:
         (b"not json", "not JSON"),
         (b"\xff\xfe", "UTF-8"),
         (b"[]", "empty"),
-        (json.dumps([report(f"s{i}") for i in range(101)]).encode(), "at most 100"),
+        (json.dumps([delivery_report(f"s{i}") for i in range(101)]).encode(), "at most 100"),
         (json.dumps([{"report_status": "SUCCESS"}]).encode(), "field '[0].sid'"),
-        (json.dumps([report("s", "MAYBE")]).encode(), "field '[0].report_status'"),
-        (json.dumps([report("s", user_receive_time="yesterday")]).encode(), "user_receive_time"),
+        (json.dumps([delivery_report("s", "MAYBE")]).encode(), "field '[0].report_status'"),
+        (json.dumps([delivery_report("s", user_receive_time="yesterday")]).encode(), "user_receive_time"),
         (json.dumps([1]).encode(), "[0]: expected a JSON object"),
     ],
 )
@@ -103,5 +90,5 @@ def test_bad_bodies_are_refused_naming_the_problem(body: bytes, words: str) -> N
 
 
 def test_a_single_object_is_accepted_too() -> None:
-    [parsed] = parse_status_callback(json.dumps(report("5000:9")).encode())
+    [parsed] = parse_status_callback(json.dumps(delivery_report("5000:9")).encode())
     assert (parsed.sid, parsed.report_status) == ("5000:9", "SUCCESS")

@@ -108,12 +108,6 @@ def test_no_answer_is_ambiguous_never_retried() -> None:
 # ---------------------------------------------------------------- through the outbox, against the fake
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeTencentSms]:
     templates = {"1490001": "Reply 1 for order status, 2 for opening hours. Reply TD to opt out."}

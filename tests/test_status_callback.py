@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from pydantic import SecretStr
 
 from bot.config import Settings
 from bot.store.models import messages
-from tests.support import Harness
-
-
-def report(sid: str, status: str = "SUCCESS", **extra: Any) -> dict[str, Any]:
-    return {
-        "user_receive_time": "2026-01-05 10:00:07",
-        "nationcode": "86",
-        "mobile": "13800000000",
-        "report_status": status,
-        "errmsg": "DELIVRD" if status == "SUCCESS" else "MK:0001",
-        "description": "ok" if status == "SUCCESS" else "空号",
-        "sid": sid,
-        **extra,
-    }
+from tests.support import Harness, delivery_report
 
 
 def test_a_delivery_report_marks_the_sent_reply_delivered(harness: Harness) -> None:
@@ -30,7 +16,7 @@ def test_a_delivery_report_marks_the_sent_reply_delivered(harness: Harness) -> N
     h.say("hi")
     [reply] = h.wait_settled()
     assert reply["status"] == "sent"
-    response = h.client.post("/sms/status", json=[report(reply["provider_serial"])])
+    response = h.client.post("/sms/status", json=[delivery_report(reply["provider_serial"])])
     assert response.status_code == 200, response.text
     assert response.json() == {"result": 0, "errmsg": "OK"}
     [after] = h.rows(messages, messages.c.id == reply["id"])
@@ -42,7 +28,7 @@ def test_a_failed_report_and_an_unknown_sid_in_one_callback(harness: Harness) ->
     h = harness
     h.say("hi")
     [reply] = h.wait_settled()
-    body = [report(reply["provider_serial"], "FAIL"), report("5000:never-sent")]
+    body = [delivery_report(reply["provider_serial"], "FAIL"), delivery_report("5000:never-sent")]
     response = h.client.post("/sms/status", json=body)
     assert response.status_code == 200, response.text  # unknown sids are logged, not refused
     [after] = h.rows(messages, messages.c.id == reply["id"])
@@ -53,7 +39,7 @@ def test_bad_report_bodies_get_400_naming_the_field_and_change_nothing(harness: 
     h = harness
     h.say("hi")
     [reply] = h.wait_settled()
-    response = h.client.post("/sms/status", json=[report(reply["provider_serial"], "MAYBE")])
+    response = h.client.post("/sms/status", json=[delivery_report(reply["provider_serial"], "MAYBE")])
     assert response.status_code == 400
     assert response.json()["result"] != 0
     assert "report_status" in response.json()["errmsg"]
@@ -65,9 +51,9 @@ def test_bad_report_bodies_get_400_naming_the_field_and_change_nothing(harness: 
 
 def test_the_callback_token_protects_delivery_reports_too(make_app: Callable[..., Harness], db_url: str) -> None:
     h = make_app(db_url, settings=Settings(callback_token=SecretStr("s3cret")))
-    assert h.client.post("/sms/status", json=[report("5000:1")]).status_code == 401
-    assert h.client.post("/sms/status?token=wrong", json=[report("5000:1")]).status_code == 401
-    assert h.client.post("/sms/status?token=s3cret", json=[report("5000:1")]).status_code == 200
+    assert h.client.post("/sms/status", json=[delivery_report("5000:1")]).status_code == 401
+    assert h.client.post("/sms/status?token=wrong", json=[delivery_report("5000:1")]).status_code == 401
+    assert h.client.post("/sms/status?token=s3cret", json=[delivery_report("5000:1")]).status_code == 200
 
 
 def test_openapi_documents_the_status_route(harness: Harness) -> None:
