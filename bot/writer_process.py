@@ -105,6 +105,7 @@ def _rules_status(rules: Any) -> dict[str, Any]:
 
 class _Child:
     def __init__(self, conn: PipeEnd, config: WriterConfig) -> None:
+        from bot.inbound_store import InboundStore
         from bot.live_rules import LiveRules, RulesInvalid
         from bot.outbox import ConsoleSender, Deliverer
         from bot.store.db import make_engine
@@ -127,11 +128,11 @@ class _Child:
                 with contextlib.suppress(OSError):  # BlockingIOError: the main loop is already woken
                     os.write(wake_w, b"x")
 
-        self.writer = _Writer(self.engine, max_batch=MAX_BATCH, on_commit=self._after_commit)
+        self.inbound = InboundStore(rules=self.rules, policy=config.policy, clock=lambda: datetime.now(UTC))
+        self.writer = _Writer(self.engine, max_batch=MAX_BATCH, on_commit=self.inbound.after_commit)
         sender = config.sender if config.sender is not None else ConsoleSender()
         self.deliverer = Deliverer(self.writer, sender, poll_seconds=config.poll_seconds) if config.deliver else None
-        self.queued_since_commit = False
-        self.warned_signatures: set[str] = set()
+        self.inbound.deliverer = self.deliverer
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._astop: asyncio.Event | None = None
         self._athread = threading.Thread(target=self._async_main, name="smsbot-writer-async", daemon=True)
@@ -147,21 +148,6 @@ class _Child:
             self.send(("rules", _rules_status(self.rules)))
 
     # ---------------------------------------------------------------- batch handlers (writer main thread)
-
-    def store_inbound(self, conn: Connection, batch: list[Inbound]) -> list[InboundResult]:
-        from bot.service import handle_batch
-
-        results = handle_batch(
-            conn, ruleset=self.rules.ruleset, batch=batch, now=datetime.now(UTC), policy=self.config.policy
-        )
-        if any(r.queued for r in results):
-            self.queued_since_commit = True
-        return results
-
-    def _after_commit(self) -> None:
-        if self.queued_since_commit and self.deliverer is not None:
-            self.queued_since_commit = False
-            self.deliverer.wake()
 
     @staticmethod
     def _ping(conn: Connection) -> bool:
@@ -229,7 +215,7 @@ class _Child:
                 kind = message[0]
                 if kind == "batch":
                     _, job_id, items = message
-                    job: _Job[Any] = _Job(self._store_fn(items), None, None, handler=self.store_inbound, items=items)
+                    job: _Job[Any] = _Job(self._store_fn(items), None, None, handler=self.inbound.store, items=items)
                     batch.append(job)
                     remote.append((job_id, kind, job))
                 elif kind == "ping":
@@ -265,7 +251,7 @@ class _Child:
             self.conn.close()
 
     def _store_fn(self, items: list[Inbound]) -> Any:
-        return lambda conn: self.store_inbound(conn, items)
+        return lambda conn: self.inbound.store(conn, items)
 
     def _answer(self, remote: list[tuple[int, str, Any]]) -> None:
         answers: list[tuple[int, bool, Any]] = []
@@ -275,21 +261,13 @@ class _Child:
             elif kind == "batch":
                 results: list[InboundResult] = job.result
                 answers.append((job_id, True, [(r.message_id, r.duplicate, r.queued) for r in results]))
-                self._warn_unknown_signatures(job.items, results)
+                self.inbound.warn_unknown_signatures(job.items, results)
             else:
                 answers.append((job_id, True, job.result))
         try:
             self.send(("done", answers))
         except OSError:
             log.warning("the HTTP process is gone; %d answer(s) dropped (their rows are committed)", len(answers))
-
-    def _warn_unknown_signatures(self, items: list[Inbound], results: list[InboundResult]) -> None:
-        for message, result in zip(items, results, strict=True):
-            if result.decision is None and not result.duplicate and message.sign not in self.warned_signatures:
-                self.warned_signatures.add(message.sign)
-                log.warning(
-                    "no rules answer signature %r (and no default file): messages stored, no reply", message.sign
-                )
 
 
 # ====================================================================== the HTTP side

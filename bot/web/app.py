@@ -12,19 +12,20 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Engine, text
 
 from bot.config import Settings
 from bot.delivery_reports import BadReport, StatusReport, apply_reports, parse_status_callback
+from bot.inbound_store import InboundStore
 from bot.live_rules import LiveRules
 from bot.outbox import ConsoleSender, Deliverer, SmsSender
-from bot.service import Inbound, InboundResult, Policy, handle_batch
+from bot.service import Inbound, InboundResult, Policy
 from bot.web.callbacks import BadCallback, CallbackAnswer, ReplyCallback, parse_reply_callback
 from bot.writer import DbWriter
 from bot.writer_process import ProcessWriter, WriterConfig
@@ -48,24 +49,9 @@ class Runtime:
     deliverer: Deliverer | None
     clock: Callable[[], datetime]
     policy: Policy
-    warned_signatures: set[str] = field(default_factory=set)
+    inbound: InboundStore
     process_writer: ProcessWriter | None = None
     """Set in ``writer_mode="process"``: the writer process does the database work, delivery and rules."""
-
-    queued_since_commit: bool = False
-
-    def store_inbound(self, conn: Connection, batch: list[Inbound]) -> list[InboundResult]:
-        """The writer's batch handler for callbacks: one call may carry many requests' messages."""
-        results = handle_batch(conn, ruleset=self.rules.ruleset, batch=batch, now=self.clock(), policy=self.policy)
-        if any(r.queued for r in results):
-            self.queued_since_commit = True
-        return results
-
-    def after_commit(self) -> None:
-        """Runs on the writer thread after each commit: wake the delivery loop only for new replies."""
-        if self.queued_since_commit and self.deliverer is not None:
-            self.queued_since_commit = False
-            self.deliverer.wake()
 
 
 def _answer(status: int, result: int, errmsg: str) -> JSONResponse:
@@ -81,6 +67,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 _REPLY_SCHEMA = ReplyCallback.model_json_schema()
 _REPORT_SCHEMA = StatusReport.model_json_schema()
+
+
+def _callback_openapi(item: dict[str, Any], *, max_items: int | None = None) -> dict[str, Any]:
+    """How a Tencent callback route is documented: the token, and one item or an array of them."""
+    array: dict[str, Any] = {"type": "array", "items": item}
+    if max_items is not None:
+        array["maxItems"] = max_items
+    return {
+        "parameters": [_TOKEN_PARAMETER],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"anyOf": [item, array]}}}},
+    }
+
+
 _TOKEN_PARAMETER = {
     "name": "token",
     "in": "query",
@@ -146,6 +145,8 @@ def create_app(
     deliverer = (
         Deliverer(writer, sender or ConsoleSender(), clock=clock) if deliver and process_writer is None else None
     )
+    inbound = InboundStore(rules=rules, policy=policy, clock=clock)
+    inbound.deliverer = deliverer
     runtime = Runtime(
         settings=settings,
         engine=engine,
@@ -154,9 +155,10 @@ def create_app(
         deliverer=deliverer,
         clock=clock,
         policy=policy,
+        inbound=inbound,
         process_writer=process_writer,
     )
-    writer.on_commit = runtime.after_commit
+    writer.on_commit = inbound.after_commit
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -200,17 +202,7 @@ def create_app(
             "A customer's reply (one JSON object as Tencent documents, or an array of them, "
             "processed all or nothing). Answered with result 0 only after everything it caused is committed."
         ),
-        openapi_extra={
-            "parameters": [_TOKEN_PARAMETER],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {"anyOf": [_REPLY_SCHEMA, {"type": "array", "items": _REPLY_SCHEMA}]}
-                    }
-                },
-            },
-        },
+        openapi_extra=_callback_openapi(_REPLY_SCHEMA),
     )
     async def sms_callback(request: Request) -> JSONResponse:
         body = await _checked_body(request)
@@ -225,14 +217,8 @@ def create_app(
         except Exception as exc:
             log.error("callback not stored: %s", exc)
             return _answer(503, RESULT_UNAVAILABLE, "database unavailable, nothing stored; retry later")
-        if process_writer is not None:  # the writer process warns about unknown signatures
-            return JSONResponse({"result": 0, "errmsg": "OK"})
-        for message, result in zip(inbound, results, strict=True):
-            if result.decision is None and not result.duplicate and message.sign not in runtime.warned_signatures:
-                runtime.warned_signatures.add(message.sign)
-                log.warning(
-                    "no rules answer signature %r (and no default file): messages stored, no reply", message.sign
-                )
+        if process_writer is None:  # (the writer process warns about unknown signatures itself)
+            runtime.inbound.warn_unknown_signatures(inbound, results)
         return JSONResponse({"result": 0, "errmsg": "OK"})
 
     async def _checked_body(request: Request) -> bytes | JSONResponse:
@@ -257,19 +243,7 @@ def create_app(
             "A JSON array of at most 100 delivery reports. Each marks the reply with that SerialNo (sid), "
             "or our SessionContext (ext), delivered or failed. Reports for unknown sends are logged, not refused."
         ),
-        openapi_extra={
-            "parameters": [_TOKEN_PARAMETER],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "anyOf": [_REPORT_SCHEMA, {"type": "array", "items": _REPORT_SCHEMA, "maxItems": 100}]
-                        }
-                    }
-                },
-            },
-        },
+        openapi_extra=_callback_openapi(_REPORT_SCHEMA, max_items=100),
     )
     async def sms_status(request: Request) -> JSONResponse:
         body = await _checked_body(request)
@@ -349,4 +323,4 @@ async def _process_readyz(process_writer: ProcessWriter) -> JSONResponse:
 async def _store(runtime: Runtime, inbound: list[Inbound]) -> list[InboundResult]:
     if runtime.process_writer is not None:
         return await runtime.process_writer.store(inbound)
-    return await runtime.writer.run_batch(runtime.store_inbound, inbound)
+    return await runtime.writer.run_batch(runtime.inbound.store, inbound)

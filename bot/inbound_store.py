@@ -1,0 +1,53 @@
+"""The database writer's handler for callbacks, shared by the writer thread and the writer process.
+
+Both writer modes commit callbacks the same way: one ``handle_batch`` per
+merged batch, the delivery loop woken after a commit only when it queued
+replies (waking it after its own claims would make it spin), and one warning
+per signature that no rules answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from bot.live_rules import LiveRules
+from bot.outbox import Deliverer
+from bot.service import Inbound, InboundResult, Policy, handle_batch
+
+log = logging.getLogger("smsbot.inbound")
+
+
+class InboundStore:
+    def __init__(self, *, rules: LiveRules, policy: Policy, clock: Callable[[], datetime]) -> None:
+        self.rules = rules
+        self.policy = policy
+        self.clock = clock
+        self.deliverer: Deliverer | None = None
+        """Set once built (it needs the writer, which needs ``after_commit``)."""
+        self.queued_since_commit = False
+        self.warned_signatures: set[str] = set()
+
+    def store(self, conn: Connection, batch: list[Inbound]) -> list[InboundResult]:
+        """One call may carry many requests' messages (the writer merges them)."""
+        results = handle_batch(conn, ruleset=self.rules.ruleset, batch=batch, now=self.clock(), policy=self.policy)
+        if any(r.queued for r in results):
+            self.queued_since_commit = True
+        return results
+
+    def after_commit(self) -> None:
+        """Runs on the writer's thread after each commit: wake the delivery loop only for new replies."""
+        if self.queued_since_commit and self.deliverer is not None:
+            self.queued_since_commit = False
+            self.deliverer.wake()
+
+    def warn_unknown_signatures(self, items: list[Inbound], results: list[InboundResult]) -> None:
+        for message, result in zip(items, results, strict=True):
+            if result.decision is None and not result.duplicate and message.sign not in self.warned_signatures:
+                self.warned_signatures.add(message.sign)
+                log.warning(
+                    "no rules answer signature %r (and no default file): messages stored, no reply", message.sign
+                )
