@@ -11,7 +11,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +20,10 @@ from bot.rules.loader import LoadResult, load_rules
 from bot.rules.model import Reply
 from bot.rules.schema import RuleFile, parse_duration
 from bot.rules.simulation import Step, run_file_tests, simulate
+
+if TYPE_CHECKING:
+    from bot.tencent.sender import TencentConfig
+    from bot.tencent.templates import SyncReport
 
 app = typer.Typer(help="smsbot: a conversational SMS auto-responder for Tencent Cloud SMS.", no_args_is_help=True)
 rules_app = typer.Typer(help="Check, test and describe rule files.", no_args_is_help=True)
@@ -63,14 +67,27 @@ LimitOpt = Annotated[
 
 
 @rules_app.command("check")
-def rules_check(path: PathArg = None, param_max_length: LimitOpt = None) -> None:
+def rules_check(
+    path: PathArg = None,
+    param_max_length: LimitOpt = None,
+    online: Annotated[
+        bool, typer.Option("--online", help="also compare the templates with Tencent's (smsbot templates sync)")
+    ] = False,
+) -> None:
     """Check rule files; print every problem as file:line:col: message. Exit 1 on errors."""
-    result, _ = _load(path, param_max_length)
-    for diagnostic in sorted(result.diagnostics):
+    config = _tencent_config(_settings()) if online else None  # missing credentials: refuse before any output
+    result, settings = _load(path, param_max_length)
+    diagnostics = list(result.diagnostics)
+    compared = ""
+    if config is not None:
+        report = _template_report(path or settings.rules_dir, config)
+        diagnostics.extend(d.diagnostic() for d in report.differences)
+        compared = f"; {len(report.rule_templates)} template(s) compared with Tencent"
+    for diagnostic in sorted(diagnostics):
         typer.echo(str(diagnostic))
-    errors = len(result.errors)
-    warnings = len(result.diagnostics) - errors
-    typer.echo(f"{len(result.files)} file(s) checked: {errors} error(s), {warnings} warning(s)", err=True)
+    errors = sum(1 for d in diagnostics if d.is_error)
+    warnings = len(diagnostics) - errors
+    typer.echo(f"{len(result.files)} file(s) checked: {errors} error(s), {warnings} warning(s){compared}", err=True)
     raise typer.Exit(1 if errors else 0)
 
 
@@ -104,6 +121,87 @@ def rules_schema() -> None:
     schema: dict[str, Any] = {"$schema": "https://json-schema.org/draft/2020-12/schema"}
     schema.update(RuleFile.model_json_schema())
     typer.echo(json.dumps(schema, indent=2, ensure_ascii=False))
+
+
+templates_app = typer.Typer(help="Compare the rule files' templates with Tencent's.", no_args_is_help=True)
+app.add_typer(templates_app, name="templates")
+
+
+def _tencent_config(settings: Settings) -> TencentConfig:
+    from bot.tencent.templates import tencent_config
+
+    try:
+        return tencent_config(settings)
+    except ConfigError as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _template_report(root: Path, config: TencentConfig) -> SyncReport:
+    """Tencent's templates against the rule files'; exit 2 when Tencent cannot be asked (no comparison ran)."""
+    from bot.tencent.templates import TemplateFetchError, collect_rule_templates, fetch_templates, sync_report
+
+    try:
+        tencent = fetch_templates(config)
+    except TemplateFetchError as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return sync_report(collect_rule_templates(root), tencent)
+
+
+@templates_app.command("sync")
+def templates_sync(
+    path: PathArg = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of diagnostics")] = False,
+) -> None:
+    """Compare the rule files' templates: with Tencent's (DescribeSmsTemplateList). Exit 1 on any error."""
+    settings = _settings()
+    config = _tencent_config(settings)
+    result = load_rules(path or settings.rules_dir, param_max_length=settings.param_max_length)
+    if result.errors:
+        for diagnostic in sorted(result.errors):
+            typer.echo(str(diagnostic), err=True)
+        typer.echo("the rules have errors; fix them first (smsbot rules check)", err=True)
+        raise typer.Exit(1)
+    report = _template_report(path or settings.rules_dir, config)
+    warnings = len(report.differences) - report.errors
+    if as_json:
+        document = {
+            "templates_checked": len(report.rule_templates),
+            "tencent_templates": len(report.tencent_templates),
+            "errors": report.errors,
+            "warnings": warnings,
+            "differences": [
+                {
+                    "file": d.path,
+                    "line": d.line,
+                    "col": d.col,
+                    "template": d.template,
+                    "template_id": d.template_id,
+                    "kind": d.kind,
+                    "severity": d.severity,
+                    "message": d.message,
+                }
+                for d in report.differences
+            ],
+            "unused": [
+                {"template_id": t.id, "name": t.name, "status": t.status, "international": t.international}
+                for t in report.unused
+            ],
+        }
+        typer.echo(json.dumps(document, ensure_ascii=False))
+    else:
+        for difference in report.differences:
+            typer.echo(str(difference.diagnostic()))
+        for t in report.unused:
+            where = "international" if t.international else "domestic"
+            typer.echo(f"info: template {t.id}: {t.name!r} ({t.status}, {where}) is not used by any rule file")
+    typer.echo(
+        f"{len(report.rule_templates)} template(s) compared with {len(report.tencent_templates)} at Tencent: "
+        f"{report.errors} error(s), {warnings} warning(s), {len(report.unused)} unused at Tencent",
+        err=True,
+    )
+    raise typer.Exit(1 if report.errors else 0)
 
 
 def _reply_json(reply: Reply) -> dict[str, Any]:
@@ -211,6 +309,14 @@ def serve(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="allow a non-loopback address without a callback token")
     ] = False,
+    pull: Annotated[
+        bool,
+        typer.Option("--pull", help="also pull replies and delivery statuses from Tencent (default: SMSBOT_PULL)"),
+    ] = False,
+    no_deliver: Annotated[
+        bool,
+        typer.Option("--no-deliver", help="only store and queue: `smsbot worker` processes send (SMSBOT_DELIVER)"),
+    ] = False,
 ) -> None:
     """Run the callback server and the delivery loop (in a writer process unless SMSBOT_WRITER=thread)."""
     import logging
@@ -223,6 +329,8 @@ def serve(
     from bot.web.app import create_app
 
     settings = _settings()
+    if pull:
+        settings = settings.model_copy(update={"pull": True})
     bind_host = host or settings.host
     bind_port = port or settings.port
     if bind_host not in _LOOPBACK and settings.callback_token is None and not insecure:
@@ -234,6 +342,10 @@ def serve(
         raise typer.Exit(2)
     try:
         sender = make_sender(settings)
+        if settings.pull:
+            from bot.pull import tencent_config
+
+            tencent_config(settings)
     except ConfigError as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -250,11 +362,148 @@ def serve(
     except RulesInvalid as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(1) from exc
-    application = create_app(settings, engine=engine, rules=rules, sender=sender, writer_mode=settings.writer)
+    if no_deliver:
+        settings = settings.model_copy(update={"deliver": False})
+    application = create_app(
+        settings, engine=engine, rules=rules, sender=sender, writer_mode=settings.writer, deliver=settings.deliver
+    )
     if settings.writer == "process":
         engine.dispose()  # the writer process opens its own; this one only checked the schema
     typer.echo(
         f"smsbot: listening on http://{bind_host}:{bind_port} (database {_safe_url(settings.database_url)}, "
-        f"writer {settings.writer})"
+        f"writer {settings.writer}{f', pulling from Tencent every {settings.pull_interval:g}s' if settings.pull else ''})"
     )
     uvicorn.run(application, host=bind_host, port=bind_port, log_level="info", access_log=False)
+
+
+@app.command("pull")
+def pull_command(
+    once: Annotated[
+        bool, typer.Option("--once", help="pull until Tencent has nothing more, print the counts and exit")
+    ] = False,
+    interval: Annotated[
+        float | None,
+        typer.Option("--interval", min=0.1, help="seconds between pulls (default: pull_interval, 10)"),
+    ] = None,
+) -> None:
+    """Pull replies and delivery statuses from Tencent into the database (for servers Tencent cannot call).
+
+    Replies are stored and answered exactly as by the callback, and only queued:
+    whoever runs smsbot serve (or smsbot worker) sends them. Exit 1 when --once could not finish.
+    """
+    import asyncio
+    import logging
+
+    from bot.live_rules import LiveRules, RulesInvalid
+    from bot.pull import PollResult, pull_into_database, tencent_config
+    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
+
+    settings = _settings()
+    try:
+        tencent_config(settings)
+    except ConfigError as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = make_engine(settings.database_url)
+    try:
+        try:
+            check_schema(engine)
+        except SchemaOutOfDate as exc:
+            typer.echo(f"smsbot: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        rules = LiveRules(settings.rules_dir, settings.param_max_length)
+        try:
+            rules.load()
+        except RulesInvalid as exc:
+            typer.echo(f"smsbot: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        if not once:
+            typer.echo(
+                f"smsbot: pulling from Tencent every {interval or settings.pull_interval:g}s into "
+                f"{_safe_url(settings.database_url)} (Ctrl-C to stop)"
+            )
+        puller, result = asyncio.run(
+            pull_into_database(settings, engine=engine, rules=rules, once=once, interval=interval)
+        )
+    finally:
+        engine.dispose()
+    typer.echo(f"smsbot pull: {puller.counts.summary()}")
+    if puller.held:
+        typer.echo(f"smsbot: {puller.held} pulled item(s) could not be stored; they are in the log above", err=True)
+    if result is not None and result is not PollResult.DONE:
+        typer.echo(f"smsbot: {puller.last_error}", err=True)
+        raise typer.Exit(1)
+    if puller.held:
+        raise typer.Exit(1)
+
+
+@app.command("worker")
+def worker_command(
+    once: Annotated[
+        bool, typer.Option("--once", help="send what is due now, wait for the outcomes, print the count and exit")
+    ] = False,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", min=1, max=64, help="numbers sent to at once (default: send_concurrency, 8)"),
+    ] = None,
+) -> None:
+    """Send queued replies from the database: run several for more throughput (PostgreSQL), beside serve.
+
+    Workers share the outbox safely: each claims due rows with a lease (``FOR
+    UPDATE SKIP LOCKED`` on PostgreSQL), so no reply is sent twice and a crashed
+    worker's rows are taken over when their lease ends. New replies are seen
+    within ``--poll`` seconds; ``serve`` wakes its own delivery loop at once.
+    """
+    import asyncio
+    import contextlib
+    import logging
+    import signal
+
+    from bot.outbox import Deliverer, delivery_options
+    from bot.sending import make_sender
+    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
+    from bot.writer import DbWriter
+
+    settings = _settings()
+    try:
+        sender = make_sender(settings)
+    except ConfigError as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = make_engine(settings.database_url)
+    try:
+        check_schema(engine)
+    except SchemaOutOfDate as exc:
+        engine.dispose()
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    options = delivery_options(settings)
+    if concurrency:
+        options["concurrency"] = concurrency
+    writer = DbWriter(engine)
+    writer.start()
+    deliverer = Deliverer(writer, sender, **options)
+
+    async def main() -> int:
+        if once:
+            return await deliverer.drain()
+        task = asyncio.create_task(deliverer.run_forever())
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        typer.echo(
+            f"smsbot worker: sending queued replies from {_safe_url(settings.database_url)} "
+            f"({options['concurrency']} at once; Ctrl-C to stop)"
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return deliverer.sent
+
+    try:
+        sent = asyncio.run(main())
+    finally:
+        writer.stop()
+        engine.dispose()
+    typer.echo(f"smsbot worker: {sent} repl{'y' if sent == 1 else 'ies'} handled")

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bot.frequency import FrequencyLimits
 from bot.rules.schema import Duration
 
 CONFIG_ENV = "SMSBOT_CONFIG"
@@ -79,10 +80,44 @@ class Settings(BaseSettings):
         description="where smsbot serve commits callbacks and delivers replies: 'process' (a writer process "
         "with its own interpreter, so HTTP and the database do not share one GIL) or 'thread' (in the HTTP process)",
     )
+    pull: bool = Field(
+        default=False,
+        description="smsbot serve also pulls replies and delivery statuses from Tencent (PullSmsReplyStatus, "
+        "PullSmsSendStatus), for servers Tencent cannot call back; needs the Tencent credentials",
+    )
+    pull_interval: float = Field(
+        default=10.0, gt=0, le=3600, description="seconds between pulls when Tencent's queues are empty"
+    )
     max_body_bytes: int = Field(default=64 * 1024, ge=256, description="largest callback body accepted")
     loop_limit: int = Field(default=20, ge=1, description="identical replies to one number allowed per loop_window")
     loop_window: Duration = Field(default=timedelta(minutes=5), description="window for loop_limit, e.g. 5m")
+    deliver: bool = Field(
+        default=True,
+        description="whether smsbot serve also sends the queued replies; false when smsbot worker processes do it",
+    )
+    send_concurrency: int = Field(
+        default=8, ge=1, le=64, description="replies sent at once (to different numbers) by one delivery loop"
+    )
+    frequency_same_content: Duration | None = Field(
+        default=timedelta(seconds=30),
+        description="hold a reply with the same text as one sent to the number within this time (Tencent: 30s); "
+        "0s: no limit",
+    )
+    frequency_per_hour: int | None = Field(
+        default=None, ge=0, description="replies per number per hour (as set in Tencent's console); 0: no limit"
+    )
+    frequency_per_day: int | None = Field(
+        default=10, ge=0, description="replies per number per China day (Tencent's default is 10); 0: no limit"
+    )
     host: str = Field(default="127.0.0.1", description="address smsbot serve binds to")
+
+    @field_validator("frequency_same_content", mode="before")
+    @classmethod
+    def _zero_means_no_limit(cls, value: Any) -> Any:
+        """A duration must be positive elsewhere; here 0 is how an environment variable says "no limit"."""
+        if isinstance(value, str) and value.strip().lower() in ("0", "0s", "off", "none", ""):
+            return None
+        return None if value == 0 else value
     port: int = Field(default=8000, ge=1, le=65535, description="port smsbot serve listens on")
     config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
 
@@ -97,6 +132,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init arguments; the environment overrides them.
         return (env_settings, init_settings)
+
+
+def frequency_limits(settings: Settings) -> FrequencyLimits:
+    """The per-number limits the delivery loop keeps to (zero counts as no limit, for environment variables)."""
+    return FrequencyLimits(
+        same_content=settings.frequency_same_content or None,
+        per_hour=settings.frequency_per_hour or None,
+        per_day=settings.frequency_per_day or None,
+    )
 
 
 def find_config_file(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:

@@ -93,6 +93,7 @@ def apply_reports(conn: Connection, reports: list[StatusReport], *, now: datetim
         delivered = report.report_status == "SUCCESS"
         values: dict[str, Any] = {
             "status": "delivered" if delivered else "failed",
+            "status_reason": None,  # e.g. an ambiguous send's "may have gone out": now we know
             "delivered_at": _china_time(report.user_receive_time) if delivered and report.user_receive_time else None,
             "error_code": None if delivered else (report.errmsg or "FAIL"),
             "error_message": None if delivered else (report.description or "the handset did not receive it"),

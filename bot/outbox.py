@@ -16,13 +16,16 @@ import os
 import random
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TextIO
 
 from sqlalchemy import Connection
 
+from bot.config import Settings, frequency_limits
+from bot.frequency import NO_LIMITS, FrequencyLimits, Sent, earliest_send
 from bot.retry import Final, Retry, RetryPolicy, marketing_hours, next_marketing_opening, plan
 from bot.service import mask_number
 from bot.store.driver_sql import DriverSql, chunks
@@ -95,10 +98,22 @@ _DUE = (
 # whenever its statistics lagged behind a growing table.
 _DETAILS = (
     "SELECT m.id, m.signature, m.template_id, m.params, m.text, m.rule_kind, c.nationcode, c.mobile, v.opted_out,"
-    " v.id, m.marketing"
+    " v.id, m.marketing, m.contact_id"
     " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
     " WHERE {where}"
 )
+_HISTORY = (
+    "SELECT contact_id, sent_at, text FROM messages"
+    " WHERE {where} AND sent_at IS NOT NULL AND sent_at >= ? AND direction = 'out'"
+)
+
+AMBIGUOUS_REASON = (
+    "no answer from Tencent: the SMS may have gone out, so it is not resent; its delivery report (by "
+    "SessionContext) settles it; without one, check Tencent's console before sending again"
+)
+
+Number = tuple[str, str]
+"""(nationcode, mobile): replies to one number go out one at a time, in order."""
 
 
 @dataclass(frozen=True)
@@ -112,13 +127,28 @@ class Settlement:
     serial: str | None = None
     code: str | None = None
     error: str | None = None
+    sent_at: datetime | None = None
 
 
-def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> list[OutboundSms]:
-    """Lease up to ``limit`` due outbox rows to ``owner``; rows of opted-out numbers are suppressed instead.
+def claim_due(
+    conn: Connection,
+    *,
+    now: datetime,
+    limit: int,
+    owner: str,
+    lease: timedelta = LEASE,
+    busy: Set[Number] = frozenset(),
+    limits: FrequencyLimits = NO_LIMITS,
+) -> list[OutboundSms]:
+    """Lease up to ``limit`` due outbox rows to ``owner``, in the order they were queued.
 
-    On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by
-    side without waiting for or taking each other's rows.
+    Rows of opted-out numbers are suppressed instead; marketing replies outside
+    08:00-22:00 China time and replies that would break a number's frequency
+    limits are put back with the time they may go; rows for ``busy`` numbers
+    (a send to them is in flight here) are left for a later round, so replies
+    to one number never overtake each other. On PostgreSQL ``FOR UPDATE SKIP
+    LOCKED`` lets several workers claim side by side without waiting for or
+    taking each other's rows.
     """
     db = DriverSql(conn)
     due = db.rows(_DUE + (" FOR UPDATE SKIP LOCKED" if db.postgres else ""), (db.ts(now), db.ts(now), limit))
@@ -130,18 +160,28 @@ def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> lis
         where, params = db.in_list("m.id", chunk)
         for row in db.rows(_DETAILS.format(where=where), params):
             details[int(row[0])] = row
+    history = _history(db, {int(row[11]) for row in details.values()}, now, limits)
     claimed: list[OutboundSms] = []
     suppressed: list[Settlement] = []
-    held: list[int] = []
+    deferred: dict[datetime, list[int]] = {}
     for outbox_id, message_id, attempts in due:
         row = details[int(message_id)]
-        _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out, convo, marketing = row
+        _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out, convo, marketing, contact = row
         if opted_out and rule_kind != "opt_out":
             suppressed.append(Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending"))
             continue
-        if marketing and not marketing_hours(now):
-            held.append(int(outbox_id))
+        if (nationcode, mobile) in busy:
             continue
+        if marketing and not marketing_hours(now):
+            # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
+            deferred.setdefault(next_marketing_opening(now), []).append(int(outbox_id))
+            continue
+        sent_before = history.setdefault(int(contact), [])
+        allowed_at = earliest_send(sent_before, text, now, limits) if limits.enabled else None
+        if allowed_at is not None:
+            deferred.setdefault(allowed_at, []).append(int(outbox_id))
+            continue
+        sent_before.append(Sent(now, text))  # the next reply to this number in the batch counts this one
         claimed.append(
             OutboundSms(
                 outbox_id=outbox_id,
@@ -157,17 +197,31 @@ def claim_due(conn: Connection, *, now: datetime, limit: int, owner: str) -> lis
             )
         )
     settle(conn, suppressed, now)
-    if held:  # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
-        opens = next_marketing_opening(now)
-        for chunk in chunks(held):
+    for at, ids in deferred.items():
+        for chunk in chunks(ids):
             where, params = db.in_list("id", chunk)
-            db.execute(f"UPDATE outbox SET next_attempt_at = ? WHERE {where}", [db.ts(opens), *params])
+            db.execute(f"UPDATE outbox SET next_attempt_at = ? WHERE {where}", [db.ts(at), *params])
     for chunk in chunks([sms.outbox_id for sms in claimed]):
         where, params = db.in_list("id", chunk)
         db.execute(
-            f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + LEASE), owner, *params]
+            f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + lease), owner, *params]
         )
     return claimed
+
+
+def _history(db: DriverSql, contacts: set[int], now: datetime, limits: FrequencyLimits) -> dict[int, list[Sent]]:
+    """What was sent to these contacts recently, for the frequency limits."""
+    history: dict[int, list[Sent]] = {}
+    if not limits.enabled or not contacts:
+        return history
+    since = db.ts(now - limits.lookback)
+    for chunk in chunks(sorted(contacts)):
+        where, params = db.in_list("contact_id", chunk)
+        for contact, sent_at, text in db.rows(_HISTORY.format(where=where), [*params, since]):
+            at = db.read_ts(sent_at)
+            if at is not None:
+                history.setdefault(int(contact), []).append(Sent(at, text))
+    return history
 
 
 def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -> None:
@@ -176,13 +230,33 @@ def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -
         return
     db = DriverSql(conn)
     db.executemany(
-        "UPDATE messages SET status = ?, status_reason = ?, provider_serial = ?, error_code = ?, error_message = ?,"
-        " updated_at = ? WHERE id = ?",
-        [(s.status, s.reason, s.serial, s.code, s.error, db.ts(now), s.message_id) for s in settlements],
+        # A delivery report (pushed or pulled) can arrive before the send's own outcome is committed:
+        # what the handset said is kept, it is never turned back into "sent".
+        "UPDATE messages SET"
+        " status = CASE WHEN status IN ('delivered', 'failed') AND ? THEN status ELSE ? END,"
+        " status_reason = CASE WHEN status IN ('delivered', 'failed') AND ? THEN status_reason ELSE ? END,"
+        " error_code = CASE WHEN status IN ('delivered', 'failed') AND ? THEN error_code ELSE ? END,"
+        " error_message = CASE WHEN status IN ('delivered', 'failed') AND ? THEN error_message ELSE ? END,"
+        " provider_serial = coalesce(?, provider_serial), sent_at = ?, updated_at = ? WHERE id = ?",
+        [
+            (
+                *[item for value in (s.status, s.reason, s.code, s.error) for item in (_reported(db, s), value)],
+                s.serial,
+                db.ts(s.sent_at),
+                db.ts(now),
+                s.message_id,
+            )
+            for s in settlements
+        ],
     )
     for chunk in chunks([s.outbox_id for s in settlements]):
         where, params = db.in_list("id", chunk)
         db.execute(f"DELETE FROM outbox WHERE {where}", params)
+
+
+def _reported(db: DriverSql, settlement: Settlement) -> Any:
+    """Whether a delivery report, where one is already stored, outranks this settlement."""
+    return db.bool(settlement.status in ("sent", "ambiguous"))
 
 
 def plan_for(
@@ -206,7 +280,20 @@ def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Ret
     finals = [(sms, p) for sms, p in plans if isinstance(p, Final)]
     settle(
         conn,
-        [Settlement(sms.outbox_id, sms.message_id, p.status, None, p.serial, p.code, p.error) for sms, p in finals],
+        [
+            Settlement(
+                sms.outbox_id,
+                sms.message_id,
+                p.status,
+                AMBIGUOUS_REASON if p.status == "ambiguous" else None,
+                p.serial,
+                p.code,
+                p.error,
+                # an ambiguous send may have reached the handset: it counts against the limits too
+                sent_at=now if p.status in ("sent", "ambiguous") else None,
+            )
+            for sms, p in finals
+        ],
         now,
     )
     retries = [(sms, p) for sms, p in plans if isinstance(p, Retry)]
@@ -238,8 +325,26 @@ def _provider_opt_out(db: DriverSql, sms: OutboundSms, final: Final, now: dateti
     )
 
 
+def delivery_options(settings: Settings) -> dict[str, Any]:
+    """The ``Deliverer`` keyword arguments that come from settings (picklable, for the writer process)."""
+    return {
+        "concurrency": settings.send_concurrency,
+        "send_timeout": float(settings.tencent_timeout),
+        "limits": frequency_limits(settings),
+    }
+
+
 class Deliverer:
-    """The in-process delivery loop: wakes on every commit that queued replies, polls otherwise."""
+    """The delivery loop: sends queued replies, several numbers at once, each number's replies in order.
+
+    It wakes on every commit that queued replies and polls otherwise (for
+    retries that came due, and for replies queued by other processes). Each
+    claimed batch is grouped by number; one task per number sends its replies
+    one after another on a thread pool (the SDK blocks) and records each
+    outcome as soon as it is known, so a slow send never holds up the record
+    of the others and a crash loses at most the sends in flight (their lease
+    runs out and they are marked for a check, see ``bot/retry.py``).
+    """
 
     def __init__(
         self,
@@ -248,9 +353,12 @@ class Deliverer:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         poll_seconds: float = 1.0,
-        batch: int = 100,
+        concurrency: int = 8,
+        batch: int | None = None,
+        send_timeout: float = 5.0,
         retry_policy: RetryPolicy | None = None,
         rng: random.Random | None = None,
+        limits: FrequencyLimits = NO_LIMITS,
     ) -> None:
         self.writer = writer
         self.sender = sender
@@ -258,10 +366,18 @@ class Deliverer:
         self.rng = rng or random.Random()
         self.clock = clock
         self.poll_seconds = poll_seconds
-        self.batch = batch
+        self.concurrency = concurrency
+        self.batch = batch or concurrency * 4
+        # A claimed reply waits for at most batch/concurrency sends before its own, each bounded by
+        # the sender's timeout; the lease must outlast that or another worker would send it again.
+        self.lease = max(LEASE, timedelta(seconds=send_timeout * (self.batch // concurrency + 2)))
+        self.limits = limits
         self.owner = worker_id()
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._busy: set[Number] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.sent = 0
 
     def wake(self) -> None:
@@ -271,48 +387,115 @@ class Deliverer:
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
                 loop.call_soon_threadsafe(event.set)
 
-    async def run_once(self) -> int:
-        """Claim due replies, send them, record the outcomes: two transactions per round, not per reply."""
-        now = self.clock()
-        claimed = await self.writer.run(lambda conn: claim_due(conn, now=now, limit=self.batch, owner=self.owner))
-        if not claimed:
-            return 0
-        outcomes = await asyncio.to_thread(self._send_all, claimed)
-        done_at = self.clock()
+    def _ensure_started(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="smsbot-send")
 
-        plans = [
-            (sms, plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng))
-            for sms, result in outcomes
-        ]
-        await self.writer.run(lambda conn: apply_plans(conn, plans, done_at))
-        self.sent += len(outcomes)
+    async def run_once(self) -> int:
+        """Claim due replies for numbers not already being sent to and start sending them.
+
+        Returns how many were claimed; their sends go on in the background (see ``idle``).
+        """
+        self._ensure_started()
+        if len(self._busy) >= self.concurrency:
+            return 0
+        now = self.clock()
+        busy = frozenset(self._busy)
+        claimed = await self.writer.run(
+            lambda conn: claim_due(
+                conn, now=now, limit=self.batch, owner=self.owner, lease=self.lease, busy=busy, limits=self.limits
+            )
+        )
+        by_number: dict[Number, list[OutboundSms]] = {}
+        for sms in claimed:
+            by_number.setdefault((sms.nationcode, sms.mobile), []).append(sms)
+        for number, replies in by_number.items():
+            self._busy.add(number)
+            task = asyncio.create_task(self._deliver(number, replies), name="smsbot-send")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return len(claimed)
 
-    def _send_all(self, claimed: list[OutboundSms]) -> list[tuple[OutboundSms, SendResult]]:
-        outcomes = []
-        for sms in claimed:
+    @property
+    def idle(self) -> bool:
+        """No send in flight."""
+        return not self._tasks
+
+    async def drain(self) -> int:
+        """Send everything due now and wait for the outcomes to be recorded (``smsbot worker --once``, tests)."""
+        total = 0
+        while True:
+            claimed = await self.run_once()
+            total += claimed
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
+            elif not claimed:
+                return total
+
+    async def _deliver(self, number: Number, replies: list[OutboundSms]) -> None:
+        try:
+            for sms in replies:
+                result = await asyncio.get_running_loop().run_in_executor(self._pool, self._send_one, sms)
+                done_at = self.clock()
+                step = plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng)
+                await self._record([(sms, step)], done_at)
+                self.sent += 1
+        finally:
+            self._busy.discard(number)
+            if self._wake is not None:
+                self._wake.set()  # a slot is free, and this number's later replies may be due
+
+    async def _record(self, plans: list[tuple[OutboundSms, Final | Retry]], at: datetime) -> None:
+        """Record outcomes, trying again for a while: a lost record means a reply sent twice."""
+        for delay in (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, None):
             try:
-                result = self.sender.send(sms)
-            except Exception as exc:  # a sender bug must not lose the reply: it is recorded as failed
-                log.exception("sending message %s failed", sms.message_id)
-                result = SendResult(ok=False, code="InternalError.SenderCrashed", message=str(exc))
-            outcomes.append((sms, result))
-        return outcomes
+                await self.writer.run(lambda conn: apply_plans(conn, plans, at))
+                return
+            except Exception:
+                if delay is None:
+                    log.exception("could not record the outcome of %d send(s): they will be retried", len(plans))
+                    return
+                log.warning("recording a send's outcome failed; trying again in %.1fs", delay, exc_info=True)
+                await asyncio.sleep(delay)
+
+    def _send_one(self, sms: OutboundSms) -> SendResult:
+        try:
+            return self.sender.send(sms)
+        except Exception as exc:  # a sender bug must not lose the reply: it is recorded as failed
+            log.exception("sending message %s failed", sms.message_id)
+            return SendResult(ok=False, code="InternalError.SenderCrashed", message=str(exc))
 
     async def run_forever(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        while True:
-            try:
-                handled = await self.run_once()
-            except Exception:
-                log.exception("delivery round failed; retrying")
-                handled = 0
-            if handled:
-                continue
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
-            # arrives together with a wake-up, and shutdown would then hang.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_seconds):
-                    await self._wake.wait()
-            self._wake.clear()
+        self._ensure_started()
+        assert self._wake is not None
+        try:
+            while True:
+                try:
+                    handled = await self.run_once()
+                except Exception:
+                    log.exception("delivery round failed; retrying")
+                    handled = 0
+                if handled:
+                    continue
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+                # arrives together with a wake-up, and shutdown would then hang.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_seconds):
+                        await self._wake.wait()
+                self._wake.clear()
+        finally:
+            await self._finish_in_flight()
+
+    async def _finish_in_flight(self) -> None:
+        """On shutdown, let sends already handed to Tencent record their outcome (bounded in time)."""
+        if self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(set(self._tasks), timeout=10)
+            for task in self._tasks:
+                task.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

@@ -31,7 +31,7 @@ import pickle
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection as PipeEnd
 from multiprocessing.connection import wait
@@ -77,6 +77,8 @@ class WriterConfig:
     """A picklable SmsSender, or None for the console sender."""
     log_level: int = logging.INFO
     poll_seconds: float = 1.0
+    delivery: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the ``Deliverer`` (see ``bot.outbox.delivery_options``)."""
 
 
 # ====================================================================== the writer process
@@ -131,7 +133,11 @@ class _Child:
         self.inbound = InboundStore(rules=self.rules, policy=config.policy, clock=lambda: datetime.now(UTC))
         self.writer = _Writer(self.engine, max_batch=MAX_BATCH, on_commit=self.inbound.after_commit)
         sender = config.sender if config.sender is not None else ConsoleSender()
-        self.deliverer = Deliverer(self.writer, sender, poll_seconds=config.poll_seconds) if config.deliver else None
+        self.deliverer = (
+            Deliverer(self.writer, sender, poll_seconds=config.poll_seconds, **config.delivery)
+            if config.deliver
+            else None
+        )
         self.inbound.deliverer = self.deliverer
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._astop: asyncio.Event | None = None

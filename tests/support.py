@@ -226,6 +226,11 @@ def texts(rows_: Sequence[RowMapping]) -> list[str]:
     return [r["text"] for r in rows_]
 
 
+NO_FREQUENCY_LIMITS: dict[str, Any] = {"frequency_same_content": None, "frequency_per_day": None}
+"""Conversation tests answer the same number many times within seconds of a frozen clock; Tencent's
+per-number limits (on by default) have their own tests in ``tests/test_frequency.py``."""
+
+
 def start_app(
     target: str | Engine,
     *,
@@ -236,6 +241,7 @@ def start_app(
     deliver: bool = True,
     load_rules: bool = True,
     watch_rules: bool = False,
+    frequency_limits: bool = False,
 ) -> Harness:
     """Build an app and start its lifespan (writer thread, delivery loop); stop it with ``stop_app``."""
     eng = make_engine(target) if isinstance(target, str) else target
@@ -243,6 +249,8 @@ def start_app(
     if load_rules:
         live.load()
     settings = settings or Settings()
+    if not frequency_limits:
+        settings = settings.model_copy(update=NO_FREQUENCY_LIMITS)
     sender = sender or RecordingSender()
     app = create_app(
         settings, engine=eng, rules=live, sender=sender, clock=clock, deliver=deliver, watch_rules=watch_rules

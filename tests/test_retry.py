@@ -199,6 +199,15 @@ def test_no_answer_after_tencent_accepted_is_marked_ambiguous_not_resent(
     h.clock.advance(timedelta(hours=1))
     assert h.count(outbox) == 0
     assert len(fake.sends) == 1  # sent once, never again
+    assert "not resent" in reply["status_reason"]
+
+    # Tencent's delivery report names our SessionContext (the reply's id): it settles the doubt.
+    [send] = fake.sends
+    assert send.session_context == str(reply["id"])
+    response = h.client.post("/sms/status", json=[fake.delivery_report(send)])
+    assert response.json() == {"result": 0, "errmsg": "OK"}
+    [after] = h.outbound()
+    assert (after["status"], after["provider_serial"]) == ("delivered", send.serial_no)
 
 
 # ---------------------------------------------------------------- marketing hours

@@ -136,6 +136,13 @@ class Message(Base):
             sqlite_where=text("status = 'failed'"),
             postgresql_where=text("status = 'failed'"),
         ),
+        Index(
+            "ix_messages_contact_id_sent_at",
+            "contact_id",
+            "sent_at",
+            sqlite_where=text("sent_at IS NOT NULL"),
+            postgresql_where=text("sent_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -168,6 +175,8 @@ class Message(Base):
     """For outbound: sent with a marketing template, so only 08:00-22:00 China time."""
     delivered_at: Mapped[datetime | None]
     """For outbound: when the handset received it, from Tencent's delivery report."""
+    sent_at: Mapped[datetime | None]
+    """For outbound: when Tencent accepted it (or may have: ambiguous), for the per-number frequency limits."""
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

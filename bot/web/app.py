@@ -24,7 +24,8 @@ from bot.config import Settings
 from bot.delivery_reports import BadReport, StatusReport, apply_reports, parse_status_callback
 from bot.inbound_store import InboundStore
 from bot.live_rules import LiveRules
-from bot.outbox import ConsoleSender, Deliverer, SmsSender
+from bot.outbox import ConsoleSender, Deliverer, SmsSender, delivery_options
+from bot.pull import ProcessSink, Puller, WriterSink, make_puller, pulling
 from bot.service import Inbound, InboundResult, Policy
 from bot.web.callbacks import BadCallback, CallbackAnswer, ReplyCallback, parse_reply_callback
 from bot.writer import DbWriter
@@ -52,6 +53,8 @@ class Runtime:
     inbound: InboundStore
     process_writer: ProcessWriter | None = None
     """Set in ``writer_mode="process"``: the writer process does the database work, delivery and rules."""
+    puller: Puller | None = None
+    """Set when ``settings.pull``: pulls Tencent's queues into the same storage as the routes."""
 
 
 def _answer(status: int, result: int, errmsg: str) -> JSONResponse:
@@ -140,10 +143,13 @@ def create_app(
                 watch_rules=watch_rules,
                 sender=sender,
                 log_level=logging.getLogger().getEffectiveLevel(),
+                delivery=delivery_options(settings),
             )
         )
     deliverer = (
-        Deliverer(writer, sender or ConsoleSender(), clock=clock) if deliver and process_writer is None else None
+        Deliverer(writer, sender or ConsoleSender(), clock=clock, **delivery_options(settings))
+        if deliver and process_writer is None
+        else None
     )
     inbound = InboundStore(rules=rules, policy=policy, clock=clock)
     inbound.deliverer = deliverer
@@ -159,13 +165,17 @@ def create_app(
         process_writer=process_writer,
     )
     writer.on_commit = inbound.after_commit
+    if settings.pull:
+        sink = ProcessSink(process_writer) if process_writer is not None else WriterSink(writer, inbound, clock)
+        runtime.puller = make_puller(settings, sink, clock=clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if process_writer is not None:
             await process_writer.start()
             try:
-                yield
+                async with pulling(runtime.puller):
+                    yield
             finally:
                 await process_writer.stop()
             return
@@ -176,7 +186,8 @@ def create_app(
         if watch_rules:
             tasks.append(asyncio.create_task(rules.watch(), name="smsbot-rules-watch"))
         try:
-            yield
+            async with pulling(runtime.puller):
+                yield
         finally:
             for task in tasks:
                 task.cancel()

@@ -1,0 +1,595 @@
+"""Pulling replies and delivery statuses from Tencent, for deployments Tencent cannot call back.
+
+A server without a public URL never receives the "SMS Reply" and "SMS
+delivery status" callbacks; Tencent keeps both in queues that
+``PullSmsReplyStatus`` and ``PullSmsSendStatus`` hand out instead. The
+``Puller`` empties those queues every ``interval`` seconds and feeds what it
+gets to exactly the code the callback routes use: each pulled reply is turned
+into the same ``Inbound`` the callback would have produced (it goes through
+the callback's own parser), so it is stored, answered and deduplicated the
+same way; a reply that arrives both by callback and by pull is one message.
+
+Nothing pulled may be lost, because Tencent hands out each item only once:
+
+- Items are converted and stored before the next page is pulled. If storing
+  fails (database down, writer process restarting), they stay in memory and
+  the next round stores them again *before pulling anything more*. Storing
+  twice is harmless: replies dedupe on their key, and a delivery report sets
+  the same status again.
+- Stopping waits for the current round (``stop()``), tries once more to store
+  what is held, and logs every item it still could not store at ERROR, in
+  full: that log line is the only copy left.
+- Tencent errors (network, credentials, the pull not enabled on the account)
+  are logged with Tencent's code and retried next round; they never end the
+  loop. An item Tencent hands out that we cannot use (say, no SignName) is
+  refused like the callback would refuse it, logged with the reason.
+- The SDK's own retries stay off: a pull is not idempotent, and a retried
+  pull after a lost answer would only hide that the first one's page is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bot.config import ConfigError, Settings
+from bot.delivery_reports import CHINA, BadReport, ReportOutcome, StatusReport, apply_reports, parse_status_callback
+from bot.service import Inbound, InboundResult
+from bot.web.callbacks import EARLIEST, BadCallback, parse_reply_callback
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from bot.inbound_store import InboundStore
+    from bot.live_rules import LiveRules
+    from bot.tencent.sender import TencentConfig
+    from bot.writer import DbWriter
+    from bot.writer_process import ProcessWriter
+
+log = logging.getLogger("smsbot.pull")
+
+PULL_LIMIT = 100
+"""Tencent's maximum page; a full page means more may be waiting."""
+DEFAULT_INTERVAL = 10.0
+
+REPLY_FIELDS = {
+    "nationcode": "CountryCode",
+    "mobile": "SubscriberNumber",
+    "sign": "SignName",
+    "extend": "ExtendCode",
+    "text": "ReplyContent",
+    "time": "ReplyTime",
+}
+"""Callback field -> PullSmsReplyStatus field: the same reply under Tencent's two sets of names."""
+
+REPORT_FIELDS = {
+    "sid": "SerialNo",
+    "report_status": "ReportStatus",
+    "nationcode": "CountryCode",
+    "mobile": "SubscriberNumber",
+    "description": "Description",
+    "ext": "SessionContext",
+    "user_receive_time": "UserReceiveTime",
+}
+"""Delivery-status callback field -> PullSmsSendStatus field."""
+
+
+class PulledItemRefused(ValueError):  # noqa: N818 - named for what the log reader sees
+    """An item Tencent handed out that the callback route would refuse too, with the reason."""
+
+
+# ====================================================================== conversions (pure)
+
+
+def _tencent_names(message: str, names: Mapping[str, str]) -> str:
+    """The parser's message with Tencent's pull field names, so the log points at the item's real fields."""
+    return re.sub(r"'(\w+)'", lambda m: f"'{names.get(m.group(1), m.group(1))}'", message)
+
+
+def reply_to_inbound(
+    item: Mapping[str, Any], *, now: datetime, sign_aliases: Mapping[str, str] | None = None
+) -> Inbound:
+    """The ``Inbound`` the reply callback would give for this pulled reply, or PulledItemRefused.
+
+    It goes through the callback's own parser so the dedupe key, the text
+    cleaning and the checks cannot drift apart between the two paths.
+    ``sign_aliases`` maps an approved SignName back to the signature the rules
+    are keyed by (the reverse of ``tencent_sign_names``).
+    """
+    sign = item.get("SignName")
+    if sign_aliases and isinstance(sign, str):
+        sign = sign_aliases.get(sign.strip(), sign)
+    callback = {
+        "nationcode": item.get("CountryCode"),
+        "mobile": item.get("SubscriberNumber"),
+        "sign": sign,
+        "extend": item.get("ExtendCode") or "",
+        "text": item.get("ReplyContent"),
+        "time": item.get("ReplyTime"),
+    }
+    try:
+        [message] = parse_reply_callback(json.dumps(callback, ensure_ascii=False).encode(), now=now)
+    except BadCallback as exc:
+        raise PulledItemRefused(_tencent_names(str(exc), REPLY_FIELDS)) from exc
+    return message
+
+
+def china_time(unix_seconds: object) -> str | None:
+    """A unix time as the delivery-status callback writes it (China time), or None when it is not one."""
+    if isinstance(unix_seconds, bool) or not isinstance(unix_seconds, int) or unix_seconds < EARLIEST:
+        return None
+    return datetime.fromtimestamp(unix_seconds, CHINA).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def send_status_to_report(item: Mapping[str, Any]) -> StatusReport:
+    """The ``StatusReport`` the delivery-status callback would give for this pulled status, or PulledItemRefused.
+
+    ``UserReceiveTime`` (unix seconds) becomes the callback's China-time text,
+    which ``apply_reports`` reads back to the same instant, so one path applies
+    both.
+    """
+    callback = {
+        "sid": item.get("SerialNo"),
+        "report_status": item.get("ReportStatus"),
+        "user_receive_time": china_time(item.get("UserReceiveTime")),
+        "nationcode": item.get("CountryCode"),
+        "mobile": item.get("SubscriberNumber"),
+        "description": item.get("Description"),
+        "ext": item.get("SessionContext") or None,
+    }
+    try:
+        [report] = parse_status_callback(json.dumps(callback, ensure_ascii=False).encode())
+    except BadReport as exc:
+        raise PulledItemRefused(_tencent_names(str(exc), REPORT_FIELDS)) from exc
+    return report
+
+
+# ====================================================================== Tencent and the database
+
+
+class PullClient(Protocol):
+    """Tencent's two pull actions; each call removes what it returns from Tencent's queue."""
+
+    def pull_replies(self, limit: int) -> list[dict[str, Any]]: ...
+
+    def pull_send_statuses(self, limit: int) -> list[dict[str, Any]]: ...
+
+
+class PullSink(Protocol):
+    """Where pulled items go: the same storage the callback routes use."""
+
+    async def store(self, items: list[Inbound]) -> list[InboundResult]: ...
+
+    async def apply(self, reports: list[StatusReport]) -> ReportOutcome: ...
+
+
+def tencent_config(settings: Settings) -> TencentConfig:
+    """Where and as whom to pull, or ConfigError naming every missing environment variable."""
+    needed = {
+        "TENCENTCLOUD_SECRET_ID": settings.tencent_secret_id,
+        "TENCENTCLOUD_SECRET_KEY": settings.tencent_secret_key,
+        "SMSBOT_TENCENT_SDK_APP_ID": settings.tencent_sdk_app_id,
+    }
+    missing = [name for name, value in needed.items() if not value]
+    secret_id, secret_key = settings.tencent_secret_id, settings.tencent_secret_key
+    if missing or secret_id is None or secret_key is None:
+        raise ConfigError(f"pulling from Tencent needs {', '.join(missing)} (environment variables); not set: refusing")
+    from bot.tencent.sender import TencentConfig
+
+    return TencentConfig(
+        secret_id=secret_id.get_secret_value(),
+        secret_key=secret_key.get_secret_value(),
+        sdk_app_id=str(settings.tencent_sdk_app_id),
+        region=settings.tencent_region,
+        endpoint=settings.tencent_endpoint,
+        scheme=settings.tencent_scheme,
+        timeout_seconds=settings.tencent_timeout,
+        sign_names=dict(settings.tencent_sign_names),
+    )
+
+
+class TencentPullClient:
+    """The real SDK's ``PullSmsReplyStatus`` and ``PullSmsSendStatus``; items as Tencent's JSON names."""
+
+    def __init__(self, config: TencentConfig) -> None:
+        from tencentcloud.common import credential  # type: ignore[import-untyped]
+        from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
+            TencentCloudSDKException,
+        )
+        from tencentcloud.common.profile.client_profile import ClientProfile  # type: ignore[import-untyped]
+        from tencentcloud.common.profile.http_profile import HttpProfile  # type: ignore[import-untyped]
+        from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import-untyped]
+
+        self._models: Any = models
+        self._error: Any = TencentCloudSDKException
+        self.config = config
+        http = HttpProfile(endpoint=config.endpoint, reqTimeout=config.timeout_seconds)
+        http.scheme = config.scheme  # the SDK reads `scheme` once constructed
+        self.client: Any = sms_client.SmsClient(
+            credential.Credential(config.secret_id, config.secret_key), config.region, ClientProfile(httpProfile=http)
+        )
+
+    def pull_replies(self, limit: int) -> list[dict[str, Any]]:
+        return self._pull("PullSmsReplyStatus", limit)
+
+    def pull_send_statuses(self, limit: int) -> list[dict[str, Any]]:
+        return self._pull("PullSmsSendStatus", limit)
+
+    def _pull(self, action: str, limit: int) -> list[dict[str, Any]]:
+        request = getattr(self._models, f"{action}Request")()
+        request.SmsSdkAppId = self.config.sdk_app_id
+        request.Limit = limit
+        response = getattr(self.client, action)(request)
+        items = getattr(response, f"{action}Set", None)
+        if items is None:
+            # The SDK hands back an empty model when it could not read Tencent's answer; that page
+            # (if there was one) is gone at Tencent, and all we can do is say so.
+            raise self._error("InternalError.UnreadableAnswer", f"Tencent's answer had no {action}Set")
+        return [json.loads(item.to_json_string()) for item in items]
+
+
+class WriterSink:
+    """Stores through an in-process ``DbWriter`` (``writer: thread``, and ``smsbot pull``), like the routes."""
+
+    def __init__(self, writer: DbWriter, inbound: InboundStore, clock: Callable[[], datetime]) -> None:
+        self.writer = writer
+        self.inbound = inbound
+        self.clock = clock
+
+    async def store(self, items: list[Inbound]) -> list[InboundResult]:
+        results: list[InboundResult] = await self.writer.run_batch(self.inbound.store, items)
+        self.inbound.warn_unknown_signatures(items, results)
+        return results
+
+    async def apply(self, reports: list[StatusReport]) -> ReportOutcome:
+        now = self.clock()
+        return await self.writer.run(lambda conn: apply_reports(conn, reports, now=now))
+
+
+class ProcessSink:
+    """Stores through the writer process (``writer: process``), like the routes."""
+
+    def __init__(self, process_writer: ProcessWriter) -> None:
+        self.process_writer = process_writer
+
+    async def store(self, items: list[Inbound]) -> list[InboundResult]:
+        return await self.process_writer.store(items)
+
+    async def apply(self, reports: list[StatusReport]) -> ReportOutcome:
+        return await self.process_writer.apply_reports(reports)
+
+
+# ====================================================================== the loop
+
+
+class PollResult(StrEnum):
+    DONE = "done"
+    """Tencent had nothing more and everything pulled is stored."""
+    TENCENT_ERROR = "tencent_error"
+    """A pull failed (nothing of it was received); everything received is stored."""
+    STORE_ERROR = "store_error"
+    """Items are held in memory, unstored; no more is pulled until they are."""
+
+
+@dataclass
+class PullCounts:
+    """What pulling has done so far (``smsbot pull --once`` prints these)."""
+
+    replies_stored: int = 0
+    duplicates: int = 0
+    reports_applied: int = 0
+    unknown_reports: int = 0
+    refused: int = 0
+
+    def summary(self) -> str:
+        text = (
+            f"{self.replies_stored} repl{'y' if self.replies_stored == 1 else 'ies'} stored, "
+            f"{self.duplicates} duplicate(s), {self.reports_applied} report(s) applied, "
+            f"{self.unknown_reports} unknown report(s)"
+        )
+        return text + (f", {self.refused} item(s) refused" if self.refused else "")
+
+
+@dataclass
+class _Held:
+    """Items received from Tencent and not yet stored: the only copy there is."""
+
+    replies: list[Inbound] = field(default_factory=list)
+    reports: list[StatusReport] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.replies) + len(self.reports)
+
+
+class Puller:
+    """Pulls Tencent's queues into the pipeline, round after round, holding what it could not store."""
+
+    def __init__(
+        self,
+        client: PullClient,
+        sink: PullSink,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        limit: int = PULL_LIMIT,
+        sign_aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        if not 0 < limit <= PULL_LIMIT:
+            raise ValueError(f"limit must be 1..{PULL_LIMIT}, Tencent's maximum")
+        self.client = client
+        self.sink = sink
+        self.interval = interval
+        self.clock = clock
+        self.limit = limit
+        self.sign_aliases = dict(sign_aliases or {})
+        self.counts = PullCounts()
+        self.rounds = 0
+        self.last_error: str | None = None
+        """The last Tencent or storage error, None once a round went through cleanly."""
+        self._held = _Held()
+        self._stopping = False
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def held(self) -> int:
+        """Items received from Tencent and not stored yet."""
+        return len(self._held)
+
+    # ---------------------------------------------------------------- one round
+
+    async def poll(self) -> PollResult:
+        """Store what is held, then pull each queue until Tencent returns less than a full page."""
+        try:
+            if not await self._flush():
+                return PollResult.STORE_ERROR
+            result = PollResult.DONE
+            for action, fetch, take in (
+                ("PullSmsReplyStatus", self.client.pull_replies, self._take_replies),
+                ("PullSmsSendStatus", self.client.pull_send_statuses, self._take_reports),
+            ):
+                while not self._stopping:
+                    try:
+                        page = await asyncio.to_thread(fetch, self.limit)
+                    except Exception as exc:  # one queue failing (say, not enabled) must not block the other
+                        self._tencent_error(action, exc)
+                        result = PollResult.TENCENT_ERROR
+                        break
+                    take(page)
+                    if not await self._flush():
+                        return PollResult.STORE_ERROR
+                    if len(page) < self.limit:
+                        break
+            if result is PollResult.DONE:
+                self.last_error = None
+            return result
+        finally:
+            self.rounds += 1
+
+    def _tencent_error(self, action: str, exc: Exception) -> None:
+        code = getattr(exc, "code", None) or type(exc).__name__
+        message = getattr(exc, "message", None) or str(exc)
+        request_id = getattr(exc, "requestId", None)
+        self.last_error = f"{action}: {code}: {message}"
+        log.error(
+            "%s failed: %s: %s%s; retrying in %ss",
+            action,
+            code,
+            message,
+            f" (RequestId {request_id})" if request_id else "",
+            self.interval,
+        )
+
+    def _take_replies(self, page: list[dict[str, Any]]) -> None:
+        now = self.clock()
+        for item in page:
+            try:
+                self._held.replies.append(reply_to_inbound(item, now=now, sign_aliases=self.sign_aliases))
+            except Exception as exc:  # one bad item must not cost the rest of the page
+                self._refused("reply", item, exc)
+
+    def _take_reports(self, page: list[dict[str, Any]]) -> None:
+        for item in page:
+            try:
+                self._held.reports.append(send_status_to_report(item))
+            except Exception as exc:
+                self._refused("delivery status", item, exc)
+
+    def _refused(self, what: str, item: Mapping[str, Any], exc: Exception) -> None:
+        """Logged in full, number included: Tencent will not hand the item out again, so this is the only copy."""
+        self.counts.refused += 1
+        log.error("pulled %s refused (%s), NOT stored: %s", what, exc, json.dumps(item, ensure_ascii=False))
+
+    async def _flush(self) -> bool:
+        """Store everything held; False (items still held) when the database said no."""
+        held = self._held
+        try:
+            if held.replies:
+                results = await self.sink.store(list(held.replies))
+                stored = sum(1 for r in results if not r.duplicate)
+                self.counts.replies_stored += stored
+                self.counts.duplicates += len(results) - stored
+                log.info("pulled %d repl(ies): %d stored, %d duplicate(s)", len(results), stored, len(results) - stored)
+                held.replies.clear()
+            if held.reports:
+                outcome = await self.sink.apply(list(held.reports))
+                self.counts.reports_applied += outcome.updated
+                self.counts.unknown_reports += len(outcome.unknown)
+                log.info(
+                    "pulled %d delivery status(es): %d applied, %d for sends we do not know",
+                    len(held.reports),
+                    outcome.updated,
+                    len(outcome.unknown),
+                )
+                held.reports.clear()
+        except Exception as exc:
+            self.last_error = f"storing: {type(exc).__name__}: {exc}"
+            log.error(
+                "%d pulled item(s) not stored (%s: %s); kept in memory, stored again before pulling more",
+                len(held),
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        return True
+
+    # ---------------------------------------------------------------- running
+
+    async def run(self) -> None:
+        """Poll every ``interval`` until ``stop()``; never ends on an error of Tencent or the database."""
+        try:
+            while not self._stopping:
+                try:
+                    await self.poll()
+                except Exception:  # a bug in a round must not end pulling for good
+                    log.exception("pull round failed; retrying in %ss", self.interval)
+                await self._pause()
+            if self.held:
+                await self._flush()
+        finally:
+            self.log_unsaved()
+
+    async def drain(self, *, store_attempts: int = 5) -> PollResult:
+        """Pull until Tencent has nothing more (``--once``): storage failures retried ``store_attempts`` times."""
+        result = await self.poll()
+        attempts = 1
+        while result is PollResult.STORE_ERROR and attempts < store_attempts and not self._stopping:
+            await self._pause()
+            result = await self.poll()
+            attempts += 1
+        self.log_unsaved()
+        return result
+
+    async def _pause(self) -> None:
+        """Wait ``interval`` seconds, or less if ``stop()`` is called meanwhile."""
+        if self._stop is None:
+            self._stop = asyncio.Event()
+            if self._stopping:
+                self._stop.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.interval):
+                await self._stop.wait()
+
+    def stop(self) -> None:
+        """Finish the current round (a pull in flight is never abandoned: its items would be lost), then end."""
+        self._stopping = True
+        if self._stop is not None:
+            self._stop.set()
+
+    def log_unsaved(self) -> None:
+        """Log, in full, every item still held: Tencent will not hand them out again, so this is the only copy."""
+        for message in self._held.replies:
+            log.error(
+                "pulled reply NOT stored (the only copy left): %s",
+                json.dumps(
+                    {
+                        "nationcode": message.nationcode,
+                        "mobile": message.mobile,
+                        "sign": message.sign,
+                        "extend": message.extend,
+                        "text": message.text,
+                        "time": message.time,
+                    },
+                    ensure_ascii=False,
+                ),
+            )
+        for report in self._held.reports:
+            log.error(
+                "pulled delivery status NOT stored (the only copy left): %s",
+                json.dumps(report.model_dump(exclude_none=True), ensure_ascii=False),
+            )
+
+
+def make_puller(
+    settings: Settings, sink: PullSink, *, interval: float | None = None, clock: Callable[[], datetime] | None = None
+) -> Puller:
+    """A Puller for these settings (ConfigError when Tencent's credentials are missing)."""
+    config = tencent_config(settings)
+    aliases = {approved: sign for sign, approved in config.sign_names.items() if approved not in config.sign_names}
+    return Puller(
+        TencentPullClient(config),
+        sink,
+        interval=settings.pull_interval if interval is None else interval,
+        clock=clock or (lambda: datetime.now(UTC)),
+        sign_aliases=aliases,
+    )
+
+
+async def pull_into_database(
+    settings: Settings,
+    *,
+    engine: Engine,
+    rules: LiveRules,
+    once: bool,
+    interval: float | None = None,
+    watch_rules: bool = True,
+) -> tuple[Puller, PollResult | None]:
+    """``smsbot pull``: pull into the database with a writer of its own; replies are only queued.
+
+    Whoever runs ``serve`` (its delivery loop polls the outbox) sends them.
+    SIGINT/SIGTERM end the current round first, so a pull in flight is stored.
+    Returns the puller (its counts) and, with ``once``, how the last round ended.
+    """
+    import signal
+
+    from bot.inbound_store import InboundStore
+    from bot.service import Policy
+    from bot.writer import DbWriter
+
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731 - one line, typed
+    inbound = InboundStore(
+        rules=rules, policy=Policy(loop_limit=settings.loop_limit, loop_window=settings.loop_window), clock=clock
+    )
+    writer = DbWriter(engine, on_commit=inbound.after_commit)
+    puller = make_puller(settings, WriterSink(writer, inbound, clock), interval=interval, clock=clock)
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(signum, puller.stop)
+            handled.append(signum)
+    writer.start()
+    watcher = asyncio.create_task(rules.watch(), name="smsbot-rules-watch") if watch_rules and not once else None
+    try:
+        if once:
+            return puller, await puller.drain()
+        await puller.run()
+        return puller, None
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        await asyncio.to_thread(writer.stop)
+
+
+@contextlib.asynccontextmanager
+async def pulling(puller: Puller | None, *, stop_timeout: float = 30.0) -> AsyncIterator[None]:
+    """Run ``puller`` (if any) while the body runs, e.g. a server's lifespan; stopped before the writer is.
+
+    Stopped with ``stop()``, not a cancel: a cancel during a pull would drop
+    the page Tencent already removed from its queue. Only a round still
+    running after ``stop_timeout`` is cancelled (its held items are logged).
+    """
+    if puller is None:
+        yield
+        return
+    task = asyncio.create_task(puller.run(), name="smsbot-puller")
+    try:
+        yield
+    finally:
+        puller.stop()
+        done, _pending = await asyncio.wait({task}, timeout=stop_timeout)
+        if not done:
+            log.error("the puller did not finish its round within %ss; cancelling it", stop_timeout)
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
