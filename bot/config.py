@@ -110,6 +110,8 @@ class Settings(BaseSettings):
         default=10, ge=0, description="replies per number per China day (Tencent's default is 10); 0: no limit"
     )
     host: str = Field(default="127.0.0.1", description="address smsbot serve binds to")
+    port: int = Field(default=8000, ge=1, le=65535, description="port smsbot serve listens on")
+    config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
 
     @field_validator("frequency_same_content", mode="before")
     @classmethod
@@ -118,8 +120,6 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() in ("0", "0s", "off", "none", ""):
             return None
         return None if value == 0 else value
-    port: int = Field(default=8000, ge=1, le=65535, description="port smsbot serve listens on")
-    config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
 
     @classmethod
     def settings_customise_sources(
