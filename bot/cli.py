@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,6 +23,11 @@ from bot.rules.schema import RuleFile, parse_duration
 from bot.rules.simulation import Step, run_file_tests, simulate
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy import Connection, Engine
+
+    from bot.export import ExportFilter
     from bot.tencent.sender import TencentConfig
     from bot.tencent.templates import SyncReport
 
@@ -302,6 +308,15 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def _setup_logging(settings: Settings) -> None:
+    """serve, worker and pull log the same way: ``log_format``, numbers masked unless ``log_reveal_numbers``."""
+    import logging
+
+    from bot.logs import setup_logging
+
+    setup_logging(level=logging.INFO, log_format=settings.log_format, reveal_numbers=settings.log_reveal_numbers)
+
+
 @app.command("serve")
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="address to bind (default 127.0.0.1)")] = None,
@@ -319,7 +334,6 @@ def serve(
     ] = False,
 ) -> None:
     """Run the callback server and the delivery loop (in a writer process unless SMSBOT_WRITER=thread)."""
-    import logging
 
     import uvicorn
 
@@ -349,7 +363,7 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(2) from exc
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(settings)
     engine = make_engine(settings.database_url)
     try:
         check_schema(engine)
@@ -373,7 +387,8 @@ def serve(
         f"smsbot: listening on http://{bind_host}:{bind_port} (database {_safe_url(settings.database_url)}, "
         f"writer {settings.writer}{f', pulling from Tencent every {settings.pull_interval:g}s' if settings.pull else ''})"
     )
-    uvicorn.run(application, host=bind_host, port=bind_port, log_level="info", access_log=False)
+    # log_config=None: uvicorn's own lines go through the root handler, so they are masked and JSON too.
+    uvicorn.run(application, host=bind_host, port=bind_port, log_level="info", access_log=False, log_config=None)
 
 
 @app.command("pull")
@@ -392,7 +407,6 @@ def pull_command(
     whoever runs smsbot serve (or smsbot worker) sends them. Exit 1 when --once could not finish.
     """
     import asyncio
-    import logging
 
     from bot.live_rules import LiveRules, RulesInvalid
     from bot.pull import PollResult, pull_into_database, tencent_config
@@ -404,7 +418,7 @@ def pull_command(
     except ConfigError as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(2) from exc
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(settings)
     engine = make_engine(settings.database_url)
     try:
         try:
@@ -457,7 +471,6 @@ def worker_command(
     """
     import asyncio
     import contextlib
-    import logging
     import signal
 
     from bot.outbox import Deliverer, delivery_options
@@ -471,7 +484,7 @@ def worker_command(
     except ConfigError as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(2) from exc
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(settings)
     engine = make_engine(settings.database_url)
     try:
         check_schema(engine)
@@ -507,3 +520,214 @@ def worker_command(
         writer.stop()
         engine.dispose()
     typer.echo(f"smsbot worker: {sent} repl{'y' if sent == 1 else 'ies'} handled")
+
+
+users_app = typer.Typer(help="Ops console accounts (viewer: read only; admin: may change data).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+PasswordStdinOpt = Annotated[
+    bool, typer.Option("--password-stdin", help="read the password from standard input (first line) instead of asking")
+]
+
+
+def _read_password(from_stdin: bool) -> str:
+    """The new password: one line of standard input, or asked twice without echo (a typo is caught, not stored)."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first: str = typer.prompt("Password", hide_input=True, default="", show_default=False)
+    second: str = typer.prompt("Repeat the password", hide_input=True, default="", show_default=False)
+    if first != second:
+        typer.echo("smsbot: the two passwords differ; nothing changed", err=True)
+        raise typer.Exit(1)
+    return first
+
+
+def _in_users_db(change: Callable[[Connection, datetime], object]) -> None:
+    """Run ``change(conn, now)`` in one write transaction, turning refusals into a message and exit code 1."""
+    from bot.console.users import UserError
+    from bot.store.db import WRITE_OPTIONS, SchemaOutOfDate, check_schema, make_engine
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        check_schema(engine)
+        with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+            change(conn, datetime.now(UTC))
+    except SchemaOutOfDate as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except UserError as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        engine.dispose()
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="the name to sign in with")],
+    role: Annotated[str, typer.Option("--role", help="viewer (read only) or admin")] = "viewer",
+    password_stdin: PasswordStdinOpt = False,
+) -> None:
+    """Add a console user; the password is asked for (twice) or read from standard input."""
+    from bot.console.users import UserError, add_user, check_name, check_password, check_role
+
+    try:  # refuse a bad name or role before asking for a password
+        check_name(name)
+        check_role(role)
+        password = check_password(_read_password(password_stdin))
+    except UserError as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    _in_users_db(lambda conn, now: add_user(conn, name, role, password, now=now, actor="cli"))
+    typer.echo(f"user {name.strip()!r} added ({role})")
+
+
+@users_app.command("list")
+def users_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON object per user")] = False) -> None:
+    """List the console users, their roles, last login and whether they are locked out."""
+    from bot.console.users import is_locked, list_users
+
+    found: list[Any] = []
+    _in_users_db(lambda conn, _now: found.extend(list_users(conn)))
+    now = datetime.now(UTC)
+    for row in found:
+        last = row["last_login_at"].isoformat() if row["last_login_at"] else None
+        locked = is_locked(row, now)
+        if as_json:
+            document = {
+                "name": row["name"],
+                "role": row["role"],
+                "created_at": row["created_at"].isoformat(),
+                "last_login_at": last,
+                "locked_until": row["locked_until"].isoformat() if locked else None,
+                "failed_logins": row["failed_logins"],
+            }
+            typer.echo(json.dumps(document, ensure_ascii=False))
+        else:
+            status = f"locked until {row['locked_until']:%Y-%m-%d %H:%M} UTC" if locked else ""
+            typer.echo(f"{row['name']}\t{row['role']}\tlast login {last or 'never'}\t{status}".rstrip())
+    if not found and not as_json:
+        typer.echo("no users yet: add one with 'smsbot users add NAME --role admin'", err=True)
+
+
+@users_app.command("remove")
+def users_remove(name: Annotated[str, typer.Argument(help="the user to remove")]) -> None:
+    """Remove a console user (their sessions end at once; the audit trail keeps their name)."""
+    from bot.console.users import remove_user
+
+    _in_users_db(lambda conn, now: remove_user(conn, name, now=now, actor="cli"))
+    typer.echo(f"user {name.strip()!r} removed")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: Annotated[str, typer.Argument(help="the user whose password to set")],
+    password_stdin: PasswordStdinOpt = False,
+) -> None:
+    """Set a user's password (also unlocks the account; their other sessions end)."""
+    from bot.console.users import UserError, check_password, require_user, set_password
+
+    _in_users_db(lambda conn, _now: require_user(conn, name))  # before asking for a password
+    try:
+        password = check_password(_read_password(password_stdin))
+    except UserError as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    _in_users_db(lambda conn, now: set_password(conn, name, password, now=now, actor="cli"))
+    typer.echo(f"password of {name.strip()!r} changed")
+
+
+class _ExportFormat(StrEnum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+@app.command("export")
+def export_command(
+    since: Annotated[
+        str, typer.Option("--since", help="first day (2026-01-01) or time (2026-01-01T08:00, UTC unless +08:00 given)")
+    ],
+    until: Annotated[str, typer.Option("--until", help="last day, included (2026-01-31), or a time, excluded")],
+    fmt: Annotated[
+        _ExportFormat, typer.Option("--format", help="csv (with a header line) or jsonl")
+    ] = _ExportFormat.csv,
+    signature: Annotated[str | None, typer.Option("--signature", help="only this signature's messages")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="write to this file (replaced only once complete)")
+    ] = None,
+    reveal: Annotated[bool, typer.Option("--reveal", help="full phone numbers (default: 138****0000)")] = False,
+) -> None:
+    """Export messages in and out (rule, states, template, delivery status) as CSV or JSON lines.
+
+    Oldest first, by the time each was stored. Without -o the export goes to
+    standard output. With -o the file appears only once complete (written
+    beside it, then renamed), readable by its owner only: it holds customers' messages.
+    """
+    from bot.export import BadDate, ExportFilter, parse_bound
+    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
+
+    settings = _settings()
+    try:
+        filters = ExportFilter(
+            since=parse_bound(since), until=parse_bound(until, end=True), signature=signature, reveal=reveal
+        )
+    except BadDate as exc:
+        typer.echo(f"smsbot export: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    engine = make_engine(settings.database_url)
+    try:
+        try:
+            check_schema(engine)
+        except SchemaOutOfDate as exc:
+            typer.echo(f"smsbot: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        written = _export_to(engine, filters, fmt.value, output)
+    except OSError as exc:
+        typer.echo(f"smsbot export: cannot write {output}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        engine.dispose()
+    typer.echo(f"smsbot export: {written} message(s){f' written to {output}' if output else ''}", err=True)
+
+
+def _export_to(engine: Engine, filters: ExportFilter, fmt: str, output: Path | None) -> int:
+    """Stream the export to ``output`` (atomically) or stdout; a progress bar on stderr only if it is a terminal."""
+    import contextlib
+    import os
+    import tempfile
+
+    from bot.export import count_rows, export_chunks
+
+    written = 0
+    bar: Any = None
+
+    def progress(rows: int) -> None:
+        nonlocal written
+        written += rows
+        if bar is not None:
+            bar.update(rows)
+
+    with contextlib.ExitStack() as stack:
+        if sys.stderr.isatty():
+            total = count_rows(engine, filters)
+            bar = stack.enter_context(typer.progressbar(length=total, label="exporting", file=sys.stderr))
+        chunks = export_chunks(engine, filters, "jsonl" if fmt == "jsonl" else "csv", progress=progress)
+        if output is None:
+            for chunk in chunks:
+                sys.stdout.write(chunk)
+            sys.stdout.flush()
+            return written
+        fd, temp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
+                for chunk in chunks:
+                    file.write(chunk)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, output)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+    return written

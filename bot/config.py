@@ -26,8 +26,8 @@ from bot.rules.schema import Duration
 
 CONFIG_ENV = "SMSBOT_CONFIG"
 DEFAULT_CONFIG_NAME = "config.yaml"
-_PATH_SETTINGS = ("rules_dir",)
-SECRET_SETTINGS = ("callback_token", "tencent_secret_id", "tencent_secret_key")
+_PATH_SETTINGS = ("rules_dir", "pull_unstored_file")
+SECRET_SETTINGS = ("callback_token", "tencent_secret_id", "tencent_secret_key", "console_secret", "metrics_token")
 
 
 class ConfigError(Exception):
@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     pull_interval: float = Field(
         default=10.0, gt=0, le=3600, description="seconds between pulls when Tencent's queues are empty"
     )
+    pull_unstored_file: Path = Field(
+        default=Path("smsbot-pull-unstored.jsonl"),
+        description="pulled items that could not be stored are appended here in full (JSON lines, owner only): "
+        "Tencent hands each out once, so this file is their only copy",
+    )
     max_body_bytes: int = Field(default=64 * 1024, ge=256, description="largest callback body accepted")
     loop_limit: int = Field(default=20, ge=1, description="identical replies to one number allowed per loop_window")
     loop_window: Duration = Field(default=timedelta(minutes=5), description="window for loop_limit, e.g. 5m")
@@ -110,7 +115,32 @@ class Settings(BaseSettings):
         default=10, ge=0, description="replies per number per China day (Tencent's default is 10); 0: no limit"
     )
     host: str = Field(default="127.0.0.1", description="address smsbot serve binds to")
+    console_secret: SecretStr | None = Field(
+        default=None,
+        description="environment only: signs the ops console's session cookies; unset: a random one per start "
+        "(everyone is signed out on restart)",
+    )
+    console_max_failed_logins: int = Field(
+        default=5, ge=1, description="failed console logins in a row that lock the account for console_lockout"
+    )
+    console_lockout: Duration = Field(
+        default=timedelta(minutes=15), description="how long a console account stays locked, e.g. 15m"
+    )
+    console_session_max_age: Duration = Field(
+        default=timedelta(hours=12), description="a console session ends this long after login, e.g. 12h"
+    )
     port: int = Field(default=8000, ge=1, le=65535, description="port smsbot serve listens on")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="log lines of serve, worker and pull: 'text' or 'json' (one JSON object a line)"
+    )
+    log_reveal_numbers: bool = Field(
+        default=False, description="write customers' phone numbers into the logs unmasked (for debugging only)"
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="environment only: when set, GET /metrics needs 'Authorization: Bearer <it>'; "
+        "unset: /metrics answers loopback clients only",
+    )
     config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
 
     @field_validator("frequency_same_content", mode="before")

@@ -17,8 +17,10 @@ Nothing pulled may be lost, because Tencent hands out each item only once:
   twice is harmless: replies dedupe on their key, and a delivery report sets
   the same status again.
 - Stopping waits for the current round (``stop()``), tries once more to store
-  what is held, and logs every item it still could not store at ERROR, in
-  full: that log line is the only copy left.
+  what is held, and appends every item it still could not store, in full, to
+  ``pull_unstored_file`` (JSON lines, readable by the owner only): that file is
+  the only copy left. The log says so at ERROR, with the number masked like
+  every log line (logs leave the machine; the file does not).
 - Tencent errors (network, credentials, the pull not enabled on the account)
   are logged with Tencent's code and retried next round; they never end the
   loop. An item Tencent hands out that we cannot use (say, no SignName) is
@@ -33,11 +35,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.config import ConfigError, Settings
@@ -321,6 +325,7 @@ class Puller:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         limit: int = PULL_LIMIT,
         sign_aliases: Mapping[str, str] | None = None,
+        unstored_file: Path = Path("smsbot-pull-unstored.jsonl"),
     ) -> None:
         if not 0 < limit <= PULL_LIMIT:
             raise ValueError(f"limit must be 1..{PULL_LIMIT}, Tencent's maximum")
@@ -330,6 +335,7 @@ class Puller:
         self.clock = clock
         self.limit = limit
         self.sign_aliases = dict(sign_aliases or {})
+        self.unstored_file = unstored_file
         self.counts = PullCounts()
         self.rounds = 0
         self.last_error: str | None = None
@@ -403,9 +409,24 @@ class Puller:
                 self._refused("delivery status", item, exc)
 
     def _refused(self, what: str, item: Mapping[str, Any], exc: Exception) -> None:
-        """Logged in full, number included: Tencent will not hand the item out again, so this is the only copy."""
+        """Kept in full in the unstored file: Tencent will not hand the item out again, so this is the only copy."""
         self.counts.refused += 1
-        log.error("pulled %s refused (%s), NOT stored: %s", what, exc, json.dumps(item, ensure_ascii=False))
+        self._keep(f"{what} refused ({exc})", dict(item))
+
+    def _keep(self, why: str, item: dict[str, Any]) -> None:
+        """Append an item we could not store to the unstored file; the log line names it, number masked."""
+        line = json.dumps({"why": why, "at": self.clock().isoformat(), "item": item}, ensure_ascii=False)
+        try:
+            fd = os.open(self.unstored_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as out:
+                out.write(line + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            # Nowhere left to keep it: the log line is the last copy, so it keeps the number (see bot/logs.py).
+            log.critical("pulled item NOT stored and NOT kept (%s): %s", exc, line)
+            return
+        log.error("pulled %s, NOT stored: kept in %s: %s", why, self.unstored_file, line)
 
     async def _flush(self) -> bool:
         """Store everything held; False (items still held) when the database said no."""
@@ -484,27 +505,21 @@ class Puller:
             self._stop.set()
 
     def log_unsaved(self) -> None:
-        """Log, in full, every item still held: Tencent will not hand them out again, so this is the only copy."""
+        """Keep every item still held in the unstored file: Tencent will not hand them out again."""
         for message in self._held.replies:
-            log.error(
-                "pulled reply NOT stored (the only copy left): %s",
-                json.dumps(
-                    {
-                        "nationcode": message.nationcode,
-                        "mobile": message.mobile,
-                        "sign": message.sign,
-                        "extend": message.extend,
-                        "text": message.text,
-                        "time": message.time,
-                    },
-                    ensure_ascii=False,
-                ),
+            self._keep(
+                "reply could not be stored before stopping",
+                {
+                    "nationcode": message.nationcode,
+                    "mobile": message.mobile,
+                    "sign": message.sign,
+                    "extend": message.extend,
+                    "text": message.text,
+                    "time": message.time,
+                },
             )
         for report in self._held.reports:
-            log.error(
-                "pulled delivery status NOT stored (the only copy left): %s",
-                json.dumps(report.model_dump(exclude_none=True), ensure_ascii=False),
-            )
+            self._keep("delivery status could not be stored before stopping", report.model_dump(exclude_none=True))
 
 
 def make_puller(
@@ -519,6 +534,7 @@ def make_puller(
         interval=settings.pull_interval if interval is None else interval,
         clock=clock or (lambda: datetime.now(UTC)),
         sign_aliases=aliases,
+        unstored_file=settings.pull_unstored_file,
     )
 
 

@@ -31,16 +31,18 @@ import pickle
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection as PipeEnd
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, text
 
 from bot.delivery_reports import ReportOutcome, StatusReport, apply_reports
+from bot.logs import setup_logging
 from bot.service import Inbound, InboundResult, Policy
 
 log = logging.getLogger("smsbot.writer")
@@ -76,6 +78,8 @@ class WriterConfig:
     sender: Any = None
     """A picklable SmsSender, or None for the console sender."""
     log_level: int = logging.INFO
+    log_format: Literal["text", "json"] = "text"
+    log_reveal_numbers: bool = False
     poll_seconds: float = 1.0
     delivery: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the ``Deliverer`` (see ``bot.outbox.delivery_options``)."""
@@ -91,7 +95,7 @@ def writer_main(conn: PipeEnd, config: WriterConfig) -> None:
     # process dies instead, the pipe reaches EOF and this one finishes its batch and exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+    setup_logging(level=config.log_level, log_format=config.log_format, reveal_numbers=config.log_reveal_numbers)
     _Child(conn, config).run()
 
 
@@ -133,8 +137,14 @@ class _Child:
         self.inbound = InboundStore(rules=self.rules, policy=config.policy, clock=lambda: datetime.now(UTC))
         self.writer = _Writer(self.engine, max_batch=MAX_BATCH, on_commit=self.inbound.after_commit)
         sender = config.sender if config.sender is not None else ConsoleSender()
+        # On PostgreSQL the delivery loop commits on a connection (and thread) of its own: sharing the
+        # callbacks' writer put its claims and settlements inside their transactions, where they took
+        # over a third of the writer's time while callbacks waited. SQLite has one write lock anyway.
+        self.delivery_writer = (
+            DbWriter(self.engine, max_batch=MAX_BATCH) if self.engine.dialect.name == "postgresql" else self.writer
+        )
         self.deliverer = (
-            Deliverer(self.writer, sender, poll_seconds=config.poll_seconds, **config.delivery)
+            Deliverer(self.delivery_writer, sender, poll_seconds=config.poll_seconds, **config.delivery)
             if config.deliver
             else None
         )
@@ -194,6 +204,8 @@ class _Child:
         from bot.writer import _Job
 
         self.writer.start_checkpointer()
+        if self.delivery_writer is not self.writer:
+            self.delivery_writer.start()
         self._athread.start()
         self._send_rules()
         self.send(("ready", os.getpid()))
@@ -252,6 +264,8 @@ class _Child:
         )
         self.writer.stop()  # the checkpointer (the thread was never started)
         self.writer._drop_connection()
+        if self.delivery_writer is not self.writer:
+            self.delivery_writer.stop()
         self.engine.dispose()
         with contextlib.suppress(OSError):
             self.conn.close()
@@ -306,6 +320,8 @@ class ProcessWriter:
                 f"writer process: the sender must be picklable to reach the writer process: {exc}"
             ) from exc
         self.config = config
+        self.on_rules_status: Callable[[dict[str, Any]], None] | None = None
+        """Called with every rules status the writer process sends (each load attempt; ``/metrics`` counts them)."""
         self.rules_status: dict[str, Any] = {
             "version": None,
             "files": [],
@@ -471,6 +487,8 @@ class ProcessWriter:
                     future.set_exception(WriterJobFailed(*payload))
         elif kind == "rules":
             self.rules_status = message[1]
+            if self.on_rules_status is not None:
+                self.on_rules_status(message[1])
         elif kind == "ready" and self._ready is not None and not self._ready.done():
             self._ready.set_result(message[1])
 

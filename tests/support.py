@@ -38,7 +38,16 @@ SIGN = "Acme Shop"
 MOBILE = "13800000000"
 NATIONCODE = "86"
 
-OUR_TABLES = ("opt_out_events", "outbox", "messages", "conversations", "contacts", "alembic_version")
+OUR_TABLES = (
+    "audit_events",
+    "users",
+    "opt_out_events",
+    "outbox",
+    "messages",
+    "conversations",
+    "contacts",
+    "alembic_version",
+)
 ALL_TABLES = (contacts, conversations, messages, outbox, opt_out_events)
 
 

@@ -91,6 +91,14 @@ def tencent_settings(fake: FakeTencentSms, **extra: Any) -> Settings:
     )
 
 
+@pytest.fixture(autouse=True)
+def unstored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where pulled items that could not be stored are kept (never the repository's folder)."""
+    path = tmp_path / "unstored.jsonl"
+    monkeypatch.setenv("SMSBOT_PULL_UNSTORED_FILE", str(path))
+    return path
+
+
 def pulling_app(make_app: Callable[..., Harness], db_url: str, fake: FakeTencentSms, **extra: Any) -> Harness:
     """The server with ``pull: true`` (thread writer), replies sent to the fake through the real SDK."""
     settings = tencent_settings(fake, pull=True, pull_interval=FAST, **extra)
@@ -323,8 +331,12 @@ def test_pulled_replies_the_database_refuses_are_kept_and_stored_later(
         admin.dispose()
 
 
-def test_stopping_with_replies_held_logs_them_in_full(
-    make_app: Callable[..., Harness], db_url: str, fake: FakeTencentSms, caplog: pytest.LogCaptureFixture
+def test_stopping_with_replies_held_keeps_them_in_full_in_the_unstored_file(
+    make_app: Callable[..., Harness],
+    db_url: str,
+    fake: FakeTencentSms,
+    caplog: pytest.LogCaptureFixture,
+    unstored: Path,
 ) -> None:
     caplog.set_level(logging.ERROR, logger="smsbot.pull")
     admin = create_engine(db_url)
@@ -334,9 +346,13 @@ def test_stopping_with_replies_held_logs_them_in_full(
         fake.enqueue_reply(CUSTOMER, "TD please", sign_name=SIGN)
         wait_until(lambda: puller(h).held == 1, what="the pulled reply held")
         stop_app(h.client, h.app)
-        assert "pulled reply NOT stored (the only copy left)" in caplog.text
-        assert '"mobile": "13800000000"' in caplog.text
-        assert "TD please" in caplog.text
+        assert f"NOT stored: kept in {unstored}" in caplog.text
+        [line] = unstored.read_text(encoding="utf-8").splitlines()
+        kept = json.loads(line)
+        assert kept["item"]["mobile"] == "13800000000"
+        assert kept["item"]["text"] == "TD please"
+        assert "could not be stored" in kept["why"]
+        assert unstored.stat().st_mode & 0o077 == 0  # the customer's number: owner only
     finally:
         admin.dispose()
 

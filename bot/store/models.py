@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -214,8 +215,51 @@ class OptOutEvent(Base):
     created_at: Mapped[datetime]
 
 
+class User(Base):
+    """A person who may sign in to the ops console (``smsbot users``).
+
+    Audit records name users by ``name`` as text, never by foreign key, so
+    removing a user keeps the history of what they did readable.
+    """
+
+    __tablename__ = "users"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_users_name"),
+        CheckConstraint("role IN ('viewer', 'admin')", name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))  # "viewer" | "admin"
+    password_hash: Mapped[str] = mapped_column(String(255))
+    """argon2id, in the PHC string format (parameters included, so they can be raised later)."""
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    """Failed logins since the last success or lockout."""
+    locked_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    last_login_at: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """Who changed what, when: user management, logins and every change made from the console."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_created_at", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    """The console user's name, or ``cli`` for the ``smsbot`` command."""
+    action: Mapped[str] = mapped_column(String(64))
+    """e.g. ``user.add``, ``login.failed``, ``opt_out.add``."""
+    target: Mapped[str | None] = mapped_column(String(255))
+    detail: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime]
+
+
 contacts = cast(Table, Contact.__table__)
 conversations = cast(Table, Conversation.__table__)
 messages = cast(Table, Message.__table__)
 outbox = cast(Table, Outbox.__table__)
 opt_out_events = cast(Table, OptOutEvent.__table__)
+users = cast(Table, User.__table__)
+audit_events = cast(Table, AuditEvent.__table__)

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, text
 
 from bot.config import Settings
+from bot.console import install as install_console
 from bot.delivery_reports import BadReport, StatusReport, apply_reports, parse_status_callback
 from bot.inbound_store import InboundStore
 from bot.live_rules import LiveRules
@@ -28,6 +29,7 @@ from bot.outbox import ConsoleSender, Deliverer, SmsSender, delivery_options
 from bot.pull import ProcessSink, Puller, WriterSink, make_puller, pulling
 from bot.service import Inbound, InboundResult, Policy
 from bot.web.callbacks import BadCallback, CallbackAnswer, ReplyCallback, parse_reply_callback
+from bot.web.metrics import DUPLICATE, build_metrics
 from bot.writer import DbWriter
 from bot.writer_process import ProcessWriter, WriterConfig
 
@@ -143,6 +145,8 @@ def create_app(
                 watch_rules=watch_rules,
                 sender=sender,
                 log_level=logging.getLogger().getEffectiveLevel(),
+                log_format=settings.log_format,
+                log_reveal_numbers=settings.log_reveal_numbers,
                 delivery=delivery_options(settings),
             )
         )
@@ -184,7 +188,7 @@ def create_app(
         if deliverer is not None:
             tasks.append(asyncio.create_task(deliverer.run_forever(), name="smsbot-deliverer"))
         if watch_rules:
-            tasks.append(asyncio.create_task(rules.watch(), name="smsbot-rules-watch"))
+            tasks.append(asyncio.create_task(rules.watch(metrics.on_rules_reload), name="smsbot-rules-watch"))
         try:
             async with pulling(runtime.puller):
                 yield
@@ -202,6 +206,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    metrics = app.state.metrics = build_metrics(
+        settings, engine=engine, clock=clock, rules=rules, process_writer=process_writer
+    )
+    app.get("/metrics", summary="Prometheus metrics (bearer token, or loopback clients only)")(metrics.endpoint)
+    install_console(app, settings)  # the ops console under /console (bot/console)
     expected_token = settings.callback_token.get_secret_value().encode() if settings.callback_token else None
 
     @app.post(
@@ -215,6 +224,7 @@ def create_app(
         ),
         openapi_extra=_callback_openapi(_REPLY_SCHEMA),
     )
+    @metrics.observe("reply")
     async def sms_callback(request: Request) -> JSONResponse:
         body = await _checked_body(request)
         if isinstance(body, JSONResponse):
@@ -230,6 +240,8 @@ def create_app(
             return _answer(503, RESULT_UNAVAILABLE, "database unavailable, nothing stored; retry later")
         if process_writer is None:  # (the writer process warns about unknown signatures itself)
             runtime.inbound.warn_unknown_signatures(inbound, results)
+        if results and all(r.duplicate for r in results):
+            request.state.metrics_result = DUPLICATE
         return JSONResponse({"result": 0, "errmsg": "OK"})
 
     async def _checked_body(request: Request) -> bytes | JSONResponse:
@@ -256,6 +268,7 @@ def create_app(
         ),
         openapi_extra=_callback_openapi(_REPORT_SCHEMA, max_items=100),
     )
+    @metrics.observe("status")
     async def sms_status(request: Request) -> JSONResponse:
         body = await _checked_body(request)
         if isinstance(body, JSONResponse):

@@ -1,0 +1,71 @@
+"""The ops console: server-rendered pages under ``/console``, for signed-in users only.
+
+How to add a page (the whole interface; everything lives in ``bot.console.web``)::
+
+    # bot/console/conversations.py
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, RedirectResponse, Response
+    from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render
+
+    router = ConsoleRouter(prefix=PREFIX)          # NOT a bare APIRouter: see below
+
+    @router.get("/conversations", response_class=HTMLResponse)
+    def conversations(request: Request, user: CurrentUser) -> Response:      # any signed-in user
+        with engine(request).connect() as conn:
+            ...
+        return render(request, "conversations.html", {"rows": rows})
+
+    @router.post("/opt-outs/add")
+    def add_opt_out(request: Request, admin: AdminUser, ...) -> Response:   # admins only (viewers: 403)
+        ...  # change data, audit(conn, actor=admin.name, action="opt_out.add", target=..., now=now(request))
+        return RedirectResponse(PREFIX + "/opt-outs", status_code=303)      # post/redirect/get
+
+then add the module's ``router`` to ``PAGES`` below.
+
+- **Routers**: ``ConsoleRouter(prefix=PREFIX)``. Its route class reads the
+  signed session cookie, checks the CSRF token on every POST/PUT/PATCH/DELETE
+  (403 before your code runs), turns ``LoginRequired`` into a redirect to
+  ``/console/login`` (pages) or a 401 JSON answer (``/console/api/*``, where
+  login is checked before anything else), and ``Forbidden`` into a 403.
+- **Who**: ``CurrentUser`` / ``AdminUser`` are ``Annotated`` dependencies
+  (``current_user`` / ``require_admin``) giving a ``ConsoleUser`` (``id``,
+  ``name``, ``role``, ``is_admin``). EVERY route takes one of them: without
+  it a page is public. Anything that changes data takes ``AdminUser``.
+- **Database and time**: ``engine(request)`` (write with
+  ``engine(request).connect().execution_options(**WRITE_OPTIONS)`` from
+  ``bot.store.db`` and ``conn.begin()``); ``now(request)``, the app's
+  injectable clock. Write routes as plain ``def`` (FastAPI's thread pool).
+- **Audit**: ``bot.console.users.audit(conn, actor=user.name, action=...,
+  target=..., detail={...}, now=...)`` in the transaction making the change.
+- **Rendering**: ``render(request, "page.html", context, status_code=200)``
+  with templates in ``bot/console/templates`` (autoescape on: never use
+  ``|safe`` on stored text). The context always has ``user``,
+  ``csrf_input``, ``csrf_token``, ``nav`` and ``current_path``.
+- **Templates**: ``{% extends "base.html" %}`` and fill ``{% block title %}``,
+  ``{% block content %}``, optionally ``{% block head %}`` (extra ``<style>``)
+  and ``{% block scripts %}``. Every POST form contains ``{{ csrf_input }}``;
+  ``fetch`` calls send the header ``X-CSRF-Token: {{ csrf_token }}``.
+  The nav marks the entry whose path starts the URL; its links are in
+  ``web.NAV``.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+
+from bot.config import Settings
+from bot.console import placeholder, routes
+from bot.console import conversations, dashboard, unmatched
+from bot.console.web import ConsoleConfig
+
+PAGES: list[APIRouter] = [conversations.router, unmatched.router, dashboard.router]
+"""Page routers, included before the login routes and the placeholders (so a real page replaces its stand-in)."""
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Mount the console on ``app`` (called by ``create_app``); the session key is fixed here, once per app."""
+    app.state.console = ConsoleConfig.from_settings(settings)
+    for page in PAGES:
+        app.include_router(page)
+    app.include_router(routes.router)
+    app.include_router(placeholder.router)

@@ -1,0 +1,252 @@
+"""``GET /metrics``: Prometheus can read it, the numbers move with traffic, strangers cannot read it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from bot.config import Settings
+from tests.support import Harness, copy_rules, payload, wait_until, write_rules
+
+SMSBOT = Path(sys.executable).with_name("smsbot")
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a scrape, by (name, labels); fails the test if Prometheus could not parse it."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def scrape(h: Harness) -> Samples:
+    response = h.client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+@pytest.fixture
+def local(harness: Harness) -> Harness:
+    """The default app, with TestClient's made-up client host taken as local (it is not an address)."""
+    harness.app.state.metrics.loopback_hosts.add("testclient")
+    return harness
+
+
+def test_callbacks_are_counted_by_result(local: Harness) -> None:
+    h = local
+    h.say("MENU")
+    duplicate = payload("MENU again", at=h.next_time())
+    assert h.post(duplicate).status_code == 200
+    assert h.post(duplicate).status_code == 200  # Tencent retried: nothing new stored
+    assert h.post(b"{not json").status_code == 400
+    assert h.post(b"x" * (h.settings.max_body_bytes + 1)).status_code == 413
+    assert h.client.post("/sms/status", json=[]).status_code in (200, 400)
+
+    samples = scrape(h)
+    assert value(samples, "smsbot_callbacks_total", route="reply", result="ok") == 2
+    assert value(samples, "smsbot_callbacks_total", route="reply", result="duplicate") == 1
+    assert value(samples, "smsbot_callbacks_total", route="reply", result="bad_request") == 1
+    assert value(samples, "smsbot_callbacks_total", route="reply", result="too_large") == 1
+    assert value(samples, "smsbot_callback_duration_seconds_count", route="reply") == 5
+    assert value(samples, "smsbot_callback_duration_seconds_bucket", route="reply", le="+Inf") == 5
+    assert value(samples, "smsbot_callback_duration_seconds_count", route="status") == 1
+
+
+def test_wrong_callback_token_is_counted_as_unauthorized(make_app: Callable[..., Harness], db_url: str) -> None:
+    h = make_app(db_url, settings=Settings(callback_token=SecretStr("s3cret")))
+    h.app.state.metrics.loopback_hosts.add("testclient")
+    assert h.post(payload("hi", at=h.next_time()), token="wrong").status_code == 401
+    assert value(scrape(h), "smsbot_callbacks_total", route="reply", result="unauthorized") == 1
+
+
+def test_replies_by_status_and_the_outbox_come_from_the_database(make_app: Callable[..., Harness], db_url: str) -> None:
+    h = make_app(db_url, deliver=False)  # replies stay queued
+    h.app.state.metrics.loopback_hosts.add("testclient")
+    h.say("MENU")
+    h.say("HELP", mobile="13900000001")
+    h.clock.advance(timedelta(seconds=90))
+    samples = scrape(h)
+    assert value(samples, "smsbot_replies", status="queued") == 2
+    assert value(samples, "smsbot_outbox_depth") == 2
+    assert value(samples, "smsbot_outbox_oldest_age_seconds") == pytest.approx(90, abs=1)
+    assert value(samples, "smsbot_database_up") == 1
+
+
+def test_sent_replies_leave_the_outbox(local: Harness) -> None:
+    h = local
+    h.say("MENU")
+    h.wait_settled()
+    samples = scrape(h)
+    assert value(samples, "smsbot_replies", status="sent") == 1
+    assert value(samples, "smsbot_outbox_depth") == 0
+    assert value(samples, "smsbot_outbox_oldest_age_seconds") == 0
+
+
+def test_rules_version_and_reloads(make_app: Callable[..., Harness], db_url: str, rules_dir: Path) -> None:
+    h = make_app(db_url, watch_rules=True)
+    h.app.state.metrics.loopback_hosts.add("testclient")
+    assert h.rules.ruleset is not None
+    samples = scrape(h)
+    assert value(samples, "smsbot_rules_info", version=h.rules.ruleset.version) == 1
+    assert value(samples, "smsbot_rules_reloads_total", result="success") == 1
+    assert value(samples, "smsbot_rules_last_reload_failed") == 0
+
+    time.sleep(0.3)  # let the watcher start before the change
+    write_rules(rules_dir, "broken.yaml", "signature: Broken\nstates: [oops\n")
+    wait_until(
+        lambda: value(scrape(h), "smsbot_rules_reloads_total", result="failure") >= 1,
+        what="the failed reload to be counted",
+    )
+    samples = scrape(h)
+    assert value(samples, "smsbot_rules_last_reload_failed") == 1
+    assert value(samples, "smsbot_rules_info", version=h.rules.ruleset.version) == 1  # the old rules stay live
+
+
+def test_a_database_outage_is_reported_not_a_failed_scrape(local: Harness) -> None:
+    h = local
+    h.say("MENU")
+
+    class Down:
+        def connect(self) -> None:
+            raise ConnectionError("database down")
+
+    h.app.state.metrics.database.engine = Down()
+    samples = scrape(h)
+    assert value(samples, "smsbot_database_up") == 0
+    assert value(samples, "smsbot_callbacks_total", route="reply", result="ok") == 1  # the rest still answers
+
+
+# ---------------------------------------------------------------- who may read them
+
+
+def test_without_a_token_only_loopback_clients_may_read(harness: Harness) -> None:
+    assert harness.client.get("/metrics").status_code == 403  # "testclient" is not a loopback address
+    for host, status in [("127.0.0.1", 200), ("::1", 200), ("::ffff:127.0.0.1", 200), ("10.1.2.3", 403)]:
+        client = TestClient(harness.app, client=(host, 50000))
+        response = client.get("/metrics")
+        assert response.status_code == status, host
+    assert "SMSBOT_METRICS_TOKEN" in TestClient(harness.app, client=("10.1.2.3", 1)).get("/metrics").text
+
+
+def test_with_a_token_it_is_required_from_everyone(make_app: Callable[..., Harness], db_url: str) -> None:
+    h = make_app(db_url, settings=Settings(metrics_token=SecretStr("m3trics")))
+    loopback = TestClient(h.app, client=("127.0.0.1", 50000))
+    assert loopback.get("/metrics").status_code == 401
+    assert loopback.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert loopback.get("/metrics", headers={"Authorization": "Basic m3trics"}).status_code == 401
+    remote = TestClient(h.app, client=("203.0.113.9", 50000))
+    ok = remote.get("/metrics", headers={"Authorization": "Bearer m3trics"})
+    assert ok.status_code == 200
+    assert "smsbot_callbacks" in ok.text
+
+
+def test_each_app_has_its_own_numbers(make_app: Callable[..., Harness], db_url: str) -> None:
+    first = make_app(db_url)
+    second = make_app(db_url)
+    for h in (first, second):
+        h.app.state.metrics.loopback_hosts.add("testclient")
+    first.say("MENU")
+    assert value(scrape(first), "smsbot_callbacks_total", route="reply", result="ok") == 1
+    assert value(scrape(second), "smsbot_callbacks_total", route="reply", result="ok") == 0
+
+
+# ---------------------------------------------------------------- the real server, writer process
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def server(db_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """``smsbot serve`` in writer-process mode with JSON logs, on a real loopback socket."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMSBOT_")}
+    env |= {
+        "SMSBOT_DATABASE_URL": db_url,
+        "SMSBOT_RULES_DIR": str(copy_rules(tmp_path / "rules")),
+        "SMSBOT_WRITER": "process",
+        "SMSBOT_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(SMSBOT), "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+        return False
+
+    try:
+        wait_until(up, timeout=60, what="smsbot serve to be ready")
+        yield base, log
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_writer_process_mode(server: tuple[str, Path]) -> None:
+    base, log = server
+    body = payload("MENU", at=int(time.time()) - 60, mobile="13812345678")
+    assert httpx.post(f"{base}/sms/callback", json=body, timeout=10).status_code == 200
+    assert httpx.post(f"{base}/sms/callback", json=body, timeout=10).status_code == 200
+
+    def scraped() -> Samples:
+        response = httpx.get(f"{base}/metrics", timeout=10)  # from 127.0.0.1: no token needed
+        assert response.status_code == 200, response.text
+        return parse(response.text)
+
+    samples = wait_until(
+        lambda: (s := scraped()) and value(s, "smsbot_replies", status="sent") == 1 and s, what="the reply"
+    )
+    assert value(samples, "smsbot_callbacks_total", route="reply", result="ok") == 1
+    assert value(samples, "smsbot_callbacks_total", route="reply", result="duplicate") == 1
+    assert value(samples, "smsbot_rules_reloads_total", result="success") == 1  # the writer process's load
+    version = httpx.get(f"{base}/readyz", timeout=10).json()["rules"]["version"]
+    assert value(samples, "smsbot_rules_info", version=version) == 1
+    assert value(samples, "smsbot_outbox_depth") == 0
+
+    lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.startswith("{")]
+    entries = [json.loads(line) for line in lines]
+    assert {"smsbot.writer", "uvicorn.error"} <= {e["logger"] for e in entries}  # both processes, uvicorn too
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert "13812345678" not in log.read_text(encoding="utf-8")
