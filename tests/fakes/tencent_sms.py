@@ -31,8 +31,9 @@ Replies for ``PullSmsReplyStatus``: :meth:`~FakeTencentSms.enqueue_reply`; deliv
 ``PullSmsSendStatus`` are queued per accepted send (``report_sends``); delivery-status callbacks:
 :meth:`~FakeTencentSms.delivery_report` + :meth:`~FakeTencentSms.push_delivery_reports`.
 
-A process also answers ``GET /_fake/sends`` (the recorded sends as JSON, with their arrival time) and
-``GET /_fake/health``; these paths are not part of Tencent's API.
+A process also answers ``GET /_fake/sends`` (the recorded sends as JSON, with their arrival time),
+``GET /_fake/sends/count`` (``{"count": n}``, cheap to poll) and ``GET /_fake/health``; these paths are
+not part of Tencent's API.
 
 Time: signatures are checked against the wall clock (``auth_clock``, the SDK signs with
 ``time.time()``); frequency windows, marketing hours and report/reply times use ``clock`` plus
@@ -828,6 +829,9 @@ class FakeTencentSms:
             body: Any = {"ok": True}
         elif path == "/_fake/sends":
             body = [asdict(s) for s in self.sends]
+        elif path == "/_fake/sends/count":
+            with self._lock:
+                body = {"count": len(self._sends)}
         else:
             return _Reply(404, "text/plain", b"not found")
         return _Reply(200, JSON_CONTENT_TYPE, json.dumps(body, ensure_ascii=False).encode("utf-8"))
