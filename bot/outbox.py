@@ -139,6 +139,7 @@ def claim_due(
     lease: timedelta = LEASE,
     busy: Set[Number] = frozenset(),
     limits: FrequencyLimits = NO_LIMITS,
+    left_for_busy: list[int] | None = None,
 ) -> list[OutboundSms]:
     """Lease up to ``limit`` due outbox rows to ``owner``, in the order they were queued.
 
@@ -146,7 +147,7 @@ def claim_due(
     08:00-22:00 China time and replies that would break a number's frequency
     limits are put back with the time they may go; rows for ``busy`` numbers
     (a send to them is in flight here) are left for a later round, so replies
-    to one number never overtake each other. On PostgreSQL ``FOR UPDATE SKIP
+    to one number never overtake each other (their ids go to ``left_for_busy``). On PostgreSQL ``FOR UPDATE SKIP
     LOCKED`` lets several workers claim side by side without waiting for or
     taking each other's rows.
     """
@@ -171,6 +172,8 @@ def claim_due(
             suppressed.append(Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending"))
             continue
         if (nationcode, mobile) in busy:
+            if left_for_busy is not None:
+                left_for_busy.append(int(outbox_id))
             continue
         if marketing and not marketing_hours(now):
             # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
@@ -377,6 +380,7 @@ class Deliverer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._busy: set[Number] = set()
+        self._claim_when_free = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent = 0
 
@@ -401,14 +405,25 @@ class Deliverer:
         """
         self._ensure_started()
         if len(self._busy) >= self.concurrency:
+            self._claim_when_free = True
             return 0
         now = self.clock()
         busy = frozenset(self._busy)
+        left: list[int] = []
         claimed = await self.writer.run(
             lambda conn: claim_due(
-                conn, now=now, limit=self.batch, owner=self.owner, lease=self.lease, busy=busy, limits=self.limits
+                conn,
+                now=now,
+                limit=self.batch,
+                owner=self.owner,
+                lease=self.lease,
+                busy=busy,
+                limits=self.limits,
+                left_for_busy=left,
             )
         )
+        # Only when something due waits for a number or a slot is a finished send worth a new claim.
+        self._claim_when_free = bool(left) or len(claimed) >= self.batch
         by_number: dict[Number, list[OutboundSms]] = {}
         for sms in claimed:
             by_number.setdefault((sms.nationcode, sms.mobile), []).append(sms)
@@ -445,8 +460,8 @@ class Deliverer:
                 self.sent += 1
         finally:
             self._busy.discard(number)
-            if self._wake is not None:
-                self._wake.set()  # a slot is free, and this number's later replies may be due
+            if self._wake is not None and self._claim_when_free:
+                self._wake.set()  # a slot is free, and replies left for it (or this number) are due
 
     async def _record(self, plans: list[tuple[OutboundSms, Final | Retry]], at: datetime) -> None:
         """Record outcomes, trying again for a while: a lost record means a reply sent twice."""
@@ -478,8 +493,8 @@ class Deliverer:
                 except Exception:
                     log.exception("delivery round failed; retrying")
                     handled = 0
-                if handled:
-                    continue
+                if handled >= self.batch:
+                    continue  # a full batch: more may be due at once
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
                 # arrives together with a wake-up, and shutdown would then hang.
                 with contextlib.suppress(TimeoutError):
