@@ -54,12 +54,22 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI
 
 from bot.config import Settings
-from bot.console import placeholder, routes
-from bot.console import conversations, dashboard, unmatched
+from bot.console import (
+    conversations,
+    dashboard,
+    deliveries,
+    export_page,
+    optouts,
+    routes,
+    rules_page,
+    simulator,
+    unmatched,
+)
 from bot.console.web import ConsoleConfig
 
 PAGES: list[APIRouter] = [conversations.router, unmatched.router, dashboard.router]
-"""Page routers, included before the login routes and the placeholders (so a real page replaces its stand-in)."""
+"""Page routers, included before the login routes."""
+PAGES += [optouts.router, deliveries.router, rules_page.router, simulator.router, export_page.router]
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -68,4 +78,3 @@ def install(app: FastAPI, settings: Settings) -> None:
     for page in PAGES:
         app.include_router(page)
     app.include_router(routes.router)
-    app.include_router(placeholder.router)

@@ -50,6 +50,7 @@ NAV: tuple[tuple[str, str], ...] = (
     ("Rules", PREFIX + "/rules"),
     ("Simulator", PREFIX + "/simulator"),
     ("Dashboard", PREFIX + "/dashboard"),
+    ("Export", PREFIX + "/export"),
 )
 """The base layout's navigation: (label, path); the entry whose path starts the URL is marked current."""
 

@@ -1,0 +1,229 @@
+"""The deliveries page: replies that failed, may not have gone out, or are still waiting; admins retry them.
+
+A retry puts the reply back in the outbox exactly as the pipeline queues a
+new one (status ``queued``, due now), so the delivery loop sends it with
+every usual check: the last-moment opt-out check, marketing hours and the
+frequency limits. ``attempts`` starts again at 0: the retry policy's budget
+counts automatic tries of one send, and an admin retrying after fixing the
+cause (a template, a balance, a blocked number) wants a full new budget,
+not the last try of a spent one. The previous error code and message stay
+on the message until the new send settles, so the page keeps saying why it
+was retried.
+
+Refused: a reply already sent or delivered (the customer has it), one still
+waiting in the outbox, one that was never a failed send (suppressed,
+looping), one to a number that has opted out since (the opt-out's own
+confirmation excepted, as the delivery loop does), and an ``ambiguous`` one
+without the explicit confirmation, because Tencent may have delivered it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import Connection, func, insert, or_, select, update
+
+from bot.console.ops_shared import (
+    Page,
+    known_signatures,
+    number_shower,
+    page_number,
+    query_without,
+    wants_reveal,
+)
+from bot.console.users import audit
+from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime
+from bot.store.db import WRITE_OPTIONS
+from bot.store.models import contacts, conversations, messages, outbox
+
+router = ConsoleRouter(prefix=PREFIX)
+
+FAILED_STATUSES = ("failed", "ambiguous", "error")
+"""Message statuses of a send that did not (surely) reach the customer: the ones an admin may retry."""
+STATUS_FILTERS = (*FAILED_STATUSES, "pending")
+"""``pending``: in the outbox (queued, or waiting for a retry after a transient error)."""
+
+DONE = {"retried": "Put back in the outbox: the delivery loop sends it shortly."}
+
+
+class RetryRefused(Exception):  # noqa: N818 - named for what the admin sees
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@router.get("/deliveries", response_class=HTMLResponse, include_in_schema=False)
+def deliveries(request: Request, user: CurrentUser) -> Response:
+    status = request.query_params.get("status", "")
+    signature = request.query_params.get("signature", "").strip()
+    code = request.query_params.get("code", "").strip()
+    reveal = wants_reveal(request, user)
+    joined = messages.join(contacts, contacts.c.id == messages.c.contact_id).outerjoin(
+        outbox, outbox.c.message_id == messages.c.id
+    )
+    where = [messages.c.direction == "out"]
+    if status == "pending":
+        where.append(outbox.c.id.is_not(None))
+    elif status in FAILED_STATUSES:
+        where.append(messages.c.status == status)
+    else:
+        status = ""
+        where.append(or_(messages.c.status.in_(FAILED_STATUSES), outbox.c.id.is_not(None)))
+    if signature:
+        where.append(messages.c.signature == signature)
+    if code:
+        where.append(messages.c.error_code == code)
+    with engine(request).connect() as conn:
+        total = int(conn.execute(select(func.count()).select_from(joined).where(*where)).scalar_one())
+        page = Page(page_number(request), total)
+        found = conn.execute(
+            select(
+                messages.c.id,
+                messages.c.conversation_id,
+                messages.c.signature,
+                messages.c.text,
+                messages.c.template_id,
+                messages.c.status,
+                messages.c.status_reason,
+                messages.c.error_code,
+                messages.c.error_message,
+                messages.c.rule,
+                messages.c.created_at,
+                messages.c.updated_at,
+                contacts.c.nationcode,
+                contacts.c.mobile,
+                outbox.c.id.label("outbox_id"),
+                outbox.c.attempts,
+                outbox.c.next_attempt_at,
+                outbox.c.lease_until,
+            )
+            .select_from(joined)
+            .where(*where)
+            .order_by(messages.c.created_at.desc(), messages.c.id.desc())
+            .limit(page.size)
+            .offset(page.offset)
+        ).mappings()
+        rows = [dict(r) for r in found]
+        codes = sorted(
+            str(c)
+            for c in conn.execute(
+                select(messages.c.error_code)
+                .distinct()
+                .where(messages.c.error_code.is_not(None), messages.c.status.in_(FAILED_STATUSES))
+                .limit(200)
+            ).scalars()
+        )
+        signatures = known_signatures(conn)
+    return render(
+        request,
+        "deliveries.html",
+        {
+            "rows": rows,
+            "page": page,
+            "status": status,
+            "statuses": STATUS_FILTERS,
+            "signature": signature,
+            "signatures": signatures,
+            "code": code,
+            "codes": codes,
+            "retryable": FAILED_STATUSES,
+            "reveal": reveal,
+            "show": number_shower(reveal),
+            "done": DONE.get(request.query_params.get("done", "")),
+            "prev_query": query_without(request, page=page.number - 1),
+            "next_query": query_without(request, page=page.number + 1),
+            "reveal_query": query_without(request, "page", reveal=None if reveal else "1"),
+        },
+    )
+
+
+@router.post("/deliveries/{message_id}/retry", include_in_schema=False)
+def retry(
+    request: Request,
+    admin: AdminUser,
+    message_id: int,
+    confirm_ambiguous: Annotated[str, Form()] = "",
+) -> Response:
+    at = now(request)
+    confirmed = confirm_ambiguous in ("1", "yes", "on", "true")
+    try:
+        with engine(request).connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+            previous = _requeue(conn, message_id, confirmed=confirmed, at=at)
+            audit(
+                conn,
+                actor=admin.name,
+                action="delivery.retry",
+                target=f"message:{message_id}",
+                detail={**previous, "confirmed_ambiguous": confirmed, "attempts_reset": True},
+                now=at,
+            )
+    except RetryRefused as exc:
+        return render(
+            request, "error.html", {"status": exc.status_code, "message": str(exc)}, status_code=exc.status_code
+        )
+    deliverer = runtime(request).deliverer
+    if deliverer is not None:  # thread mode; the writer process's loop finds it at its next poll
+        deliverer.wake()
+    return RedirectResponse(f"{PREFIX}/deliveries?done=retried", status_code=303)
+
+
+def _requeue(conn: Connection, message_id: int, *, confirmed: bool, at: datetime) -> dict[str, str | None]:
+    """Check the reply may be sent again and put it back in the outbox; returns its previous outcome."""
+    row = (
+        conn.execute(
+            select(
+                messages.c.status,
+                messages.c.direction,
+                messages.c.rule_kind,
+                messages.c.template_id,
+                messages.c.error_code,
+                messages.c.error_message,
+                conversations.c.opted_out,
+                outbox.c.id.label("outbox_id"),
+            )
+            .select_from(
+                messages.outerjoin(conversations, conversations.c.id == messages.c.conversation_id).outerjoin(
+                    outbox, outbox.c.message_id == messages.c.id
+                )
+            )
+            .where(messages.c.id == message_id)
+        )
+        .mappings()
+        .first()
+    )
+    if row is None or row["direction"] != "out":
+        raise RetryRefused(404, f"there is no reply {message_id}")
+    status = row["status"]
+    if status in ("sent", "delivered"):
+        raise RetryRefused(409, f"reply {message_id} was already {status}: the customer has it, it is not sent again")
+    if row["outbox_id"] is not None or status == "queued":
+        raise RetryRefused(409, f"reply {message_id} is already waiting in the outbox")
+    if status not in FAILED_STATUSES:
+        raise RetryRefused(409, f"reply {message_id} is {status}, not a failed send: there is nothing to retry")
+    if row["opted_out"] and row["rule_kind"] != "opt_out":
+        raise RetryRefused(409, f"the number of reply {message_id} has opted out: it must not be sent anything")
+    if not row["template_id"]:
+        raise RetryRefused(409, f"reply {message_id} has no Tencent template id: fix the rules, it cannot be sent")
+    if status == "ambiguous" and not confirmed:
+        raise RetryRefused(
+            400,
+            f"reply {message_id} may already have reached the customer (Tencent never answered the send): "
+            "tick the confirmation to send it again anyway",
+        )
+    # Conditional on the status read above: of two admins retrying at once, one requeues it.
+    changed = conn.execute(
+        update(messages)
+        .where(messages.c.id == message_id, messages.c.status == status)
+        .values(status="queued", status_reason=f"retry requested in the console (was {status})", updated_at=at)
+    ).rowcount
+    if not changed:
+        raise RetryRefused(409, f"reply {message_id} changed meanwhile: reload the page")
+    conn.execute(
+        insert(outbox).values(
+            message_id=message_id, attempts=0, next_attempt_at=at, lease_until=None, leased_by=None, created_at=at
+        )
+    )
+    return {"status": status, "error_code": row["error_code"], "error_message": row["error_message"]}

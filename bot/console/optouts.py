@@ -1,0 +1,291 @@
+"""The opt-outs page: who must not get messages, and why; admins add and remove opt-outs by hand.
+
+A hand-made change is written exactly like one the pipeline makes (the
+conversation's ``opted_out`` flag plus an ``opt_out_events`` row, source
+``console`` and the admin as actor), so the thread page, the export and the
+delivery loop's last-moment opt-out check all see it with no special case.
+The console's own audit trail gets an entry in the same transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import Connection, and_, func, insert, select, true, update
+from sqlalchemy.exc import IntegrityError
+
+from bot.console.ops_shared import (
+    Page,
+    digits,
+    known_signatures,
+    number_filter,
+    number_shower,
+    page_number,
+    query_without,
+    wants_reveal,
+)
+from bot.console.users import ConsoleUser, audit
+from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime
+from bot.service import mask_number
+from bot.store.db import WRITE_OPTIONS
+from bot.store.models import contacts, conversations, opt_out_events
+
+router = ConsoleRouter(prefix=PREFIX)
+
+_NOT_A_NUMBER = re.compile(r"[^\d\s+\-()]")
+
+SOURCE = "console"
+"""``opt_out_events.source`` of a change made on this page."""
+
+DONE = {
+    "added": "Opt-out added: no more messages go to that number under that signature.",
+    "already": "That number was already opted out under that signature; nothing changed.",
+    "removed": "Opt-out removed: the number gets replies again.",
+    "not-opted-out": "That number is not opted out (any more); nothing changed.",
+}
+
+
+class OptOutRefused(Exception):  # noqa: N818 - named for what the admin sees
+    """A hand-made change that cannot be made as asked (bad number, unknown conversation)."""
+
+
+def _last_opt_out() -> Any:
+    """The latest opt-out event of each conversation: what the page shows as "why"."""
+    latest = (
+        select(func.max(opt_out_events.c.id))
+        .where(opt_out_events.c.conversation_id == conversations.c.id, opt_out_events.c.event == "opt_out")
+        .scalar_subquery()
+    )
+    return opt_out_events.alias("last_event"), latest
+
+
+@router.get("/opt-outs", response_class=HTMLResponse, include_in_schema=False)
+def opt_outs(request: Request, user: CurrentUser) -> Response:
+    number = request.query_params.get("number", "").strip()
+    signature = request.query_params.get("signature", "").strip()
+    reveal = wants_reveal(request, user)
+    event, latest = _last_opt_out()
+    where = [conversations.c.opted_out == true()]
+    matched = number_filter(number)
+    if matched is not None:
+        where.append(matched)
+    if signature:
+        where.append(conversations.c.signature == signature)
+    base = (
+        select(conversations.c.id)
+        .select_from(conversations.join(contacts, contacts.c.id == conversations.c.contact_id))
+        .where(*where)
+    )
+    with engine(request).connect() as conn:
+        total = int(conn.execute(select(func.count()).select_from(base.subquery())).scalar_one())
+        page = Page(page_number(request), total)
+        found = conn.execute(
+            select(
+                conversations.c.id,
+                conversations.c.signature,
+                conversations.c.opted_out_at,
+                contacts.c.nationcode,
+                contacts.c.mobile,
+                event.c.source,
+                event.c.rule,
+                event.c.raw_text,
+                event.c.actor,
+                event.c.created_at.label("event_at"),
+            )
+            .select_from(
+                conversations.join(contacts, contacts.c.id == conversations.c.contact_id).outerjoin(
+                    event, event.c.id == latest
+                )
+            )
+            .where(*where)
+            .order_by(conversations.c.opted_out_at.desc().nulls_last(), conversations.c.id.desc())
+            .limit(page.size)
+            .offset(page.offset)
+        ).mappings()
+        rows = [dict(r) for r in found]
+        signatures = known_signatures(conn, _rule_signatures(request))
+    return render(
+        request,
+        "optouts.html",
+        {
+            "rows": rows,
+            "page": page,
+            "number": number,
+            "signature": signature,
+            "signatures": signatures,
+            "reveal": reveal,
+            "show": number_shower(reveal),
+            "done": DONE.get(request.query_params.get("done", "")),
+            "prev_query": query_without(request, page=page.number - 1),
+            "next_query": query_without(request, page=page.number + 1),
+            "reveal_query": query_without(request, "page", reveal=None if reveal else "1"),
+        },
+    )
+
+
+def _rule_signatures(request: Request) -> list[str]:
+    """The signatures the loaded rule files answer, so an opt-out can be added before any conversation exists."""
+    ruleset = runtime(request).rules.ruleset
+    return [f.signature for f in ruleset.files] if ruleset is not None else []
+
+
+@router.post("/opt-outs/add", include_in_schema=False)
+def add_opt_out(
+    request: Request,
+    admin: AdminUser,
+    number: Annotated[str, Form()] = "",
+    signature: Annotated[str, Form()] = "",
+    nationcode: Annotated[str, Form()] = "86",
+    reason: Annotated[str, Form()] = "",
+) -> Response:
+    try:
+        mobile, code, sign = _checked(number, nationcode, signature)
+    except OptOutRefused as exc:
+        return render(request, "error.html", {"status": 400, "message": str(exc)}, status_code=400)
+    at = now(request)
+    # Two tries: a customer's first message can create the same contact or conversation between
+    # our look-up and our insert; the second try then finds it.
+    for attempt in (1, 2):
+        try:
+            with engine(request).connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+                changed = _opt_out(conn, admin, code, mobile, sign, reason.strip()[:500] or None, at)
+            break
+        except IntegrityError:
+            if attempt == 2:
+                raise
+    return RedirectResponse(f"{PREFIX}/opt-outs?done={'added' if changed else 'already'}", status_code=303)
+
+
+def _checked(number: str, nationcode: str, signature: str) -> tuple[str, str, str]:
+    mobile, code, sign = digits(number), digits(nationcode) or "86", signature.strip()
+    if _NOT_A_NUMBER.search(number):  # e.g. a masked "138****0000" copied from a page
+        raise OptOutRefused("give the full phone number in digits, not a masked or partial one")
+    if number.strip().startswith("+") and mobile.startswith(code) and len(mobile) > 11:
+        mobile = mobile[len(code) :]  # "+86 138..." typed into the number field
+    if not 5 <= len(mobile) <= 20:
+        raise OptOutRefused("give the full phone number (5 to 20 digits), not a masked or partial one")
+    if len(code) > 4:
+        raise OptOutRefused("the country code has at most 4 digits (86 for mainland China)")
+    if not sign or len(sign) > 128:
+        raise OptOutRefused("give the SMS signature (at most 128 characters) the opt-out applies to")
+    return mobile, code, sign
+
+
+def _opt_out(
+    conn: Connection, admin: ConsoleUser, nationcode: str, mobile: str, sign: str, reason: str | None, at: datetime
+) -> bool:
+    """Opt the number out under ``sign``; False when it already was (nothing written)."""
+    contact_id = conn.execute(
+        select(contacts.c.id).where(contacts.c.nationcode == nationcode, contacts.c.mobile == mobile)
+    ).scalar_one_or_none()
+    if contact_id is None:
+        contact_id = conn.execute(
+            insert(contacts).values(nationcode=nationcode, mobile=mobile, created_at=at).returning(contacts.c.id)
+        ).scalar_one()
+    convo = (
+        conn.execute(
+            select(conversations.c.id, conversations.c.opted_out).where(
+                conversations.c.signature == sign, conversations.c.contact_id == contact_id
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if convo is not None and convo["opted_out"]:
+        return False
+    if convo is None:
+        convo_id = conn.execute(
+            insert(conversations)
+            .values(
+                signature=sign,
+                contact_id=contact_id,
+                state=None,
+                variables={},
+                opted_out=True,
+                opted_out_at=at,
+                created_at=at,
+                updated_at=at,
+            )
+            .returning(conversations.c.id)
+        ).scalar_one()
+    else:
+        convo_id = convo["id"]
+        conn.execute(
+            update(conversations)
+            .where(conversations.c.id == convo_id)
+            .values(opted_out=True, opted_out_at=at, opt_out_message_id=None, updated_at=at)
+        )
+    _event(conn, convo_id, "opt_out", admin, reason, at)
+    audit(
+        conn,
+        actor=admin.name,
+        action="opt_out.add",
+        target=f"conversation:{convo_id}",
+        detail={"signature": sign, "number": f"+{nationcode} {mask_number(mobile)}", "reason": reason},
+        now=at,
+    )
+    return True
+
+
+def _event(conn: Connection, convo_id: int, event: str, admin: ConsoleUser, reason: str | None, at: datetime) -> None:
+    conn.execute(
+        insert(opt_out_events).values(
+            conversation_id=convo_id,
+            event=event,
+            source=SOURCE,
+            message_id=None,
+            raw_text=reason,
+            normalized_text=None,
+            rule=None,
+            actor=admin.name,
+            created_at=at,
+        )
+    )
+
+
+@router.post("/opt-outs/remove", include_in_schema=False)
+def remove_opt_out(
+    request: Request,
+    admin: AdminUser,
+    conversation_id: Annotated[int, Form()],
+    reason: Annotated[str, Form()] = "",
+) -> Response:
+    at = now(request)
+    note = reason.strip()[:500] or None
+    with engine(request).connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+        found = (
+            conn.execute(
+                select(conversations.c.signature, contacts.c.nationcode, contacts.c.mobile)
+                .select_from(conversations.join(contacts, contacts.c.id == conversations.c.contact_id))
+                .where(conversations.c.id == conversation_id)
+            )
+            .mappings()
+            .first()
+        )
+        if found is None:
+            return render(request, "error.html", {"status": 404, "message": "no such conversation"}, status_code=404)
+        # Conditional on the flag, so two admins removing the same opt-out write one event, not two.
+        changed = conn.execute(
+            update(conversations)
+            .where(and_(conversations.c.id == conversation_id, conversations.c.opted_out == true()))
+            .values(opted_out=False, opted_out_at=None, opt_out_message_id=None, updated_at=at)
+        ).rowcount
+        if changed:
+            _event(conn, conversation_id, "opt_in", admin, note, at)
+            audit(
+                conn,
+                actor=admin.name,
+                action="opt_out.remove",
+                target=f"conversation:{conversation_id}",
+                detail={
+                    "signature": found["signature"],
+                    "number": f"+{found['nationcode']} {mask_number(found['mobile'])}",
+                    "reason": note,
+                },
+                now=at,
+            )
+    return RedirectResponse(f"{PREFIX}/opt-outs?done={'removed' if changed else 'not-opted-out'}", status_code=303)
