@@ -20,6 +20,22 @@ from sqlalchemy import Connection
 
 # Datetimes go to SQLite as naive UTC "YYYY-MM-DD HH:MM:SS.ffffff": SQLAlchemy's storage format.
 
+PREPARE = False
+"""Whether single statements become server-side prepared statements on PostgreSQL: they do not.
+
+psycopg prepares a statement after a few runs, and PostgreSQL then switches
+to a generic plan chosen once, on the statistics of that moment: on a fresh
+database, tables of a few rows, so lookups by key (``dedupe_key = ANY(...)``,
+``mobile = ANY(...)``, ``m.id = ANY(...)``) stayed sequential scans of whole
+tables for good and the writer spent most of each batch waiting on them
+(``auto_explain`` under ``bench/bench_ingest.py``: 4-10 ms per statement at
+5,000 rows). Unprepared, each statement is planned for its own values, on the
+tables' sizes of the moment, for a few tens of microseconds. (The session-wide
+``plan_cache_mode = force_custom_plan`` does the same but also re-plans every
+foreign-key check, which doubled the cost of inserting a batch.) The inbound
+batch's own set-based statements are prepared: see ``bot.service``.
+"""
+
 
 class DriverSql:
     """Dialect details for raw statements on one connection."""
@@ -44,16 +60,22 @@ class DriverSql:
         return f"{column} IN ({','.join('?' * len(values))})", list(values)
 
     def rows(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
-        self.cursor.execute(self.sql(statement), tuple(params))
+        self._execute(statement, params)
         return list(self.cursor.fetchall())
 
     def scalar(self, statement: str, params: Sequence[Any] = ()) -> Any:
-        self.cursor.execute(self.sql(statement), tuple(params))
+        self._execute(statement, params)
         row = self.cursor.fetchone()
         return None if row is None else row[0]
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
-        self.cursor.execute(self.sql(statement), tuple(params))
+        self._execute(statement, params)
+
+    def _execute(self, statement: str, params: Sequence[Any]) -> None:
+        if self.postgres:
+            self.cursor.execute(self.sql(statement), tuple(params), prepare=PREPARE)
+        else:
+            self.cursor.execute(statement, tuple(params))
 
     def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
