@@ -299,6 +299,11 @@ def server_env(database_url: str | None) -> dict[str, str]:
         env.pop(name, None)
     env["SMSBOT_RULES_DIR"] = str(RULES_DIR)
     env["SMSBOT_SENDER"] = "console"
+    # 4,999 numbers text over and over: Tencent's per-number limits would hold most replies back
+    # (deferring is cheaper than sending), so they are off and every reply is really sent.
+    env["SMSBOT_FREQUENCY_SAME_CONTENT"] = "0"
+    env["SMSBOT_FREQUENCY_PER_DAY"] = "0"
+    env["SMSBOT_FREQUENCY_PER_HOUR"] = "0"
     if database_url is not None:
         env["SMSBOT_DATABASE_URL"] = database_url
     return env

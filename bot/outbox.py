@@ -381,6 +381,8 @@ class Deliverer:
         self._pool: ThreadPoolExecutor | None = None
         self._busy: set[Number] = set()
         self._claim_when_free = False
+        self._outcomes: list[tuple[OutboundSms, Final | Retry, datetime, asyncio.Future[None]]] = []
+        self._recording = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent = 0
 
@@ -456,12 +458,42 @@ class Deliverer:
                 result = await asyncio.get_running_loop().run_in_executor(self._pool, self._send_one, sms)
                 done_at = self.clock()
                 step = plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng)
-                await self._record([(sms, step)], done_at)
+                await self._record_soon(sms, step, done_at)
                 self.sent += 1
         finally:
             self._busy.discard(number)
             if self._wake is not None and self._claim_when_free:
                 self._wake.set()  # a slot is free, and replies left for it (or this number) are due
+
+    async def _record_soon(self, sms: OutboundSms, step: Final | Retry, at: datetime) -> None:
+        """Record this outcome with any others that finish while a record is being written.
+
+        At a trickle every outcome is written on its own, at once; under load the
+        ones that pile up behind a write go together in the next one, so the
+        writer does one statement per table for many replies instead of many.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((sms, step, at, done))
+        if not self._recording:
+            self._recording = True
+            task = asyncio.create_task(self._write_outcomes(), name="smsbot-record")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await done
+
+    async def _write_outcomes(self) -> None:
+        try:
+            while self._outcomes:
+                batch, self._outcomes = self._outcomes, []
+                await self._record([(sms, step) for sms, step, _, _ in batch], max(at for _, _, at, _ in batch))
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._recording = False
+            for *_, done in self._outcomes:  # cancelled while waiting: nobody may wait forever
+                if not done.done():
+                    done.cancel()
 
     async def _record(self, plans: list[tuple[OutboundSms, Final | Retry]], at: datetime) -> None:
         """Record outcomes, trying again for a while: a lost record means a reply sent twice."""
