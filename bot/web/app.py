@@ -210,7 +210,6 @@ def create_app(
         settings, engine=engine, clock=clock, rules=rules, process_writer=process_writer
     )
     app.get("/metrics", summary="Prometheus metrics (bearer token, or loopback clients only)")(metrics.endpoint)
-    install_console(app, settings)  # the ops console under /console (bot/console)
     expected_token = settings.callback_token.get_secret_value().encode() if settings.callback_token else None
 
     @app.post(
@@ -320,6 +319,9 @@ def create_app(
         }
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
+    # The console goes last: routes are matched in order, and Tencent's callbacks (the hot path)
+    # should not be compared with every console page first.
+    install_console(app, settings)  # the ops console under /console (bot/console)
     return app
 
 
