@@ -46,6 +46,22 @@ def _no_smsbot_settings_from_the_shell() -> Iterator[None]:
 # ---------------------------------------------------------------- databases
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cheap_password_hashes() -> Iterator[None]:
+    """argon2 at production cost takes ~50 ms a hash; hundreds of test logins would take minutes.
+
+    Only the cost parameters change (the algorithm, salts and checks are the same);
+    ``tests/test_console_auth.py`` checks what production uses.
+    """
+    from argon2 import PasswordHasher
+
+    import bot.console.users as users
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(users, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests talk to loopback only; a proxy from the shell would swallow the SDK's requests to the fake."""

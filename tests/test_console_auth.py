@@ -8,6 +8,7 @@ text). Runs on SQLite and PostgreSQL (``db_url``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from datetime import timedelta
@@ -17,11 +18,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from bot.cli import app as cli
 from bot.config import Settings
-from bot.store.models import audit_events
+from bot.store.db import make_engine
+from bot.store.models import audit_events, users
 from tests.support import Harness, payload
 
 runner = CliRunner()
@@ -377,3 +380,33 @@ def test_the_console_secret_is_refused_in_the_config_file(db_url: str, tmp_path:
     code, _out, err = smsbot(db_url, "users", "list")
     assert code == 2
     assert "SMSBOT_CONSOLE_SECRET" in err
+
+
+def test_stored_password_hashes_are_argon2id_at_full_cost(db_url: str) -> None:
+    """The suite hashes cheaply (see conftest); a real ``smsbot users add`` stores argon2id at RFC 9106 cost."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from argon2 import Type, extract_parameters
+
+    smsbot_cmd = Path(sys.executable).parent / "smsbot"
+    env = {**os.environ, "SMSBOT_DATABASE_URL": db_url}
+    done = subprocess.run(
+        [str(smsbot_cmd), "users", "add", "hana", "--role", "viewer", "--password-stdin"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(select(users.c.password_hash).where(users.c.name == "hana")).scalar_one()
+    finally:
+        engine.dispose()
+    params = extract_parameters(stored)
+    assert (params.type, params.time_cost, params.memory_cost, params.parallelism) == (Type.ID, 3, 65536, 4)
+    assert PASSWORD not in stored
