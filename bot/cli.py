@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
 
     from bot.export import ExportFilter
+    from bot.live_rules import LiveRules
     from bot.tencent.sender import TencentConfig
     from bot.tencent.templates import SyncReport
 
@@ -317,6 +318,33 @@ def _setup_logging(settings: Settings) -> None:
     setup_logging(level=logging.INFO, log_format=settings.log_format, reveal_numbers=settings.log_reveal_numbers)
 
 
+def _checked_engine(settings: Settings) -> Engine:
+    """The database engine, or exit 2 naming `smsbot db upgrade` when the schema is out of date."""
+    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
+
+    engine = make_engine(settings.database_url)
+    try:
+        check_schema(engine)
+    except SchemaOutOfDate as exc:
+        engine.dispose()
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return engine
+
+
+def _loaded_rules(settings: Settings) -> LiveRules:
+    """The rules, loaded, or exit 1 with every problem."""
+    from bot.live_rules import LiveRules, RulesInvalid
+
+    rules = LiveRules(settings.rules_dir, settings.param_max_length)
+    try:
+        rules.load()
+    except RulesInvalid as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    return rules
+
+
 @app.command("serve")
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="address to bind (default 127.0.0.1)")] = None,
@@ -337,9 +365,7 @@ def serve(
 
     import uvicorn
 
-    from bot.live_rules import LiveRules, RulesInvalid
     from bot.sending import make_sender
-    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
     from bot.web.app import create_app
 
     settings = _settings()
@@ -364,18 +390,8 @@ def serve(
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(2) from exc
     _setup_logging(settings)
-    engine = make_engine(settings.database_url)
-    try:
-        check_schema(engine)
-    except SchemaOutOfDate as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    rules = LiveRules(settings.rules_dir, settings.param_max_length)
-    try:
-        rules.load()
-    except RulesInvalid as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    engine = _checked_engine(settings)
+    rules = _loaded_rules(settings)
     if no_deliver:
         settings = settings.model_copy(update={"deliver": False})
     application = create_app(
@@ -408,9 +424,7 @@ def pull_command(
     """
     import asyncio
 
-    from bot.live_rules import LiveRules, RulesInvalid
     from bot.pull import PollResult, pull_into_database, tencent_config
-    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
 
     settings = _settings()
     try:
@@ -419,19 +433,9 @@ def pull_command(
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(2) from exc
     _setup_logging(settings)
-    engine = make_engine(settings.database_url)
+    engine = _checked_engine(settings)
     try:
-        try:
-            check_schema(engine)
-        except SchemaOutOfDate as exc:
-            typer.echo(f"smsbot: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        rules = LiveRules(settings.rules_dir, settings.param_max_length)
-        try:
-            rules.load()
-        except RulesInvalid as exc:
-            typer.echo(f"smsbot: {exc}", err=True)
-            raise typer.Exit(1) from exc
+        rules = _loaded_rules(settings)
         if not once:
             typer.echo(
                 f"smsbot: pulling from Tencent every {interval or settings.pull_interval:g}s into "
@@ -444,7 +448,10 @@ def pull_command(
         engine.dispose()
     typer.echo(f"smsbot pull: {puller.counts.summary()}")
     if puller.held:
-        typer.echo(f"smsbot: {puller.held} pulled item(s) could not be stored; they are in the log above", err=True)
+        typer.echo(
+            f"smsbot: {puller.held} pulled item(s) could not be stored; they are kept in {settings.pull_unstored_file}",
+            err=True,
+        )
     if result is not None and result is not PollResult.DONE:
         typer.echo(f"smsbot: {puller.last_error}", err=True)
         raise typer.Exit(1)
@@ -466,8 +473,8 @@ def worker_command(
 
     Workers share the outbox safely: each claims due rows with a lease (``FOR
     UPDATE SKIP LOCKED`` on PostgreSQL), so no reply is sent twice and a crashed
-    worker's rows are taken over when their lease ends. New replies are seen
-    within ``--poll`` seconds; ``serve`` wakes its own delivery loop at once.
+    worker's rows are taken over when their lease ends. A worker sees new replies within a second (it polls); ``serve`` wakes its own
+    delivery loop at once.
     """
     import asyncio
     import contextlib
@@ -475,7 +482,6 @@ def worker_command(
 
     from bot.outbox import Deliverer, delivery_options
     from bot.sending import make_sender
-    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
     from bot.writer import DbWriter
 
     settings = _settings()
@@ -485,13 +491,7 @@ def worker_command(
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(2) from exc
     _setup_logging(settings)
-    engine = make_engine(settings.database_url)
-    try:
-        check_schema(engine)
-    except SchemaOutOfDate as exc:
-        engine.dispose()
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    engine = _checked_engine(settings)
     options = delivery_options(settings)
     if concurrency:
         options["concurrency"] = concurrency
@@ -545,17 +545,12 @@ def _read_password(from_stdin: bool) -> str:
 def _in_users_db(change: Callable[[Connection, datetime], object]) -> None:
     """Run ``change(conn, now)`` in one write transaction, turning refusals into a message and exit code 1."""
     from bot.console.users import UserError
-    from bot.store.db import WRITE_OPTIONS, SchemaOutOfDate, check_schema, make_engine
+    from bot.store.db import WRITE_OPTIONS
 
-    settings = _settings()
-    engine = make_engine(settings.database_url)
+    engine = _checked_engine(_settings())
     try:
-        check_schema(engine)
         with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
             change(conn, datetime.now(UTC))
-    except SchemaOutOfDate as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
     except UserError as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -665,7 +660,6 @@ def export_command(
     beside it, then renamed), readable by its owner only: it holds customers' messages.
     """
     from bot.export import BadDate, ExportFilter, parse_bound
-    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
 
     settings = _settings()
     try:
@@ -675,13 +669,8 @@ def export_command(
     except BadDate as exc:
         typer.echo(f"smsbot export: {exc}", err=True)
         raise typer.Exit(2) from exc
-    engine = make_engine(settings.database_url)
+    engine = _checked_engine(settings)
     try:
-        try:
-            check_schema(engine)
-        except SchemaOutOfDate as exc:
-            typer.echo(f"smsbot: {exc}", err=True)
-            raise typer.Exit(2) from exc
         written = _export_to(engine, filters, fmt.value, output)
     except OSError as exc:
         typer.echo(f"smsbot export: cannot write {output}: {exc}", err=True)

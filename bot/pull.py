@@ -44,7 +44,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bot.config import ConfigError, Settings
+from bot import sending
+from bot.config import Settings
 from bot.delivery_reports import CHINA, BadReport, ReportOutcome, StatusReport, apply_reports, parse_status_callback
 from bot.service import Inbound, InboundResult
 from bot.web.callbacks import EARLIEST, BadCallback, parse_reply_callback
@@ -177,27 +178,7 @@ class PullSink(Protocol):
 
 def tencent_config(settings: Settings) -> TencentConfig:
     """Where and as whom to pull, or ConfigError naming every missing environment variable."""
-    needed = {
-        "TENCENTCLOUD_SECRET_ID": settings.tencent_secret_id,
-        "TENCENTCLOUD_SECRET_KEY": settings.tencent_secret_key,
-        "SMSBOT_TENCENT_SDK_APP_ID": settings.tencent_sdk_app_id,
-    }
-    missing = [name for name, value in needed.items() if not value]
-    secret_id, secret_key = settings.tencent_secret_id, settings.tencent_secret_key
-    if missing or secret_id is None or secret_key is None:
-        raise ConfigError(f"pulling from Tencent needs {', '.join(missing)} (environment variables); not set: refusing")
-    from bot.tencent.sender import TencentConfig
-
-    return TencentConfig(
-        secret_id=secret_id.get_secret_value(),
-        secret_key=secret_key.get_secret_value(),
-        sdk_app_id=str(settings.tencent_sdk_app_id),
-        region=settings.tencent_region,
-        endpoint=settings.tencent_endpoint,
-        scheme=settings.tencent_scheme,
-        timeout_seconds=settings.tencent_timeout,
-        sign_names=dict(settings.tencent_sign_names),
-    )
+    return sending.tencent_config(settings, purpose="pulling from Tencent")
 
 
 class TencentPullClient:

@@ -8,7 +8,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, Table, create_engine, func, select
+from sqlalchemy import Connection, Engine, Table, create_engine, func, select
 from sqlalchemy.engine import RowMapping, make_url
 
 from bot.config import Settings
 from bot.live_rules import LiveRules
 from bot.outbox import OutboundSms, SendResult
-from bot.store.db import make_engine
+from bot.store.db import WRITE_OPTIONS, make_engine
 from bot.store.models import contacts, conversations, messages, opt_out_events, outbox
 from bot.web.app import create_app
 
@@ -297,3 +297,15 @@ def delivery_report(sid: str, status: str = "SUCCESS", **extra: Any) -> dict[str
         "sid": sid,
         **extra,
     }
+
+
+@contextlib.contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction the way the app writes (BEGIN IMMEDIATE on SQLite), for tests that write beside a running app.
+
+    A plain ``engine.begin()`` on SQLite starts as a reader and must upgrade on its first
+    write; if the app's writer committed in between, SQLite refuses at once ("database is
+    locked") instead of waiting its busy timeout.
+    """
+    with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+        yield conn

@@ -27,7 +27,7 @@ from bot.live_rules import LiveRules
 from bot.outbox import OutboundSms, SendResult
 from bot.store.db import make_engine, upgrade
 from bot.web.app import create_app
-from tests.support import NO_FREQUENCY_LIMITS, RecordingSender, copy_rules, payload, wait_until
+from tests.support import NO_FREQUENCY_LIMITS, RecordingSender, copy_rules, payload, wait_until, writing
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -78,7 +78,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     url = f"sqlite:///{tmp_path / 'smsbot.db'}"
     upgrade(url)
     engine = make_engine(url)
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         add_user(conn, "ada", "admin", PASSWORD, now=datetime.now(UTC), actor="test")
     rules = LiveRules(copy_rules(tmp_path / "rules"))
     rules.load()

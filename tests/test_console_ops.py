@@ -40,6 +40,7 @@ from tests.support import (
     stored_counts,
     wait_until,
     write_rules,
+    writing,
 )
 
 PASSWORD = "correct horse battery"
@@ -78,7 +79,7 @@ def csrf_from(page: httpx.Response) -> str:
 
 
 def add_users(engine: Engine, at: datetime) -> None:
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         add_user(conn, "ada", "admin", PASSWORD, now=at, actor="test")
         add_user(conn, "vic", "viewer", PASSWORD, now=at, actor="test")
 
@@ -297,7 +298,7 @@ def test_opt_outs_are_searched_by_number_and_signature_and_hostile_text_is_inert
 def test_a_hostile_signature_is_inert_in_every_list_and_filter(harness: Harness, people: People) -> None:
     harness.say("TD", sign=HOSTILE)  # a forged callback can carry any signature
     harness.wait_settled()
-    with harness.engine.begin() as conn:  # and make its reply a failed one, so the deliveries page lists it
+    with writing(harness.engine) as conn:  # and make its reply a failed one, so the deliveries page lists it
         conn.execute(update(messages).where(messages.c.direction == "out").values(status="failed"))
     for path in ("/console/opt-outs", "/console/deliveries", "/console/export"):
         page = people.admin.get(path)
@@ -367,7 +368,7 @@ def test_deliveries_show_failures_and_an_admin_retry_sends_again(flaky: Harness)
 def test_a_retry_goes_back_to_the_outbox_queued_with_attempts_reset(flaky: Harness) -> None:
     people = People(flaky)
     message_id = _failed_reply(flaky)
-    with flaky.engine.begin() as conn:  # an earlier retry had counted attempts: a retry starts afresh
+    with writing(flaky.engine) as conn:  # an earlier retry had counted attempts: a retry starts afresh
         conn.execute(update(messages).where(messages.c.id == message_id).values(status="error"))
     flaky.sender.broken = False  # type: ignore[attr-defined]
     flaky.sender.gate.clear()  # the send waits here, so the row stays in the outbox while we look
@@ -392,7 +393,7 @@ def test_retries_are_refused_for_opted_out_numbers_and_unconfirmed_ambiguous_sen
     people = People(flaky)
     opted = _failed_reply(flaky)
     ambiguous = _failed_reply(flaky, mobile=OTHER)
-    with flaky.engine.begin() as conn:
+    with writing(flaky.engine) as conn:
         conn.execute(update(messages).where(messages.c.id == ambiguous).values(status="ambiguous", error_code=None))
     flaky.sender.broken = False  # type: ignore[attr-defined]
 
@@ -430,7 +431,7 @@ def test_retries_are_refused_for_opted_out_numbers_and_unconfirmed_ambiguous_sen
 def test_hostile_provider_text_is_escaped_on_the_deliveries_page(flaky: Harness) -> None:
     people = People(flaky)
     message_id = _failed_reply(flaky)
-    with flaky.engine.begin() as conn:
+    with writing(flaky.engine) as conn:
         conn.execute(
             update(messages)
             .where(messages.c.id == message_id)

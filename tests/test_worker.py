@@ -20,7 +20,7 @@ from bot.retry import RetryPolicy
 from bot.store.db import make_engine
 from bot.store.models import messages, outbox
 from bot.writer import DbWriter
-from tests.support import FakeClock, Harness, RecordingSender, wait_until
+from tests.support import FakeClock, Harness, RecordingSender, wait_until, writing
 
 NUMBERS = [f"1380000{n:04d}" for n in range(40)]
 
@@ -138,7 +138,7 @@ def test_a_crashed_workers_lease_runs_out_and_another_worker_takes_over(
 ) -> None:
     h = make_app(db_url, deliver=False)
     [reply] = _queue(h, NUMBERS[:1])
-    with h.engine.begin() as conn:  # a worker claims the reply, then dies before sending it
+    with writing(h.engine) as conn:  # a worker claims the reply, then dies before sending it
         [claimed] = claim_due(conn, now=clock(), limit=10, owner="crashed-host:4242")
     assert claimed.message_id == reply
 
@@ -199,15 +199,15 @@ def test_a_delivery_report_that_beats_the_sends_own_record_is_kept(
     """Tencent can report (pushed or pulled) before the sender's thread has recorded the send as "sent"."""
     h = make_app(db_url, deliver=False)
     [reply] = _queue(h, NUMBERS[:1])
-    with h.engine.begin() as conn:
+    with writing(h.engine) as conn:
         [sms] = claim_due(conn, now=clock(), limit=1, owner="me")
     report = StatusReport(
         sid="5000:77", report_status="SUCCESS", user_receive_time="2026-01-05 10:00:03", ext=str(reply)
     )
-    with h.engine.begin() as conn:
+    with writing(h.engine) as conn:
         apply_reports(conn, [report], now=clock())
     result = SendResult(ok=True, serial="5000:77", code="Ok", message="send success")
-    with h.engine.begin() as conn:
+    with writing(h.engine) as conn:
         apply_plans(
             conn, [(sms, plan_for(sms, result, now=clock(), policy=RetryPolicy(), rng=random.Random(1)))], clock()
         )

@@ -28,7 +28,8 @@ from tencentcloud.common.profile.client_profile import ClientProfile  # type: ig
 from tencentcloud.common.profile.http_profile import HttpProfile  # type: ignore[import-untyped]
 from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import-untyped]
 
-from bot.config import ConfigError, Settings
+from bot import sending
+from bot.config import Settings
 from bot.rules.diagnostics import Diagnostic, Severity
 from bot.rules.loader import rule_files
 from bot.rules.schema import TemplateSpec
@@ -297,26 +298,7 @@ def tencent_config(settings: Settings) -> TencentConfig:
     SmsSdkAppId: listing templates is an account-level call, and checking
     templates is exactly what one does before switching the sender on.
     """
-    needed = {
-        "TENCENTCLOUD_SECRET_ID": settings.tencent_secret_id,
-        "TENCENTCLOUD_SECRET_KEY": settings.tencent_secret_key,
-    }
-    missing = [name for name, value in needed.items() if not value]
-    secret_id, secret_key = settings.tencent_secret_id, settings.tencent_secret_key
-    if missing or secret_id is None or secret_key is None:
-        plural = "s" if len(missing) > 1 else ""
-        raise ConfigError(
-            f"asking Tencent for templates needs {', '.join(missing)} (environment variable{plural}); not set"
-        )
-    return TencentConfig(
-        secret_id=secret_id.get_secret_value(),
-        secret_key=secret_key.get_secret_value(),
-        sdk_app_id=settings.tencent_sdk_app_id or "",
-        region=settings.tencent_region,
-        endpoint=settings.tencent_endpoint,
-        scheme=settings.tencent_scheme,
-        timeout_seconds=settings.tencent_timeout,
-    )
+    return sending.tencent_config(settings, purpose="asking Tencent for templates", app_id=False)
 
 
 def _client(config: TencentConfig) -> Any:
