@@ -62,13 +62,20 @@ class SendResult:
 
 
 class SmsSender(Protocol):
-    """Something that delivers an SMS: Tencent in production, the console locally, a fake in tests."""
+    """Something that delivers an SMS: Tencent in production, the console locally, a fake in tests.
+
+    Senders are called on a thread pool, as a network call blocks; one with a
+    class attribute ``blocking = False`` is called on the delivery loop itself.
+    """
 
     def send(self, sms: OutboundSms) -> SendResult: ...
 
 
 class ConsoleSender:
     """Prints each reply instead of sending it, for local runs without Tencent credentials."""
+
+    blocking = False
+    """Printing a line never waits on a network: the delivery loop may call it directly."""
 
     def __init__(self, stream: TextIO | None = None, *, reveal_numbers: bool = False) -> None:
         self.stream = stream
@@ -375,6 +382,9 @@ class Deliverer:
         # the sender's timeout; the lease must outlast that or another worker would send it again.
         self.lease = max(LEASE, timedelta(seconds=send_timeout * (self.batch // concurrency + 2)))
         self.limits = limits
+        # A sender that never waits on the network (the console) is called on the loop itself:
+        # a thread hand-off per reply would cost more than the send.
+        self._in_loop = not getattr(sender, "blocking", True)
         self.owner = worker_id()
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -455,7 +465,10 @@ class Deliverer:
     async def _deliver(self, number: Number, replies: list[OutboundSms]) -> None:
         try:
             for sms in replies:
-                result = await asyncio.get_running_loop().run_in_executor(self._pool, self._send_one, sms)
+                if self._in_loop:
+                    result = self._send_one(sms)
+                else:
+                    result = await asyncio.get_running_loop().run_in_executor(self._pool, self._send_one, sms)
                 done_at = self.clock()
                 step = plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng)
                 await self._record_soon(sms, step, done_at)

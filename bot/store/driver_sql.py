@@ -46,8 +46,8 @@ class DriverSql:
         # The DBAPI cursor of the same connection, inside the same transaction: SQLAlchemy's
         # own execution path costs more per statement than SQLite's work for it.
         self.cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        self._last_ts: datetime | None = None
-        self._last_text = ""
+        self._ts_texts: dict[datetime, str] = {}
+        """Storage text of each datetime already written through this (short-lived) object."""
 
     def sql(self, statement: str) -> str:
         """Statements are written with ``?`` placeholders; psycopg wants ``%s``."""
@@ -86,10 +86,10 @@ class DriverSql:
     def ts(self, value: datetime | None) -> Any:
         if value is None or self.postgres:
             return value
-        if value is self._last_ts:  # most values of a batch are its one "now"
-            return self._last_text
-        text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-        self._last_ts, self._last_text = value, text
+        text = self._ts_texts.get(value)  # most values of a batch are its one "now"
+        if text is None:
+            text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+            self._ts_texts[value] = text
         return text
 
     def read_ts(self, value: Any) -> datetime | None:

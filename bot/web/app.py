@@ -19,6 +19,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, text
+from starlette.routing import Route
 
 from bot.config import Settings
 from bot.console import install as install_console
@@ -318,6 +319,14 @@ def create_app(
             },
         }
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    # Tencent's two callbacks are served by plain Starlette routes placed first: the same handlers,
+    # without FastAPI's per-request dependency machinery (about a fifth of the HTTP process's time
+    # per callback under load). The FastAPI routes above stay for the OpenAPI document.
+    app.router.routes[:0] = [
+        Route("/sms/callback", sms_callback, methods=["POST"], include_in_schema=False),
+        Route("/sms/status", sms_status, methods=["POST"], include_in_schema=False),
+    ]
 
     # The console goes last: routes are matched in order, and Tencent's callbacks (the hot path)
     # should not be compared with every console page first.
