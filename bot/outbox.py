@@ -436,6 +436,18 @@ class Deliverer:
         )
         # Only when something due waits for a number or a slot is a finished send worth a new claim.
         self._claim_when_free = bool(left) or len(claimed) >= self.batch
+        if self._in_loop and claimed:
+            # Nothing to wait for: send the batch in queue order (so each number's replies in
+            # order) and record it in one go.
+            outcomes = [(sms, self._send_one(sms)) for sms in claimed]
+            done_at = self.clock()
+            plans = [
+                (sms, plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng))
+                for sms, result in outcomes
+            ]
+            await self._record(plans, done_at)
+            self.sent += len(plans)
+            return len(claimed)
         by_number: dict[Number, list[OutboundSms]] = {}
         for sms in claimed:
             by_number.setdefault((sms.nationcode, sms.mobile), []).append(sms)
@@ -465,10 +477,7 @@ class Deliverer:
     async def _deliver(self, number: Number, replies: list[OutboundSms]) -> None:
         try:
             for sms in replies:
-                if self._in_loop:
-                    result = self._send_one(sms)
-                else:
-                    result = await asyncio.get_running_loop().run_in_executor(self._pool, self._send_one, sms)
+                result = await asyncio.get_running_loop().run_in_executor(self._pool, self._send_one, sms)
                 done_at = self.clock()
                 step = plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng)
                 await self._record_soon(sms, step, done_at)
