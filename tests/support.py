@@ -6,6 +6,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -309,3 +313,103 @@ def writing(engine: Engine) -> Iterator[Connection]:
     """
     with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
         yield conn
+
+
+SMSBOT = Path(sys.executable).parent / "smsbot"
+"""The ``smsbot`` command installed beside this interpreter."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    base: str
+    log: Path
+    engine: Engine
+    rules: Path
+    _seq: int = 0
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def post(self, body: Any, timeout: float = 10.0) -> httpx.Response:
+        return httpx.post(f"{self.base}/sms/callback", json=body, timeout=timeout)
+
+    def at(self) -> int:
+        self._seq += 1
+        return int(time.time()) - 3600 + self._seq
+
+    def say(self, text: str, **fields: Any) -> httpx.Response:
+        fields.setdefault("at", self.at())
+        response = self.post(payload(text, **fields))
+        assert response.status_code == 200, response.text
+        assert response.json() == {"result": 0, "errmsg": "OK"}
+        return response
+
+    def ready(self) -> httpx.Response:
+        return httpx.get(f"{self.base}/readyz", timeout=10)
+
+    def printed(self, needle: str) -> int:
+        return sum(1 for line in self.output().splitlines() if line.startswith("[console sender]") and needle in line)
+
+    def wait_settled(self, timeout: float = 10.0) -> None:
+        wait_until(lambda: count(self.engine, outbox) == 0, timeout=timeout, what="the outbox to drain")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"smsbot serve did not stop within {timeout}s:\n{self.output()[-3000:]}") from None
+        return int(self.proc.returncode)
+
+
+@contextlib.contextmanager
+def serve_process(
+    db_url: str, tmp_path: Path, *, rules: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """A real ``smsbot serve`` (writer process, console sender) on a loopback port, ready; stopped after."""
+    port = free_port()
+    rules = rules or copy_rules(tmp_path / "rules")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SMSBOT_")}
+    environment |= {
+        "SMSBOT_DATABASE_URL": db_url,
+        "SMSBOT_RULES_DIR": str(rules),
+        "SMSBOT_WRITER": "process",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(SMSBOT), "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as under a service manager
+        )
+    engine = create_engine(db_url)
+    server = Server(proc, f"http://127.0.0.1:{port}", log, engine, rules)
+
+    def up() -> bool:
+        assert proc.poll() is None, f"smsbot serve exited:\n{server.output()}"
+        with contextlib.suppress(httpx.HTTPError):
+            return server.ready().status_code == 200
+        return False
+
+    try:
+        wait_until(up, timeout=60, what="smsbot serve to be ready")
+        yield server
+    finally:
+        server.stop()
+        engine.dispose()

@@ -9,7 +9,6 @@ forms a browser really uses. Screenshots land in ``tests/artifacts/``.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from bot.live_rules import LiveRules
 from bot.outbox import OutboundSms, SendResult
 from bot.store.db import make_engine, upgrade
 from bot.web.app import create_app
-from tests.support import NO_FREQUENCY_LIMITS, RecordingSender, copy_rules, payload, wait_until, writing
+from tests.support import NO_FREQUENCY_LIMITS, RecordingSender, copy_rules, free_port, payload, wait_until, writing
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -66,12 +65,6 @@ class Server:
     sender: FlakySender
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     """The real app under uvicorn on a loopback port (thread writer), with an admin and some conversations."""
@@ -84,7 +77,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     rules.load()
     sender = FlakySender()
     app = create_app(Settings(**NO_FREQUENCY_LIMITS), engine=engine, rules=rules, sender=sender, watch_rules=False)
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)

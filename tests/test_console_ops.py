@@ -8,14 +8,8 @@ in the database rows the change leaves. Runs on SQLite and PostgreSQL
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,9 +28,9 @@ from tests.support import (
     SIGN,
     Harness,
     RecordingSender,
-    copy_rules,
     count,
     rows,
+    serve_process,
     stored_counts,
     wait_until,
     write_rules,
@@ -592,60 +586,16 @@ def test_export_download_masks_numbers_unless_an_admin_reveals(harness: Harness,
 # ---------------------------------------------------------------- writer: process
 
 
-SMSBOT = Path(sys.executable).parent / "smsbot"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def process_server(db_url: str, tmp_path: Path) -> Iterator[tuple[str, Path, Engine]]:
     """``smsbot serve`` with ``writer: process``, an admin and a viewer."""
-    rules = copy_rules(tmp_path / "rules")
     engine = create_engine(db_url)
-    add_users(engine, datetime.now(UTC))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMSBOT_")}
-    env |= {
-        "SMSBOT_DATABASE_URL": db_url,
-        "SMSBOT_RULES_DIR": str(rules),
-        "SMSBOT_WRITER": "process",
-        "SMSBOT_CONSOLE_SECRET": "test-secret-for-the-console",
-        "PYTHONUNBUFFERED": "1",
-    }
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(SMSBOT), "serve", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text(errors="replace")
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(base + "/readyz", timeout=5).status_code == 200
-        return False
-
     try:
-        wait_until(up, timeout=60, what="smsbot serve to be ready")
-        yield base, rules, engine
+        add_users(engine, datetime.now(UTC))
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         engine.dispose()
+    with serve_process(db_url, tmp_path, env={"SMSBOT_CONSOLE_SECRET": "test-secret-for-the-console"}) as running:
+        yield running.base, running.rules, running.engine
 
 
 def test_rules_and_simulator_in_process_mode(process_server: tuple[str, Path, Engine]) -> None:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -21,9 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from bot.config import Settings
-from tests.support import Harness, copy_rules, payload, wait_until, write_rules
+from tests.support import Harness, payload, serve_process, wait_until, write_rules
 
-SMSBOT = Path(sys.executable).with_name("smsbot")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -175,52 +168,11 @@ def test_each_app_has_its_own_numbers(make_app: Callable[..., Harness], db_url: 
 # ---------------------------------------------------------------- the real server, writer process
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(db_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """``smsbot serve`` in writer-process mode with JSON logs, on a real loopback socket."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMSBOT_")}
-    env |= {
-        "SMSBOT_DATABASE_URL": db_url,
-        "SMSBOT_RULES_DIR": str(copy_rules(tmp_path / "rules")),
-        "SMSBOT_WRITER": "process",
-        "SMSBOT_LOG_FORMAT": "json",
-        "PYTHONUNBUFFERED": "1",
-    }
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(SMSBOT), "serve", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
-        return False
-
-    try:
-        wait_until(up, timeout=60, what="smsbot serve to be ready")
-        yield base, log
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_process(db_url, tmp_path, env={"SMSBOT_LOG_FORMAT": "json"}) as running:
+        yield running.base, running.log
 
 
 @pytest.mark.slow
