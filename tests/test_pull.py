@@ -252,6 +252,9 @@ def test_tencent_errors_are_logged_and_retried_without_losing_anything(
     fake.fail_requests("AuthFailure.SignatureFailure", times=3, action="PullSmsReplyStatus")
     fake.http_error(502, times=3, action="PullSmsSendStatus")
     h = pulling_app(make_app, db_url, fake)
+    failing = wait_until(lambda: h.client.get("/readyz").json()["pull"]["last_error"], what="/readyz to show it")
+    assert "AuthFailure.SignatureFailure" in failing or "502" in failing
+    assert h.client.get("/readyz").status_code == 200  # callbacks still work: pulling retries by itself
     fake.enqueue_reply(CUSTOMER, "hi", sign_name=SIGN)
     wait_until(lambda: puller(h).counts.replies_stored == 1, what="the reply, once Tencent answers again")
     [answer] = h.wait_settled()
@@ -260,6 +263,10 @@ def test_tencent_errors_are_logged_and_retried_without_losing_anything(
     assert "PullSmsReplyStatus failed: AuthFailure.SignatureFailure" in errors
     assert "PullSmsSendStatus failed" in errors
     assert h.client.get("/healthz").status_code == 200
+    pull = wait_until(
+        lambda: (p := h.client.get("/readyz").json()["pull"])["last_error"] is None and p, what="recovery"
+    )
+    assert pull["held"] == 0
 
 
 def test_a_pulled_reply_the_callback_would_refuse_is_logged_in_full_and_the_rest_stored(

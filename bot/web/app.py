@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -301,7 +302,7 @@ def create_app(
     )
     async def readyz() -> JSONResponse:
         if process_writer is not None:
-            return await _process_readyz(process_writer)
+            return _with_puller(await _process_readyz(process_writer), runtime.puller)
         database = "ok"
         try:
             await asyncio.to_thread(_ping, engine)
@@ -318,7 +319,7 @@ def create_app(
                 "last_reload_error": rules.last_error or None,
             },
         }
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+        return _with_puller(JSONResponse(body, status_code=200 if body["status"] == "ok" else 503), runtime.puller)
 
     # Tencent's two callbacks are served by plain Starlette routes placed first: the same handlers,
     # without FastAPI's per-request dependency machinery (about a fifth of the HTTP process's time
@@ -337,6 +338,16 @@ def create_app(
 def _ping(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def _with_puller(answer: JSONResponse, puller: Puller | None) -> JSONResponse:
+    """With pull mode on, /readyz also says how pulling goes (a failing pull does not make it unready:
+    callbacks may still arrive, and the puller retries by itself)."""
+    if puller is None:
+        return answer
+    body = json.loads(bytes(answer.body))
+    body["pull"] = {"rounds": puller.rounds, "held": puller.held, "last_error": puller.last_error}
+    return JSONResponse(body, status_code=answer.status_code)
 
 
 async def _process_readyz(process_writer: ProcessWriter) -> JSONResponse:
