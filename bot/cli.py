@@ -7,6 +7,7 @@ against, so they only ever grow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from bot.rules.schema import RuleFile, parse_duration
 from bot.rules.simulation import Step, run_file_tests, simulate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from sqlalchemy import Connection, Engine
 
@@ -41,12 +42,19 @@ class _State:
     config: Path | None = None
 
 
-def _settings() -> Settings:
+@contextlib.contextmanager
+def _config_errors() -> Iterator[None]:
+    """A setting that cannot work ends the command with its message and exit code 2."""
     try:
-        return load_settings(_State.config)
+        yield
     except ConfigError as exc:
         typer.echo(f"smsbot: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+def _settings() -> Settings:
+    with _config_errors():
+        return load_settings(_State.config)
 
 
 @app.callback()
@@ -137,11 +145,8 @@ app.add_typer(templates_app, name="templates")
 def _tencent_config(settings: Settings) -> TencentConfig:
     from bot.tencent.templates import tencent_config
 
-    try:
+    with _config_errors():
         return tencent_config(settings)
-    except ConfigError as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
 
 
 def _template_report(root: Path, config: TencentConfig) -> SyncReport:
@@ -380,15 +385,12 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
-    try:
+    with _config_errors():
         sender = make_sender(settings)
         if settings.pull:
             from bot.pull import tencent_config
 
             tencent_config(settings)
-    except ConfigError as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
     _setup_logging(settings)
     engine = _checked_engine(settings)
     rules = _loaded_rules(settings)
@@ -427,11 +429,8 @@ def pull_command(
     from bot.pull import PollResult, pull_into_database, tencent_config
 
     settings = _settings()
-    try:
+    with _config_errors():
         tencent_config(settings)
-    except ConfigError as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
     _setup_logging(settings)
     engine = _checked_engine(settings)
     try:
@@ -473,11 +472,11 @@ def worker_command(
 
     Workers share the outbox safely: each claims due rows with a lease (``FOR
     UPDATE SKIP LOCKED`` on PostgreSQL), so no reply is sent twice and a crashed
-    worker's rows are taken over when their lease ends. A worker sees new replies within a second (it polls); ``serve`` wakes its own
-    delivery loop at once.
+    worker's rows are taken over when their lease ends. A worker sees new
+    replies within a second (it polls); ``serve`` wakes its own delivery loop
+    at once.
     """
     import asyncio
-    import contextlib
     import signal
 
     from bot.outbox import Deliverer, delivery_options
@@ -485,11 +484,8 @@ def worker_command(
     from bot.writer import DbWriter
 
     settings = _settings()
-    try:
+    with _config_errors():
         sender = make_sender(settings)
-    except ConfigError as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
     _setup_logging(settings)
     engine = _checked_engine(settings)
     options = delivery_options(settings)
@@ -682,7 +678,6 @@ def export_command(
 
 def _export_to(engine: Engine, filters: ExportFilter, fmt: str, output: Path | None) -> int:
     """Stream the export to ``output`` (atomically) or stdout; a progress bar on stderr only if it is a terminal."""
-    import contextlib
     import os
     import tempfile
 
