@@ -147,6 +147,7 @@ def claim_due(
     busy: Set[Number] = frozenset(),
     limits: FrequencyLimits = NO_LIMITS,
     left_for_busy: list[int] | None = None,
+    take_lease: bool = True,
 ) -> list[OutboundSms]:
     """Lease up to ``limit`` due outbox rows to ``owner``, in the order they were queued.
 
@@ -211,11 +212,12 @@ def claim_due(
         for chunk in chunks(ids):
             where, params = db.in_list("id", chunk)
             db.execute(f"UPDATE outbox SET next_attempt_at = ? WHERE {where}", [db.ts(at), *params])
-    for chunk in chunks([sms.outbox_id for sms in claimed]):
-        where, params = db.in_list("id", chunk)
-        db.execute(
-            f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + lease), owner, *params]
-        )
+    if take_lease:  # (not when the caller settles these rows in this same transaction)
+        for chunk in chunks([sms.outbox_id for sms in claimed]):
+            where, params = db.in_list("id", chunk)
+            db.execute(
+                f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + lease), owner, *params]
+            )
     return claimed
 
 
@@ -420,6 +422,8 @@ class Deliverer:
             self._claim_when_free = True
             return 0
         now = self.clock()
+        if self._in_loop:
+            return await self.writer.run(lambda conn: self._claim_send_record(conn, now))
         busy = frozenset(self._busy)
         left: list[int] = []
         claimed = await self.writer.run(
@@ -436,18 +440,6 @@ class Deliverer:
         )
         # Only when something due waits for a number or a slot is a finished send worth a new claim.
         self._claim_when_free = bool(left) or len(claimed) >= self.batch
-        if self._in_loop and claimed:
-            # Nothing to wait for: send the batch in queue order (so each number's replies in
-            # order) and record it in one go.
-            outcomes = [(sms, self._send_one(sms)) for sms in claimed]
-            done_at = self.clock()
-            plans = [
-                (sms, plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng))
-                for sms, result in outcomes
-            ]
-            await self._record(plans, done_at)
-            self.sent += len(plans)
-            return len(claimed)
         by_number: dict[Number, list[OutboundSms]] = {}
         for sms in claimed:
             by_number.setdefault((sms.nationcode, sms.mobile), []).append(sms)
@@ -456,6 +448,24 @@ class Deliverer:
             task = asyncio.create_task(self._deliver(number, replies), name="smsbot-send")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return len(claimed)
+
+    def _claim_send_record(self, conn: Connection, now: datetime) -> int:
+        """For a sender that never waits: claim, send in queue order and settle, all in one transaction.
+
+        No lease is needed, as nobody else can see these rows before they are
+        settled; if the transaction fails after sending, the replies are sent
+        again next round, which for such a sender (the console) only prints twice.
+        """
+        claimed = claim_due(conn, now=now, limit=self.batch, owner=self.owner, limits=self.limits, take_lease=False)
+        outcomes = [(sms, self._send_one(sms)) for sms in claimed]
+        done_at = self.clock()
+        plans = [
+            (sms, plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng))
+            for sms, result in outcomes
+        ]
+        apply_plans(conn, plans, done_at)
+        self.sent += len(plans)
         return len(claimed)
 
     @property
