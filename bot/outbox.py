@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -241,6 +242,9 @@ def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -
     if not settlements:
         return
     db = DriverSql(conn)
+    if db.postgres:
+        _settle_postgres(db, settlements, now)
+        return
     db.executemany(
         # A delivery report (pushed or pulled) can arrive before the send's own outcome is committed:
         # what the handset said is kept, it is never turned back into "sent".
@@ -261,6 +265,40 @@ def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -
             for s in settlements
         ],
     )
+    for chunk in chunks([s.outbox_id for s in settlements]):
+        where, params = db.in_list("id", chunk)
+        db.execute(f"DELETE FROM outbox WHERE {where}", params)
+
+
+_SETTLE_POSTGRES = (
+    "UPDATE messages m SET"
+    " status = CASE WHEN m.status IN ('delivered', 'failed') AND x.keep THEN m.status ELSE x.status END,"
+    " status_reason = CASE WHEN m.status IN ('delivered', 'failed') AND x.keep THEN m.status_reason ELSE x.reason END,"
+    " error_code = CASE WHEN m.status IN ('delivered', 'failed') AND x.keep THEN m.error_code ELSE x.code END,"
+    " error_message = CASE WHEN m.status IN ('delivered', 'failed') AND x.keep THEN m.error_message ELSE x.error END,"
+    " provider_serial = coalesce(x.serial, m.provider_serial), sent_at = x.sent_at, updated_at = ?"
+    " FROM json_to_recordset(?::json) AS x(id bigint, status text, reason text, serial text, code text, error text,"
+    " sent_at timestamptz, keep boolean)"
+    " WHERE m.id = x.id"
+)
+
+
+def _settle_postgres(db: DriverSql, settlements: Sequence[Settlement], now: datetime) -> None:
+    """The same as the SQLite statements, as one UPDATE for all rows (one statement, not one per reply)."""
+    rows = [
+        {
+            "id": s.message_id,
+            "status": s.status,
+            "reason": s.reason,
+            "serial": s.serial,
+            "code": s.code,
+            "error": s.error,
+            "sent_at": s.sent_at.isoformat() if s.sent_at else None,
+            "keep": s.status in ("sent", "ambiguous"),  # a stored delivery report outranks these
+        }
+        for s in settlements
+    ]
+    db.execute(_SETTLE_POSTGRES, [now, json.dumps(rows, ensure_ascii=False)])
     for chunk in chunks([s.outbox_id for s in settlements]):
         where, params = db.in_list("id", chunk)
         db.execute(f"DELETE FROM outbox WHERE {where}", params)
