@@ -86,7 +86,6 @@ import platform
 import re
 import resource
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -106,11 +105,11 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ingest import (  # the sibling benchmark's helpers
-    STOP_TIMEOUT,
     BenchError,
     cpu_model,
     ensure_postgres_database,
     free_port,
+    server,
     smsbot_command,
 )
 
@@ -406,37 +405,12 @@ def fake_tencent(port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]
         log.close()
 
 
-@contextlib.contextmanager
 def smsbot_server(
     cmd: Sequence[str], env: dict[str, str], port: int, workdir: Path
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """``smsbot serve`` in ``workdir`` (not the repository: its ``config.yaml`` and, for the writer process's
     fork server, its ``bot`` on ``sys.path[0]`` stay out), until ``/readyz``; stopped with SIGINT afterwards."""
-    log_path = workdir / "server.log"
-    log: IO[bytes] = log_path.open("wb")
-    proc = subprocess.Popen(list(cmd), cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError):
-                if _get(port, "/readyz", timeout=5)[0] == 200:
-                    break
-            if proc.poll() is not None:
-                raise BenchError(f"smsbot serve exited with {proc.returncode}:\n{_tail(log_path)}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"smsbot serve not ready (/readyz) after 60 s:\n{_tail(log_path)}")
-            time.sleep(0.1)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"  warning: smsbot serve did not exit within {STOP_TIMEOUT} s of SIGINT; killed it", flush=True)
-                proc.kill()
-                proc.wait()
-        log.close()
+    return server("smsbot serve", cmd, env, port, workdir / "server.log", cwd=workdir, ready_path="/readyz")
 
 
 def _tail(path: Path, lines: int = 30) -> str:

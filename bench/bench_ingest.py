@@ -243,10 +243,10 @@ def free_port() -> int:
         return port
 
 
-def _healthy(port: int) -> bool:
+def _healthy(port: int, path: str = "/healthz") -> bool:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
     try:
-        conn.request("GET", "/healthz")
+        conn.request("GET", path)
         return conn.getresponse().status == 200
     except OSError:
         return False
@@ -263,18 +263,25 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 @contextlib.contextmanager
 def server(
-    label: str, cmd: Sequence[str], env: dict[str, str], port: int, log_path: Path
+    label: str,
+    cmd: Sequence[str],
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    *,
+    cwd: Path = REPO,
+    ready_path: str = "/healthz",
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process, wait for /healthz, stop it gracefully (SIGINT) afterwards."""
+    """Start a server process, wait until ``ready_path`` answers 200, stop it gracefully (SIGINT) afterwards."""
     log: IO[bytes] = log_path.open("wb")
-    proc = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while not _healthy(port):
+        while not _healthy(port, ready_path):
             if proc.poll() is not None:
                 raise BenchError(f"server exited with {proc.returncode}: {' '.join(cmd)}\n{_tail(log_path)}")
             if time.monotonic() > deadline:
-                raise BenchError(f"server not healthy after 60 s: {' '.join(cmd)}\n{_tail(log_path)}")
+                raise BenchError(f"server not ready ({ready_path}) after 60 s: {' '.join(cmd)}\n{_tail(log_path)}")
             time.sleep(0.1)
         yield proc
     finally:
