@@ -413,3 +413,32 @@ def serve_process(
     finally:
         server.stop()
         engine.dispose()
+
+
+def fail_inserts_into_outbox(engine: Engine) -> None:
+    """Make every INSERT INTO outbox fail: the last write of a message that gets a reply, so its whole batch fails."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON outbox "
+                "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION smsbot_test_fail() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'simulated failure'; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON outbox "
+                "FOR EACH ROW EXECUTE FUNCTION smsbot_test_fail()"
+            )
+
+
+def store_again(engine: Engine) -> None:
+    """Undo ``fail_inserts_into_outbox``."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail")
+        else:
+            conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail ON outbox")
+            conn.exec_driver_sql("DROP FUNCTION smsbot_test_fail()")

@@ -18,7 +18,18 @@ from bot.config import Settings
 from bot.store.db import upgrade
 from bot.store.models import messages
 from bot.web.app import RESULT_BAD_REQUEST, RESULT_TOO_LARGE, RESULT_UNAUTHORIZED, RESULT_UNAVAILABLE
-from tests.support import NOTHING_STORED, FakeClock, Harness, copy_rules, payload, start_app, stop_app, stored_counts
+from tests.support import (
+    NOTHING_STORED,
+    FakeClock,
+    Harness,
+    copy_rules,
+    fail_inserts_into_outbox,
+    payload,
+    start_app,
+    stop_app,
+    store_again,
+    stored_counts,
+)
 
 
 def rejected(h: Harness, send: Callable[[], httpx.Response], status: int, result: int, *needles: str) -> str:
@@ -316,34 +327,6 @@ def test_database_unavailable_is_503_and_retry_works(
         }
 
 
-def _install_failing_trigger(engine: Engine) -> None:
-    """Make every INSERT INTO outbox fail: the last write of a message that gets a reply."""
-    with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql(
-                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON outbox "
-                "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END"
-            )
-        else:
-            conn.exec_driver_sql(
-                "CREATE FUNCTION smsbot_test_fail() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'simulated failure'; END $$"
-            )
-            conn.exec_driver_sql(
-                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON outbox "
-                "FOR EACH ROW EXECUTE FUNCTION smsbot_test_fail()"
-            )
-
-
-def _drop_failing_trigger(engine: Engine) -> None:
-    with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail")
-        else:
-            conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail ON outbox")
-            conn.exec_driver_sql("DROP FUNCTION smsbot_test_fail()")
-
-
 @pytest.fixture
 def admin_engine(db_url: str) -> Iterator[Engine]:
     eng = create_engine(db_url)
@@ -357,14 +340,14 @@ def test_failure_midway_leaves_nothing_half_written(harness: Harness, admin_engi
     h.say("hi", mobile="13900000000")  # another number's conversation, committed before the failure
     h.wait_settled()
     before = stored_counts(h.engine)
-    _install_failing_trigger(admin_engine)
+    fail_inserts_into_outbox(admin_engine)
     body = [good(h), good(h, text="1")]
     response = h.post(body)
     assert response.status_code == 503
     assert response.json()["result"] == RESULT_UNAVAILABLE
     assert stored_counts(h.engine) == before
 
-    _drop_failing_trigger(admin_engine)
+    store_again(admin_engine)
     assert h.post(body).status_code == 200  # Tencent's retry
     assert [m["text"] for m in h.inbound()] == ["hi", "hi", "1"]
     assert len(h.wait_settled()) == 3

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import create_engine
 from typer.testing import CliRunner
 
 from bot.cli import app as cli
@@ -33,7 +33,18 @@ from bot.store.models import messages, outbox
 from bot.web.app import create_app
 from bot.web.callbacks import parse_reply_callback
 from tests.fakes.tencent_sms import FakeTencentSms
-from tests.support import REPO, Harness, copy_rules, count, payload, rows, stop_app, wait_until
+from tests.support import (
+    REPO,
+    Harness,
+    copy_rules,
+    count,
+    fail_inserts_into_outbox,
+    payload,
+    rows,
+    stop_app,
+    store_again,
+    wait_until,
+)
 
 SECRET_ID = "AKIDsmsbotpull"
 SECRET_KEY = "pull-secret-key"
@@ -283,39 +294,12 @@ def test_a_pulled_reply_the_callback_would_refuse_is_logged_in_full_and_the_rest
     assert '"SubscriberNumber": "13800000000"' in caplog.text  # Tencent will not hand it out again
 
 
-def _fail_inserts_into_outbox(engine: Engine) -> None:
-    """Every message that gets a reply fails to store (its last write is the outbox row)."""
-    with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql(
-                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON outbox "
-                "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END"
-            )
-        else:
-            conn.exec_driver_sql(
-                "CREATE FUNCTION smsbot_test_fail() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'simulated failure'; END $$"
-            )
-            conn.exec_driver_sql(
-                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION smsbot_test_fail()"
-            )
-
-
-def _store_again(engine: Engine) -> None:
-    with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail")
-        else:
-            conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail ON outbox")
-            conn.exec_driver_sql("DROP FUNCTION smsbot_test_fail()")
-
-
 def test_pulled_replies_the_database_refuses_are_kept_and_stored_later(
     make_app: Callable[..., Harness], db_url: str, fake: FakeTencentSms
 ) -> None:
     admin = create_engine(db_url)
     try:
-        _fail_inserts_into_outbox(admin)
+        fail_inserts_into_outbox(admin)
         h = pulling_app(make_app, db_url, fake)
         fake.enqueue_reply(CUSTOMER, "hi", sign_name=SIGN)
         p = puller(h)
@@ -330,7 +314,7 @@ def test_pulled_replies_the_database_refuses_are_kept_and_stored_later(
         assert p.last_error is not None
         assert p.last_error.startswith("storing")
 
-        _store_again(admin)
+        store_again(admin)
         wait_until(lambda: len(h.inbound()) == 2, what="both replies stored once the database accepts")
         assert len(h.wait_settled()) == 2
         assert (p.held, p.counts.replies_stored, p.counts.duplicates) == (0, 2, 0)
@@ -348,7 +332,7 @@ def test_stopping_with_replies_held_keeps_them_in_full_in_the_unstored_file(
     caplog.set_level(logging.ERROR, logger="smsbot.pull")
     admin = create_engine(db_url)
     try:
-        _fail_inserts_into_outbox(admin)
+        fail_inserts_into_outbox(admin)
         h = pulling_app(make_app, db_url, fake)
         fake.enqueue_reply(CUSTOMER, "TD please", sign_name=SIGN)
         wait_until(lambda: puller(h).held == 1, what="the pulled reply held")
