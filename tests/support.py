@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import Connection, Engine, Table, create_engine, func, select
 from sqlalchemy.engine import RowMapping, make_url
 
@@ -30,6 +31,7 @@ from bot.outbox import OutboundSms, SendResult
 from bot.store.db import WRITE_OPTIONS, make_engine
 from bot.store.models import contacts, conversations, messages, opt_out_events, outbox
 from bot.web.app import create_app
+from tests.fakes.tencent_sms import FakeTencentSms
 
 PG_URL_ENV = "SMSBOT_TEST_DATABASE_URL"
 PG_URL = os.environ.get(PG_URL_ENV)
@@ -442,3 +444,16 @@ def store_again(engine: Engine) -> None:
         else:
             conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail ON outbox")
             conn.exec_driver_sql("DROP FUNCTION smsbot_test_fail()")
+
+
+def tencent_settings(fake: FakeTencentSms, **extra: Any) -> Settings:
+    """Settings for the Tencent sender pointed at a running fake, with the fake's own credentials."""
+    return Settings(
+        sender="tencent",
+        tencent_endpoint=fake.endpoint,
+        tencent_scheme="http",
+        tencent_sdk_app_id=fake.app_id,
+        tencent_secret_id=SecretStr(fake.secret_id),
+        tencent_secret_key=SecretStr(fake.secret_key),
+        **extra,
+    )

@@ -18,12 +18,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 from sqlalchemy import create_engine
 from typer.testing import CliRunner
 
 from bot.cli import app as cli
-from bot.config import Settings
 from bot.live_rules import LiveRules
 from bot.pull import PulledItemRefused, Puller, china_time, reply_to_inbound, send_status_to_report
 from bot.sending import make_sender
@@ -43,6 +41,7 @@ from tests.support import (
     rows,
     stop_app,
     store_again,
+    tencent_settings,
     wait_until,
 )
 
@@ -88,18 +87,6 @@ def quiet_fake() -> Iterator[FakeTencentSms]:
         report_sends=False,
     ) as server:
         yield server
-
-
-def tencent_settings(fake: FakeTencentSms, **extra: Any) -> Settings:
-    return Settings(
-        sender="tencent",
-        tencent_endpoint=fake.endpoint,
-        tencent_scheme="http",
-        tencent_sdk_app_id=APP_ID,
-        tencent_secret_id=SecretStr(SECRET_ID),
-        tencent_secret_key=SecretStr(SECRET_KEY),
-        **extra,
-    )
 
 
 @pytest.fixture(autouse=True)

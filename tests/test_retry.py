@@ -8,14 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
-from bot.config import Settings
 from bot.retry import CHINA, Final, Retry, RetryPolicy, plan
 from bot.sending import make_sender
 from bot.store.models import conversations, opt_out_events, outbox
 from tests.fakes.tencent_sms import FakeTencentSms
-from tests.support import FakeClock, Harness, wait_until
+from tests.support import FakeClock, Harness, tencent_settings, wait_until
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)  # 10:00 China time
 POLICY = RetryPolicy()
@@ -117,15 +115,7 @@ def fake() -> Iterator[FakeTencentSms]:
 
 @pytest.fixture
 def tencent(make_app: Callable[..., Harness], db_url: str, fake: FakeTencentSms) -> Harness:
-    settings = Settings(
-        sender="tencent",
-        tencent_endpoint=fake.endpoint,
-        tencent_scheme="http",
-        tencent_sdk_app_id=fake.app_id,
-        tencent_secret_id=SecretStr("AKIDr"),
-        tencent_secret_key=SecretStr("k"),
-        tencent_timeout=1,
-    )
+    settings = tencent_settings(fake, tencent_timeout=1)
     return make_app(db_url, settings=settings, sender=make_sender(settings))
 
 

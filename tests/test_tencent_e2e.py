@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from bot.cli import app as cli
@@ -18,7 +17,7 @@ from bot.sending import make_sender
 from bot.store.models import messages
 from bot.tencent.sender import TencentSender
 from tests.fakes.tencent_sms import FakeTencentSms
-from tests.support import REPO, Harness
+from tests.support import REPO, Harness, tencent_settings
 
 SECRET_ID = "AKIDsmsbote2e"
 SECRET_KEY = "e2e-secret-key"
@@ -36,18 +35,6 @@ def fake() -> Iterator[FakeTencentSms]:
         secret_id=SECRET_ID, secret_key=SECRET_KEY, app_id=APP_ID, templates=TEMPLATES, signatures={"Acme Shop"}
     ) as server:
         yield server
-
-
-def tencent_settings(fake: FakeTencentSms, **extra: Any) -> Settings:
-    return Settings(
-        sender="tencent",
-        tencent_endpoint=fake.endpoint,
-        tencent_scheme="http",
-        tencent_sdk_app_id=APP_ID,
-        tencent_secret_id=SecretStr(SECRET_ID),
-        tencent_secret_key=SecretStr(SECRET_KEY),
-        **extra,
-    )
 
 
 def test_callback_in_reply_out_at_tencent_report_back_delivered(
