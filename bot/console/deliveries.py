@@ -29,9 +29,8 @@ from sqlalchemy import Connection, func, insert, or_, select, update
 from bot.console.ops_shared import (
     Page,
     known_signatures,
-    number_shower,
+    listing_context,
     page_number,
-    query_without,
     wants_reveal,
 )
 from bot.console.users import audit
@@ -122,7 +121,6 @@ def deliveries(request: Request, user: CurrentUser) -> Response:
         "deliveries.html",
         {
             "rows": rows,
-            "page": page,
             "status": status,
             "statuses": STATUS_FILTERS,
             "signature": signature,
@@ -130,12 +128,7 @@ def deliveries(request: Request, user: CurrentUser) -> Response:
             "code": code,
             "codes": codes,
             "retryable": FAILED_STATUSES,
-            "reveal": reveal,
-            "show": number_shower(reveal),
-            "done": DONE.get(request.query_params.get("done", "")),
-            "prev_query": query_without(request, page=page.number - 1),
-            "next_query": query_without(request, page=page.number + 1),
-            "reveal_query": query_without(request, "page", reveal=None if reveal else "1"),
+            **listing_context(request, page, reveal, DONE),
         },
     )
 

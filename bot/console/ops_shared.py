@@ -8,7 +8,7 @@ pages page through long lists.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -110,3 +110,16 @@ def all_of(*conditions: ColumnElement[bool] | None) -> ColumnElement[bool] | Non
     if not present:
         return None
     return and_(*present)
+
+
+def listing_context(request: Request, page: Page, reveal: bool, done: Mapping[str, str]) -> dict[str, Any]:
+    """What every paged, maskable list page (opt-outs, deliveries) hands its template besides its rows."""
+    return {
+        "page": page,
+        "reveal": reveal,
+        "show": number_shower(reveal),
+        "done": done.get(request.query_params.get("done", "")),
+        "prev_query": query_without(request, page=page.number - 1),
+        "next_query": query_without(request, page=page.number + 1),
+        "reveal_query": query_without(request, "page", reveal=None if reveal else "1"),
+    }

@@ -22,10 +22,9 @@ from bot.console.ops_shared import (
     Page,
     digits,
     known_signatures,
+    listing_context,
     number_filter,
-    number_shower,
     page_number,
-    query_without,
     wants_reveal,
 )
 from bot.console.users import ConsoleUser, audit
@@ -113,16 +112,10 @@ def opt_outs(request: Request, user: CurrentUser) -> Response:
         "optouts.html",
         {
             "rows": rows,
-            "page": page,
             "number": number,
             "signature": signature,
             "signatures": signatures,
-            "reveal": reveal,
-            "show": number_shower(reveal),
-            "done": DONE.get(request.query_params.get("done", "")),
-            "prev_query": query_without(request, page=page.number - 1),
-            "next_query": query_without(request, page=page.number + 1),
-            "reveal_query": query_without(request, "page", reveal=None if reveal else "1"),
+            **listing_context(request, page, reveal, DONE),
         },
     )
 
