@@ -9,7 +9,9 @@ database: the connection, the live rules (load and watch), the group commit
 thread) and the delivery loop with the configured sender.
 
 The two talk over one ``multiprocessing`` pipe. HTTP -> writer:
-``("batch", job_id, [Inbound, ...])``, ``("ping", job_id)``, ``("stop",)``.
+``("jobs", [job, ...])`` (the jobs submitted in one turn of the HTTP event loop, each
+``("batch", job_id, [Inbound, ...])``, ``("ping", job_id)`` or ``("reports", job_id, [StatusReport, ...])``)
+and ``("stop",)``.
 Writer -> HTTP: ``("ready", pid)``, ``("rules", status)`` at start and after
 every reload attempt, and ``("done", [(job_id, ok, payload), ...])`` once per
 committed transaction (payload: ``[(message_id, duplicate, queued), ...]``
@@ -230,22 +232,10 @@ class _Child:
                     stopping_at = stopping_at or time.monotonic()
                     self._stop_async()
                     break
-                kind = message[0]
-                if kind == "batch":
-                    _, job_id, items = message
-                    job: _Job[Any] = _Job(self._store_fn(items), None, None, handler=self.inbound.store, items=items)
-                    batch.append(job)
-                    remote.append((job_id, kind, job))
-                elif kind == "ping":
-                    job = _Job(self._ping, None, None)
-                    batch.append(job)
-                    remote.append((message[1], kind, job))
-                elif kind == "reports":
-                    _, job_id, reports = message
-                    job = _Job(functools.partial(_apply_reports_now, reports), None, None)
-                    batch.append(job)
-                    remote.append((job_id, kind, job))
-                elif kind == "stop" and stopping_at is None:
+                if message[0] == "jobs":
+                    for job_message in message[1]:
+                        self._take(job_message, batch, remote)
+                elif message[0] == "stop" and stopping_at is None:
                     stopping_at = time.monotonic()
                     self._stop_async()
             if batch:
@@ -269,6 +259,24 @@ class _Child:
         self.engine.dispose()
         with contextlib.suppress(OSError):
             self.conn.close()
+
+    def _take(self, message: tuple[Any, ...], batch: list[Any], remote: list[tuple[int, str, Any]]) -> None:
+        """Turn one job the HTTP process sent into a job of the next transaction."""
+        from bot.writer import _Job
+
+        kind, job_id = message[0], message[1]
+        if kind == "batch":
+            items = message[2]
+            job: _Job[Any] = _Job(self._store_fn(items), None, None, handler=self.inbound.store, items=items)
+        elif kind == "ping":
+            job = _Job(self._ping, None, None)
+        elif kind == "reports":
+            job = _Job(functools.partial(_apply_reports_now, message[2]), None, None)
+        else:  # pragma: no cover - both ends are this module
+            log.error("unknown job kind %r from the HTTP process", kind)
+            return
+        batch.append(job)
+        remote.append((job_id, kind, job))
 
     def _store_fn(self, items: list[Inbound]) -> Any:
         return lambda conn: self.inbound.store(conn, items)
@@ -339,6 +347,8 @@ class ProcessWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
+        self._outgoing: list[tuple[Any, ...]] = []
+        self._flush_scheduled = False
         self._ready: asyncio.Future[int] | None = None
         self._alive = False
         self._stopping = False
@@ -501,13 +511,36 @@ class ProcessWriter:
         job_id = self._next_id
         future: asyncio.Future[Any] = self._loop.create_future()
         self._futures[job_id] = future
-        try:
-            self._conn.send((message_kind, job_id, *args))
-        except (OSError, ValueError) as exc:
-            self._futures.pop(job_id, None)
-            self._on_death()
-            raise WriterUnavailable(f"the writer process is gone: {exc}") from exc
+        self._outgoing.append((message_kind, job_id, *args))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         return future
+
+    def _flush(self) -> None:
+        """Send every job submitted during this turn of the event loop as one pipe message.
+
+        One pickle and one write for the callbacks that arrived together,
+        instead of one each: under load the writer then reads a whole batch
+        with one ``recv``.
+        """
+        self._flush_scheduled = False
+        outgoing, self._outgoing = self._outgoing, []
+        if not outgoing:
+            return
+        conn = self._conn
+        try:
+            if conn is None:
+                raise OSError("the pipe is closed")
+            for start in range(0, len(outgoing), MAX_BATCH):
+                conn.send(("jobs", outgoing[start : start + MAX_BATCH]))
+        except (OSError, ValueError) as exc:
+            error = WriterUnavailable(f"the writer process is gone: {exc}; nothing stored")
+            for _, job_id, *_ in outgoing:
+                future = self._futures.pop(job_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            self._on_death()
 
     async def store(self, inbound: list[Inbound]) -> list[InboundResult]:
         """Commit ``inbound`` in the writer process; results carry no decision (it stayed there)."""
