@@ -30,6 +30,12 @@ script measures that, for SQLite and for PostgreSQL:
    requests wrk saw answered with 2xx (the stored count may exceed it by the
    requests still in flight when wrk stopped, at most one per connection and
    wrk run).
+4. On Linux it also prints where the CPU went during each measured run, per
+   answered request: wrk, the server process, its child processes (smsbot's
+   writer process) and PostgreSQL (every ``postgres`` process on the machine),
+   read from ``/proc``, and how busy the cores were. wrk, the servers and the
+   database share the same cores, so this shows what a request costs each of
+   them and how far the machine is from full.
 
 Run it with ``.venv/bin/python bench/bench_ingest.py [--seconds 10]
 [--connections 32] [--databases sqlite,postgres]``. It needs ``wrk``
@@ -50,6 +56,7 @@ import http.client
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -179,11 +186,30 @@ class Stored:
 
 
 @dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds spent during the measured run, by who spent them (read from Linux's /proc)."""
+
+    wall: float
+    wrk: float
+    server: float
+    """The process wrk talks to (uvicorn: HTTP parsing, validation, answers)."""
+    helpers: float
+    """The server's child processes (smsbot's writer process and multiprocessing's fork server)."""
+    postgres: float
+    """Every PostgreSQL server process on this machine: backends, WAL writer, autovacuum."""
+
+    @property
+    def total(self) -> float:
+        return self.wrk + self.server + self.helpers + self.postgres
+
+
+@dataclass(frozen=True)
 class Row:
     database: str
     server: str
     result: WrkResult
     stored: Stored | None = None
+    cpu: CpuUse | None = None
 
 
 # ------------------------------------------------------------------ wrk
@@ -326,6 +352,63 @@ def smsbot_command() -> str:
     return found
 
 
+# ------------------------------------------------------------------ CPU accounting
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int) -> tuple[str, int, float] | None:
+    """(command name, parent pid, CPU seconds of the process and its threads) from /proc, or None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_snapshot(server_pid: int) -> dict[str, float] | None:
+    """CPU seconds so far of the server, of its descendants, and of PostgreSQL; None without /proc."""
+    if not Path("/proc/self/stat").exists():
+        return None
+    stats: dict[int, tuple[str, int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = stat
+    children: dict[int, list[int]] = {}
+    for pid, (_, parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    helpers, stack = 0.0, list(children.get(server_pid, []))
+    while stack:
+        pid = stack.pop()
+        helpers += stats[pid][2]
+        stack.extend(children.get(pid, []))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
+    return {
+        "server": stats[server_pid][2] if server_pid in stats else 0.0,
+        "helpers": helpers,
+        "postgres": sum(cpu for name, _, cpu in stats.values() if name.startswith("postgres")),
+        "wrk": usage.ru_utime + usage.ru_stime,
+        "wall": time.monotonic(),
+    }
+
+
+def cpu_used(before: dict[str, float] | None, after: dict[str, float] | None) -> CpuUse | None:
+    if before is None or after is None:
+        return None
+    delta = {key: after[key] - before[key] for key in before}
+    # A helper that exited during the run would make its share negative: count it as nothing.
+    return CpuUse(
+        wall=delta["wall"],
+        wrk=delta["wrk"],
+        server=delta["server"],
+        helpers=max(0.0, delta["helpers"]),
+        postgres=max(0.0, delta["postgres"]),
+    )
+
+
 # ------------------------------------------------------------------ databases
 
 
@@ -430,9 +513,9 @@ class Load:
 
 def measure(
     load: Load, label: str, cmd: Sequence[str], env: dict[str, str], port: int, log_path: Path
-) -> tuple[WrkResult, int]:
-    """Warm up, then measure; returns the measured run and the 2xx answers of both wrk runs."""
-    with server(label, cmd, env, port, log_path):
+) -> tuple[WrkResult, int, CpuUse | None]:
+    """Warm up, then measure; returns the measured run, the 2xx answers of both wrk runs, and the CPU used."""
+    with server(label, cmd, env, port, log_path) as proc:
         answered = 0
         if load.warmup > 0:
             warm, _ = run_wrk(
@@ -446,6 +529,7 @@ def measure(
                 workdir=log_path.parent,
             )
             answered += warm.answered_ok
+        before = cpu_snapshot(proc.pid)
         result, report = run_wrk(
             load.wrk,
             port,
@@ -456,9 +540,10 @@ def measure(
             t0=load.t0,
             workdir=log_path.parent,
         )
+        cpu = cpu_used(before, cpu_snapshot(proc.pid))
         answered += result.answered_ok
     log_path.with_suffix(".wrk.txt").write_text(report, encoding="utf-8")
-    return result, answered
+    return result, answered, cpu
 
 
 def bench_database(name: str, load: Load, postgres_url: str, workdir: Path) -> list[Row]:
@@ -466,15 +551,17 @@ def bench_database(name: str, load: Load, postgres_url: str, workdir: Path) -> l
     port = free_port()
     bare_cmd = [sys.executable, str(BARE_APP), "--port", str(port)]
     print(f"  {name}: bare endpoint ...", flush=True)
-    bare, _ = measure(load, f"{name} bare", bare_cmd, server_env(None), port, workdir / f"{name}-bare.log")
-    rows.append(Row(name, "bare", bare))
+    bare, _, bare_cpu = measure(load, f"{name} bare", bare_cmd, server_env(None), port, workdir / f"{name}-bare.log")
+    rows.append(Row(name, "bare", bare, cpu=bare_cpu))
 
     url = fresh_database(name, workdir, postgres_url)
     port = free_port()
     full_cmd = [smsbot_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
     print(f"  {name}: full pipeline (smsbot serve) ...", flush=True)
-    full, answered = measure(load, f"{name} full", full_cmd, server_env(url), port, workdir / f"{name}-full.log")
-    rows.append(Row(name, "full", full, count_stored(url, answered)))
+    full, answered, full_cpu = measure(
+        load, f"{name} full", full_cmd, server_env(url), port, workdir / f"{name}-full.log"
+    )
+    rows.append(Row(name, "full", full, count_stored(url, answered), full_cpu))
     return rows
 
 
@@ -529,7 +616,40 @@ def print_table(rows: list[Row]) -> bool:
             f"{s.outbound:,} replies, {s.outbox_left:,} still in the outbox, {s.conversations:,} conversations"
         )
         met_all &= s.all_stored
+    print_cpu(rows)
     return met_all
+
+
+def print_cpu(rows: list[Row]) -> None:
+    """Where each request's CPU went: the ratio is bounded by what the cores can give the full pipeline."""
+    measured = [row for row in rows if row.cpu is not None and row.result.requests]
+    if not measured:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    print()
+    print(
+        f"CPU per answered request during the measured run, in microseconds ({cores} cores: "
+        f"{cores * 1_000_000:,} us of CPU per second); busy = all CPU used / (cores x seconds)"
+    )
+    header = (
+        f"{'database':<10} {'server':<6} {'wrk':>6} {'server':>7} {'helpers':>8} {'postgres':>9} {'total':>7} "
+        f"{'busy':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in measured:
+        cpu = row.cpu
+        assert cpu is not None
+        per = 1e6 / row.result.requests
+        busy = cpu.total / (cores * cpu.wall) if cpu.wall > 0 else 0.0
+        print(
+            f"{row.database:<10} {row.server:<6} {cpu.wrk * per:>6.0f} {cpu.server * per:>7.0f} "
+            f"{cpu.helpers * per:>8.0f} {cpu.postgres * per:>9.0f} {cpu.total * per:>7.0f} {busy:>5.0%}"
+        )
+    print(
+        "(server: the process wrk talks to; helpers: its child processes, i.e. smsbot's writer process; "
+        "postgres: every PostgreSQL process on this machine)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
