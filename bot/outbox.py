@@ -110,6 +110,17 @@ _DETAILS = (
     " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
     " WHERE {where}"
 )
+_IN_FLIGHT = (
+    "SELECT DISTINCT m.contact_id FROM outbox o JOIN messages m ON m.id = o.message_id"
+    " WHERE o.lease_until IS NOT NULL AND o.lease_until >= ? AND {where}"
+)
+"""Numbers with a reply leased (being sent) somewhere: the claim's own candidates are never leased."""
+_CLAIM_NUMBERS = (
+    "SELECT c FROM unnest(?::bigint[]) AS c WHERE NOT pg_try_advisory_xact_lock(?::int, mod(c, 2147483647)::int)"
+)
+"""On PostgreSQL, the numbers another worker is claiming at this moment (its transaction holds their lock)."""
+CLAIM_LOCK_SPACE = 0x534D53
+"""First key of the claim's advisory locks ("SMS"), so they cannot meet another application's."""
 _HISTORY = (
     "SELECT contact_id, sent_at, text FROM messages"
     " WHERE {where} AND sent_at IS NOT NULL AND sent_at >= ? AND direction = 'out'"
@@ -171,6 +182,7 @@ def claim_due(
         for row in db.rows(_DETAILS.format(where=where), params):
             details[int(row[0])] = row
     history = _history(db, {int(row[11]) for row in details.values()}, now, limits)
+    elsewhere = _numbers_taken_elsewhere(db, {int(row[11]) for row in details.values()}, now)
     claimed: list[OutboundSms] = []
     suppressed: list[Settlement] = []
     deferred: dict[datetime, list[int]] = {}
@@ -183,6 +195,8 @@ def claim_due(
         if (nationcode, mobile) in busy:
             if left_for_busy is not None:
                 left_for_busy.append(int(outbox_id))
+            continue
+        if int(contact) in elsewhere:  # another worker is sending to this number: its turn comes after
             continue
         if marketing and not marketing_hours(now):
             # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
@@ -220,6 +234,30 @@ def claim_due(
                 f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + lease), owner, *params]
             )
     return claimed
+
+
+def _numbers_taken_elsewhere(db: DriverSql, contacts: set[int], now: datetime) -> set[int]:
+    """Numbers another worker is sending to (a live lease) or claiming right now (PostgreSQL: a held lock).
+
+    Replies to one number must go out one at a time and in queue order, and
+    ``SKIP LOCKED`` alone would let a second worker take a number's next reply
+    while the first still sends its earlier one. So each claim takes a
+    transaction-scoped advisory lock per number (never waiting for it) and
+    skips numbers whose lock is held or which have a reply leased; the lock
+    lasts until the claim's leases are committed, and the leases until the
+    sends are recorded. On SQLite claims never overlap (one writer at a time),
+    so the leases say it all.
+    """
+    if not contacts:
+        return set()
+    ordered = sorted(contacts)
+    taken: set[int] = set()
+    if db.postgres:
+        taken.update(int(row[0]) for row in db.rows(_CLAIM_NUMBERS, (ordered, CLAIM_LOCK_SPACE)))
+    for chunk in chunks(ordered):
+        where, params = db.in_list("m.contact_id", chunk)
+        taken.update(int(row[0]) for row in db.rows(_IN_FLIGHT.format(where=where), [db.ts(now), *params]))
+    return taken
 
 
 def _history(db: DriverSql, contacts: set[int], now: datetime, limits: FrequencyLimits) -> dict[int, list[Sent]]:

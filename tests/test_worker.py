@@ -141,6 +141,65 @@ def test_two_workers_share_the_outbox_and_send_each_reply_once(
     assert {m["status"] for m in h.outbound()} == {"sent"}
 
 
+class SharedNumbers:
+    """What every worker's sender sends, in order, and whether one number was ever sent to by two at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.in_flight: dict[str, int] = {}
+        self.overlaps: list[str] = []
+        self.log: list[OutboundSms] = []
+
+
+class TrackedSender(SlowSender):
+    """One worker's sender; all of them report to one ``SharedNumbers``."""
+
+    def __init__(self, shared: SharedNumbers, seed: int) -> None:
+        super().__init__(seed)
+        self.shared = shared
+
+    def send(self, sms: OutboundSms) -> SendResult:
+        with self.shared.lock:
+            self.shared.in_flight[sms.mobile] = self.shared.in_flight.get(sms.mobile, 0) + 1
+            if self.shared.in_flight[sms.mobile] > 1:
+                self.shared.overlaps.append(sms.mobile)
+        try:
+            return super().send(sms)
+        finally:
+            with self.shared.lock:
+                self.shared.log.append(sms)
+                self.shared.in_flight[sms.mobile] -= 1
+
+
+def test_two_workers_never_send_to_one_number_side_by_side_and_keep_its_order(
+    make_app: Callable[..., Harness], db_url: str, clock: FakeClock
+) -> None:
+    """Scaling out keeps what one worker promises: a number's replies go one at a time, in queue order."""
+    h = make_app(db_url, deliver=False)
+    numbers = NUMBERS[:24]  # more than one worker's claim (16 replies) covers, so both get numbers
+    for text in ["hi", "1", "MENU"]:
+        for mobile in numbers:
+            h.say(text, mobile=mobile)
+    outbound = h.outbound()
+    shared = SharedNumbers()
+    senders = [TrackedSender(shared, seed=1), TrackedSender(shared, seed=2)]
+    for _ in range(20):  # a worker ends when nothing is free for it; run rounds until everything went
+        threads = [threading.Thread(target=_worker, args=(db_url, s, clock, 4)) for s in senders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        if not h.count(outbox):
+            break
+    assert shared.overlaps == [], f"two workers sent to {sorted(set(shared.overlaps))} at the same time"
+    assert sorted(sms.message_id for sms in shared.log) == sorted(m["id"] for m in outbound)
+    for mobile in numbers:
+        queued_order = [m["id"] for m in outbound if m["contact_id"] == _contact_id(h, mobile)]
+        sent_order = [sms.message_id for sms in shared.log if sms.mobile == mobile]
+        assert sent_order == queued_order, f"replies to {mobile} overtook each other"
+    assert all(s.sent for s in senders), "one worker sent nothing: they did not run side by side"
+
+
 def test_a_crashed_workers_lease_runs_out_and_another_worker_takes_over(
     make_app: Callable[..., Harness], db_url: str, clock: FakeClock
 ) -> None:

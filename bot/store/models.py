@@ -186,7 +186,16 @@ class Outbox(Base):
     """Replies waiting to be sent; a row leaves when the send is settled."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_next_attempt_at", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_next_attempt_at", "next_attempt_at"),
+        # Leases exist only while a send is in flight at some worker: a claim looks for them by time.
+        Index(
+            "ix_outbox_lease_until",
+            "lease_until",
+            sqlite_where=text("lease_until IS NOT NULL"),
+            postgresql_where=text("lease_until IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"), unique=True)
