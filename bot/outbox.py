@@ -29,7 +29,7 @@ from bot.config import Settings, frequency_limits
 from bot.frequency import NO_LIMITS, FrequencyLimits, Sent, earliest_send
 from bot.retry import Final, Retry, RetryPolicy, marketing_hours, next_marketing_opening, plan
 from bot.service import mask_number
-from bot.store.driver_sql import DriverSql, chunks
+from bot.store.driver_sql import PREPARE, DriverSql, chunks
 from bot.writer import DbWriter
 
 log = logging.getLogger("smsbot.outbox")
@@ -110,11 +110,8 @@ _DETAILS = (
     " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
     " WHERE {where}"
 )
-_IN_FLIGHT = (
-    "SELECT DISTINCT m.contact_id FROM outbox o JOIN messages m ON m.id = o.message_id"
-    " WHERE o.lease_until IS NOT NULL AND o.lease_until >= ? AND {where}"
-)
-"""Numbers with a reply leased (being sent) somewhere: the claim's own candidates are never leased."""
+_LEASED = "SELECT message_id FROM outbox WHERE lease_until IS NOT NULL AND lease_until >= ?"
+"""Replies being sent somewhere (a live lease; the claim's own candidates never have one): few, by an index."""
 _CLAIM_NUMBERS = (
     "SELECT c FROM unnest(?::bigint[]) AS c WHERE NOT pg_try_advisory_xact_lock(?::int, mod(c, 2147483647)::int)"
 )
@@ -250,14 +247,25 @@ def _numbers_taken_elsewhere(db: DriverSql, contacts: set[int], now: datetime) -
     """
     if not contacts:
         return set()
-    ordered = sorted(contacts)
     taken: set[int] = set()
     if db.postgres:
-        taken.update(int(row[0]) for row in db.rows(_CLAIM_NUMBERS, (ordered, CLAIM_LOCK_SPACE)))
-    for chunk in chunks(ordered):
-        where, params = db.in_list("m.contact_id", chunk)
-        taken.update(int(row[0]) for row in db.rows(_IN_FLIGHT.format(where=where), [db.ts(now), *params]))
-    return taken
+        # One round trip; the statements still run in this order, the leases read after the locks are held.
+        # Not prepared (see PREPARE): generic plans made on small tables scan whole tables later.
+        connection = db.cursor.connection
+        lock_cursor, lease_cursor = connection.cursor(), connection.cursor()
+        with connection.pipeline():
+            lock_cursor.execute(db.sql(_CLAIM_NUMBERS), (sorted(contacts), CLAIM_LOCK_SPACE), prepare=PREPARE)
+            lease_cursor.execute(db.sql(_LEASED), (now,), prepare=PREPARE)
+        taken.update(int(row[0]) for row in lock_cursor.fetchall())
+        leased = [int(row[0]) for row in lease_cursor.fetchall()]
+        lock_cursor.close()
+        lease_cursor.close()
+    else:
+        leased = [int(row[0]) for row in db.rows(_LEASED, (db.ts(now),))]
+    for chunk in chunks(leased):
+        where, params = db.in_list("id", chunk)
+        taken.update(int(row[0]) for row in db.rows(f"SELECT contact_id FROM messages WHERE {where}", params))
+    return taken & contacts
 
 
 def _history(db: DriverSql, contacts: set[int], now: datetime, limits: FrequencyLimits) -> dict[int, list[Sent]]:
