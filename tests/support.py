@@ -160,6 +160,7 @@ def stop_app(client: TestClient, app: FastAPI, *, timeout: float = 10.0) -> None
     """
     app.state.runtime.writer.on_commit = None
     with contextlib.suppress(Exception):  # the portal is gone: the app already stopped
+        assert client.portal is not None
         client.portal.call(_stop_deliverer)
     leaving = threading.Thread(target=client.__exit__, args=(None, None, None), daemon=True)
     leaving.start()
@@ -190,11 +191,14 @@ class Harness:
 
     def post(self, body: Any, *, token: str | None = None) -> httpx.Response:
         params = {"token": token} if token is not None else None
+        response: httpx.Response
         if isinstance(body, bytes | str):
-            return self.client.post(
+            response = self.client.post(
                 "/sms/callback", content=body, params=params, headers={"content-type": "application/json"}
             )
-        return self.client.post("/sms/callback", json=body, params=params)
+        else:
+            response = self.client.post("/sms/callback", json=body, params=params)
+        return response
 
     def say(self, text: str, **fields: Any) -> httpx.Response:
         fields.setdefault("at", self.next_time())

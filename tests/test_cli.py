@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import cast
 
 import pytest
 from typer.testing import CliRunner
@@ -277,7 +278,7 @@ def test_simulate_json_prints_one_object_per_message_with_exact_keys() -> None:
         {"template": "status", "template_id": "1490002", "params": ["none", "sent"], "text": "Order none: sent."}
     ]
     assert td["opted_out"] is True
-    assert [r["template"] for r in td["replies"]] == ["bye"]  # type: ignore[index,union-attr]
+    assert [r["template"] for r in cast("list[dict[str, object]]", td["replies"])] == ["bye"]
     assert menu["replies"] == []
     assert menu["opted_out"] is True
 

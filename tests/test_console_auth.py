@@ -52,15 +52,16 @@ def csrf_from(page: httpx.Response) -> str:
 
 def login(client: TestClient, name: str, password: str = PASSWORD) -> httpx.Response:
     token = csrf_from(client.get("/console/login"))
-    return client.post(
+    response: httpx.Response = client.post(
         "/console/login",
         data={"name": name, "password": password, "csrf_token": token},
         follow_redirects=False,
     )
+    return response
 
 
 def signed_in_page(client: TestClient) -> httpx.Response:
-    page = client.get("/console/conversations", follow_redirects=False)
+    page: httpx.Response = client.get("/console/conversations", follow_redirects=False)
     assert page.status_code == 200, page.text
     return page
 

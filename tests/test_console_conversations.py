@@ -87,7 +87,7 @@ def login(client: TestClient, name: str) -> None:
 
 
 def page(client: TestClient, url: str, status: int = 200) -> httpx.Response:
-    answer = client.get(url, follow_redirects=False)
+    answer: httpx.Response = client.get(url, follow_redirects=False)
     assert answer.status_code == status, answer.text[:2000]
     return answer
 
@@ -274,9 +274,11 @@ def test_pagination_keeps_filters_and_walks_every_row_once(harness: Harness) -> 
     start = h.clock()
     with h.engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
         for i in range(130):
-            contact = conn.execute(
+            key = conn.execute(
                 insert(contacts).values(nationcode="86", mobile=f"1380000{i:04d}", created_at=start)
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+            assert key is not None
+            contact = key[0]
             # Pairs share a time, so the keyset's tie-break on id is exercised.
             at = start - timedelta(minutes=i // 2)
             conn.execute(

@@ -101,7 +101,8 @@ class People:
 def post_form(client: TestClient, page: str, action: str, data: dict[str, str]) -> httpx.Response:
     """Post ``data`` to ``action`` with the CSRF token of ``page`` (as the browser would after loading it)."""
     token = csrf_from(client.get(page))
-    return client.post(action, data={**data, "csrf_token": token}, follow_redirects=False)
+    response: httpx.Response = client.post(action, data={**data, "csrf_token": token}, follow_redirects=False)
+    return response
 
 
 def escaped_everywhere(text: str) -> None:
@@ -465,7 +466,7 @@ def test_rules_page_shows_the_version_files_and_the_last_reload_error(harness: H
 def _say(client: TestClient, page: httpx.Response, text: str, sign: str = SIGN, wait: str = "0") -> httpx.Response:
     found = re.search(r'name="token" value="([^"]*)"', page.text)
     assert found is not None
-    answer = client.post(
+    answer: httpx.Response = client.post(
         "/console/simulator",
         data={"csrf_token": csrf_from(page), "token": found.group(1), "signature": sign, "text": text, "wait": wait},
     )

@@ -222,12 +222,19 @@ def test_watch_survives_atomic_saves(rules_dir: Path, target: str) -> None:
         try:
             for save in range(3):
                 before = live.reloads
+
+                def source(n: int, save: int = save) -> str:
+                    return original + f"# save {save}.{n}\n"
+
+                def saved(before: int = before) -> bool:
+                    return live.reloads > before
+
                 try:
                     await _rewrite_until(
                         live,
                         path,
-                        lambda n, save=save: original + f"# save {save}.{n}\n",
-                        lambda before=before: live.reloads > before,
+                        source,
+                        saved,
                         timeout=3,
                         write=atomic_save,
                     )
@@ -284,7 +291,8 @@ def test_running_app_watches_the_rules_folder(make_app: Callable[..., Harness], 
     attempt = 0
 
     def reloaded() -> bool:
-        return h.client.get("/readyz").json()["rules"]["version"] != version
+        current: object = h.client.get("/readyz").json()["rules"]["version"]
+        return current != version
 
     while not reloaded():  # the watcher may not be ready for the first write: write again until it reacts
         assert time.monotonic() < deadline, "the running app did not pick up the change"

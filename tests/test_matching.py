@@ -6,6 +6,7 @@ import itertools
 import re
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -176,8 +177,12 @@ def _lookup_seconds(index: RuleIndex, texts: list[NormalizedText]) -> float:
 
 @pytest.mark.parametrize("kind", ["keywords", "first_word", "contains"])
 def test_lookup_cost_does_not_grow_with_the_number_of_keywords(kind: str) -> None:
+    def spec(i: int) -> MatcherSpec:
+        fields: dict[str, Any] = {kind: (f"k{i:05d}",)}
+        return MatcherSpec(**fields)
+
     def build(n: int) -> RuleIndex:
-        return RuleIndex([MatcherSpec(**{kind: (f"k{i:05d}",)}) for i in range(n)])
+        return RuleIndex([spec(i) for i in range(n)])
 
     small, big = build(10), build(N)
     texts = [

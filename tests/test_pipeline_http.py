@@ -558,6 +558,7 @@ def test_delivery_task_honours_a_cancel_that_arrives_with_a_wake_up(harness: Har
         done, _ = await asyncio.wait({task}, timeout=2)
         return bool(done)
 
+    assert h.client.portal is not None
     assert h.client.portal.call(wake_then_cancel), "the delivery task ignored cancel(): shutdown would hang"
 
 
