@@ -121,10 +121,21 @@ class Settings(BaseSettings):
         "(everyone is signed out on restart)",
     )
     console_max_failed_logins: int = Field(
-        default=5, ge=1, description="failed console logins in a row that lock the account for console_lockout"
+        default=5,
+        ge=1,
+        description="failed console logins in a row from one client address that lock that address (only) "
+        "out of the account for console_lockout; other addresses can still sign in",
+    )
+    console_max_failed_logins_account: int = Field(
+        default=50,
+        ge=1,
+        description="failed console logins on one account from all addresses together, with no successful "
+        "login between them, that lock the whole account for console_lockout (stops a guesser spread over "
+        "many addresses)",
     )
     console_lockout: Duration = Field(
-        default=timedelta(minutes=15), description="how long a console account stays locked, e.g. 15m"
+        default=timedelta(minutes=15),
+        description="how long an address (or, past the account ceiling, the whole account) stays locked, e.g. 15m",
     )
     console_session_max_age: Duration = Field(
         default=timedelta(hours=12), description="a console session ends this long after login, e.g. 12h"

@@ -46,6 +46,7 @@ NATIONCODE = "86"
 
 OUR_TABLES = (
     "audit_events",
+    "login_failures",
     "users",
     "opt_out_events",
     "outbox",
@@ -206,6 +207,10 @@ class Harness:
         assert response.status_code == 200, response.text
         assert response.json() == {"result": 0, "errmsg": "OK"}
         return response
+
+    def client_from(self, host: str) -> TestClient:
+        """A browser of its own on the running app, connecting from ``host`` (logins are counted per address)."""
+        return TestClient(self.app, raise_server_exceptions=False, client=(host, 50000))
 
     def count(self, table: Table, *where: Any) -> int:
         return count(self.engine, table, *where)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from bot.cli import app as cli
 from bot.config import Settings
 from bot.store.db import make_engine
-from bot.store.models import audit_events, users
+from bot.store.models import audit_events, login_failures, users
 from tests.support import Harness, payload
 
 runner = CliRunner()
@@ -260,8 +260,9 @@ def test_repeated_failures_lock_the_account_for_a_while(db_url: str, harness: Ha
     assert locked.status_code == 401
     assert LOGIN_REFUSED in locked.text
     assert locked.text == login(harness.client, "nobody-at-all", PASSWORD).text.replace("nobody-at-all", "alice")
-    [listed] = [json.loads(line) for line in smsbot(db_url, "users", "list", "--json")[1].splitlines()]
-    assert listed["locked_until"] is not None
+    [address] = harness.rows(login_failures)
+    assert address["source"] == "testclient"
+    assert address["locked_until"] == harness.clock() + timedelta(minutes=15)
 
     harness.clock.advance(timedelta(minutes=14))
     assert login(harness.client, "alice", PASSWORD).status_code == 401
@@ -278,6 +279,135 @@ def test_a_success_resets_the_failure_count(db_url: str, harness: Harness) -> No
     for _ in range(4):
         login(harness.client, "alice", "guessing!")
     assert login(harness.client, "alice").status_code == 303
+
+
+ATTACKER = "203.0.113.7"
+OWNER = "198.51.100.20"
+
+
+def audited(harness: Harness, action: str) -> list[dict[str, object]]:
+    return [r["detail"] for r in harness.rows(audit_events, audit_events.c.action == action)]
+
+
+def test_failures_from_one_address_lock_only_that_address(db_url: str, harness: Harness) -> None:
+    add_user(db_url, "alice", "admin")
+    attacker = harness.client_from(ATTACKER)
+    for _ in range(5):
+        assert login(attacker, "alice", "guessing!").status_code == 401
+    assert login(attacker, "alice").status_code == 401
+
+    owner = harness.client_from(OWNER)
+    assert login(owner, "alice").status_code == 303
+    assert owner.get("/console/api/me").json() == {"name": "alice", "role": "admin"}
+    [listed] = [json.loads(line) for line in smsbot(db_url, "users", "list", "--json")[1].splitlines()]
+    assert listed["locked_until"] is None  # the account itself is not locked
+
+    assert [d["failures"] for d in audited(harness, "login.failed")] == [1, 2, 3, 4]
+    assert {d["source"] for d in audited(harness, "login.failed")} == {ATTACKER}
+    [lockout] = audited(harness, "login.lockout")
+    assert (lockout["failures"], lockout["source"], lockout["locked"]) == (5, ATTACKER, "source")
+    assert audited(harness, "login.locked_source") == [{"source": ATTACKER}]
+    assert audited(harness, "login") == [{"source": OWNER}]
+    # The owner's success leaves the attacker's lock in place (it removes only the owner's own address row).
+    assert [(r["source"], r["locked_until"] is not None) for r in harness.rows(login_failures)] == [(ATTACKER, True)]
+
+
+def test_a_locked_address_is_refused_even_the_right_password_until_the_lockout_ends(
+    db_url: str, harness: Harness
+) -> None:
+    add_user(db_url, "alice")
+    attacker = harness.client_from(ATTACKER)
+    for _ in range(5):
+        login(attacker, "alice", "guessing!")
+    refused = login(attacker, "alice")
+    assert refused.status_code == 401
+    unknown = login(attacker, "nobody-at-all", PASSWORD)
+    assert refused.text == unknown.text.replace("nobody-at-all", "alice")
+    assert harness.count(login_failures) == 1  # refusals while locked are not counted, unknown names not stored
+
+    harness.clock.advance(timedelta(minutes=14))
+    assert login(attacker, "alice").status_code == 401
+    harness.clock.advance(timedelta(minutes=2))
+    assert login(attacker, "alice").status_code == 303
+    assert harness.count(login_failures) == 0  # a success clears its address's row
+    assert [d["source"] for d in audited(harness, "login.locked_source")] == [ATTACKER, ATTACKER]
+
+
+def test_the_account_ceiling_locks_every_address(db_url: str, make_app: Callable[..., Harness]) -> None:
+    harness = make_app(db_url, settings=Settings(console_max_failed_logins_account=4))
+    add_user(db_url, "alice")
+    for n in range(3):
+        assert login(harness.client_from(f"203.0.113.{n + 1}"), "alice", "guessing!").status_code == 401
+    assert login(harness.client_from(OWNER), "alice").status_code == 303  # a success starts the count again
+    for n in range(4):
+        assert login(harness.client_from(f"203.0.113.{n + 1}"), "alice", "guessing!").status_code == 401
+
+    for address in (OWNER, "192.0.2.99"):
+        refused = login(harness.client_from(address), "alice")
+        assert refused.status_code == 401
+        assert LOGIN_REFUSED in refused.text
+    [listed] = [json.loads(line) for line in smsbot(db_url, "users", "list", "--json")[1].splitlines()]
+    assert listed["locked_until"] is not None
+    [lockout] = audited(harness, "login.lockout")
+    assert (lockout["account_failures"], lockout["source"], lockout["locked"]) == (4, "203.0.113.4", "account")
+    assert len(audited(harness, "login.locked")) == 2
+
+    harness.clock.advance(timedelta(minutes=16))
+    assert login(harness.client_from(OWNER), "alice").status_code == 303
+
+
+def test_a_new_password_or_an_unlock_clears_the_locks(db_url: str, harness: Harness) -> None:
+    add_user(db_url, "alice")
+    add_user(db_url, "bob")
+    add_user(db_url, "root", "admin")
+    attacker = harness.client_from(ATTACKER)
+    for name in ("alice", "bob"):
+        for _ in range(5):
+            login(attacker, name, "guessing!")
+        login(harness.client_from(OWNER), name, "guessing!")
+    assert harness.count(login_failures) == 4
+
+    code, _out, err = smsbot(db_url, "users", "passwd", "alice", "--password-stdin", stdin="a new password\n")
+    assert code == 0, err
+    assert [r["source"] for r in harness.rows(login_failures)] == [ATTACKER, OWNER]  # bob's only
+    assert login(attacker, "alice", "a new password").status_code == 303
+
+    admin = harness.client_from("192.0.2.1")
+    assert login(admin, "root").status_code == 303
+    page = admin.get("/console/users")
+    done = admin.post("/console/users/unlock", data={"name": "bob", "csrf_token": csrf_from(page)})
+    assert done.status_code == 200, done.text
+    assert harness.count(login_failures) == 0
+    assert login(attacker, "bob").status_code == 303
+
+
+def test_unknown_names_store_nothing(db_url: str, harness: Harness) -> None:
+    add_user(db_url, "alice")
+    for n in range(20):
+        assert login(harness.client_from(f"203.0.113.{n}"), f"invented-{n}", "guessing!").status_code == 401
+    assert harness.count(login_failures) == 0
+    assert audited(harness, "login.unknown_user")[:2] == [{"source": "203.0.113.0"}, {"source": "203.0.113.1"}]
+    assert json.dumps(audited(harness, "login.unknown_user")).count("invented") == 0
+
+
+def test_removing_a_user_with_failed_logins_removes_their_rows(db_url: str, harness: Harness) -> None:
+    add_user(db_url, "alice")
+    for _ in range(5):
+        login(harness.client_from(ATTACKER), "alice", "guessing!")
+    login(harness.client_from(OWNER), "alice", "guessing!")
+    assert harness.count(login_failures) == 2
+    code, _out, err = smsbot(db_url, "users", "remove", "alice")
+    assert code == 0, err
+    assert harness.count(login_failures) == 0
+
+
+def test_stale_failures_are_pruned_when_the_next_is_written(db_url: str, harness: Harness) -> None:
+    add_user(db_url, "alice")
+    for n in range(3):
+        login(harness.client_from(f"203.0.113.{n}"), "alice", "guessing!")
+    harness.clock.advance(timedelta(minutes=16))
+    login(harness.client_from(ATTACKER), "alice", "guessing!")
+    assert [(r["source"], r["failures"]) for r in harness.rows(login_failures)] == [(ATTACKER, 1)]
 
 
 # ---------------------------------------------------------------- cookie flags

@@ -1,7 +1,8 @@
 """Login, logout, the home redirect, the users page and ``/console/api/me``.
 
-The login answer is the same for an unknown name, a wrong password and a
-locked account, so the form cannot be used to find out which names exist.
+The login answer is the same for an unknown name, a wrong password, a locked
+address and a locked account, so the form cannot be used to find out which
+names exist or whether a lock is in force.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bot.console.users import (
+    UNKNOWN_SOURCE,
     UserError,
     authenticate,
     is_locked,
@@ -48,13 +50,17 @@ def login_form(request: Request) -> Response:
 def login(request: Request, name: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "") -> Response:
     config = console_config(request)
     at = now(request)
+    # uvicorn has already put a trusted proxy's forwarded address here; an untrusted header never is.
+    source = request.client.host if request.client is not None and request.client.host else UNKNOWN_SOURCE
     with engine(request).connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
         user = authenticate(
             conn,
             name,
             password,
             now=at,
+            source=source,
             max_failures=config.max_failed_logins,
+            max_failures_account=config.max_failed_logins_account,
             lockout=timedelta(seconds=config.lockout_seconds),
         )
         found = session_user(conn, user.id) if user is not None else None

@@ -21,12 +21,15 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.engine import RowMapping
 
-from bot.store.models import audit_events, users
+from bot.store.models import audit_events, login_failures, users
 
 Role = Literal["viewer", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "admin")
 MIN_PASSWORD_LENGTH = 8
 MAX_NAME_LENGTH = 64
+UNKNOWN_SOURCE = "unknown"
+"""The address recorded when the server does not know the client's (e.g. a Unix socket)."""
+MAX_SOURCE_LENGTH = 64
 
 _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash("not a password: equalises the time of a login for an unknown name")
@@ -141,6 +144,9 @@ def require_user(conn: Connection, name: str) -> RowMapping:
 
 def remove_user(conn: Connection, name: str, *, now: datetime, actor: str) -> None:
     row = require_user(conn, name)
+    # ON DELETE CASCADE does this too, but SQLite honours it only with foreign keys switched on, and
+    # SQLite may hand a removed user's id to the next new user: their rows must not outlive them.
+    conn.execute(delete(login_failures).where(login_failures.c.user_id == row["id"]))
     conn.execute(delete(users).where(users.c.id == row["id"]))
     audit(conn, actor=actor, action="user.remove", target=row["name"], now=now)
 
@@ -153,12 +159,15 @@ def set_password(conn: Connection, name: str, password: str, *, now: datetime, a
         .where(users.c.id == row["id"])
         .values(password_hash=hash_password(password), failed_logins=0, locked_until=None)
     )
+    conn.execute(delete(login_failures).where(login_failures.c.user_id == row["id"]))
     audit(conn, actor=actor, action="user.passwd", target=row["name"], now=now)
 
 
 def unlock_user(conn: Connection, name: str, *, now: datetime, actor: str) -> None:
+    """Lifts the account lock and every address's lock: the admin vouches for whoever asked."""
     row = require_user(conn, name)
     conn.execute(update(users).where(users.c.id == row["id"]).values(failed_logins=0, locked_until=None))
+    conn.execute(delete(login_failures).where(login_failures.c.user_id == row["id"]))
     audit(conn, actor=actor, action="user.unlock", target=row["name"], now=now)
 
 
@@ -168,41 +177,123 @@ def is_locked(row: RowMapping, now: datetime) -> bool:
 
 
 def authenticate(
-    conn: Connection, name: str, password: str, *, now: datetime, max_failures: int, lockout: timedelta
+    conn: Connection,
+    name: str,
+    password: str,
+    *,
+    now: datetime,
+    source: str,
+    max_failures: int,
+    max_failures_account: int,
+    lockout: timedelta,
 ) -> ConsoleUser | None:
-    """The user if ``password`` is theirs and the account is not locked; else None, for every reason alike.
+    """The user if ``password`` is theirs and neither they nor ``source`` is locked out; else None, alike for all.
 
-    Failures are counted per account; ``max_failures`` in a row lock it for
-    ``lockout``, during which even the right password is refused (and not
-    counted). An unknown name costs the same argon2 verification, so timing
-    does not tell which names exist.
+    Failures are counted per (account, client address): ``max_failures`` in a
+    row from one address lock that address out of the account for
+    ``lockout``, so someone who only knows a name cannot lock its owner out
+    from everywhere. ``max_failures_account`` failures from all addresses
+    together, with no success between them, still lock the whole account, so
+    a guesser spread over many addresses gets only so many tries. While
+    locked, even the right password is refused (and not counted). Every
+    refusal costs one argon2 verification, so timing tells neither which
+    names exist nor whether a lock is in force.
     """
+    source = source[:MAX_SOURCE_LENGTH] or UNKNOWN_SOURCE
+    # The user row lock serialises concurrent logins to one account, so the counters cannot lose updates.
     row = conn.execute(select(users).where(users.c.name == name.strip()).with_for_update()).mappings().first()
     if row is None:
         _verify(_DUMMY_HASH, password)
-        # The name is not recorded: people type their password into the name field by mistake.
-        audit(conn, actor="anonymous", action="login.unknown_user", now=now)
+        # Neither the name (people type their password into it by mistake) nor a login_failures row
+        # (invented names must not grow the table) is stored.
+        audit(conn, actor="anonymous", action="login.unknown_user", detail={"source": source}, now=now)
         return None
+    user_id = int(row["id"])
+    here = (
+        conn.execute(
+            select(login_failures).where(login_failures.c.user_id == user_id, login_failures.c.source == source)
+        )
+        .mappings()
+        .first()
+    )
     if is_locked(row, now):
         _verify(_DUMMY_HASH, password)
-        audit(conn, actor=row["name"], action="login.locked", now=now)
+        audit(conn, actor=row["name"], action="login.locked", detail={"source": source}, now=now)
+        return None
+    if here is not None and is_locked(here, now):
+        _verify(_DUMMY_HASH, password)
+        audit(conn, actor=row["name"], action="login.locked_source", detail={"source": source}, now=now)
         return None
     if not _verify(row["password_hash"], password):
-        failures = int(row["failed_logins"]) + 1
-        values: dict[str, Any] = {"failed_logins": failures}
-        action = "login.failed"
-        if failures >= max_failures:
-            values = {"failed_logins": 0, "locked_until": now + lockout}
-            action = "login.lockout"
-        conn.execute(update(users).where(users.c.id == row["id"]).values(**values))
-        audit(conn, actor=row["name"], action=action, detail={"failures": failures}, now=now)
+        _count_failure(
+            conn,
+            row,
+            here,
+            source=source,
+            now=now,
+            max_failures=max_failures,
+            max_failures_account=max_failures_account,
+            lockout=lockout,
+        )
         return None
-    values = {"failed_logins": 0, "locked_until": None, "last_login_at": now}
+    values: dict[str, Any] = {"failed_logins": 0, "locked_until": None, "last_login_at": now}
     if _hasher.check_needs_rehash(row["password_hash"]):
         values["password_hash"] = _hasher.hash(password)
-    conn.execute(update(users).where(users.c.id == row["id"]).values(**values))
-    audit(conn, actor=row["name"], action="login", now=now)
+    conn.execute(update(users).where(users.c.id == user_id).values(**values))
+    conn.execute(delete(login_failures).where(login_failures.c.user_id == user_id, login_failures.c.source == source))
+    audit(conn, actor=row["name"], action="login", detail={"source": source}, now=now)
     return _user(row)
+
+
+def _count_failure(
+    conn: Connection,
+    row: RowMapping,
+    here: RowMapping | None,
+    *,
+    source: str,
+    now: datetime,
+    max_failures: int,
+    max_failures_account: int,
+    lockout: timedelta,
+) -> None:
+    """Count a wrong password against the address and the account, locking either at its limit.
+
+    Rows whose lock has ended and whose last failure is older than ``lockout``
+    are dropped first (this address's too, whose count then starts again), so
+    the table holds only addresses that failed recently.
+    """
+    user_id = int(row["id"])
+    stale = (login_failures.c.updated_at < now - lockout) & (
+        login_failures.c.locked_until.is_(None) | (login_failures.c.locked_until <= now)
+    )
+    conn.execute(delete(login_failures).where(login_failures.c.user_id == user_id, stale))
+    fresh = here is not None and not _is_stale(here, now, lockout)
+    failures = (int(here["failures"]) if here is not None and fresh else 0) + 1
+    account_failures = int(row["failed_logins"]) + 1
+    source_values: dict[str, Any] = {"failures": failures, "updated_at": now}
+    account_values: dict[str, Any] = {"failed_logins": account_failures}
+    action = "login.failed"
+    detail: dict[str, Any] = {"failures": failures, "account_failures": account_failures, "source": source}
+    if failures >= max_failures:
+        source_values = {"failures": 0, "locked_until": now + lockout, "updated_at": now}
+        action = "login.lockout"
+        detail["locked"] = "source"
+    if account_failures >= max_failures_account:
+        account_values = {"failed_logins": 0, "locked_until": now + lockout}
+        action = "login.lockout"
+        detail["locked"] = "account"
+    if here is not None and fresh:
+        conn.execute(update(login_failures).where(login_failures.c.id == here["id"]).values(**source_values))
+    else:
+        conn.execute(insert(login_failures).values(user_id=user_id, source=source, **source_values))
+    conn.execute(update(users).where(users.c.id == user_id).values(**account_values))
+    audit(conn, actor=row["name"], action=action, detail=detail, now=now)
+
+
+def _is_stale(row: RowMapping, now: datetime, lockout: timedelta) -> bool:
+    """The same test as the pruning ``DELETE`` in ``_count_failure``, for the row already read."""
+    updated_at: datetime = row["updated_at"]
+    return updated_at < now - lockout and not is_locked(row, now)
 
 
 def _verify(password_hash: str, password: str) -> bool:

@@ -78,6 +78,7 @@ class ConsoleConfig:
     signer: URLSafeSerializer
     fingerprint_key: bytes
     max_failed_logins: int
+    max_failed_logins_account: int
     lockout_seconds: float
     session_max_age_seconds: float
 
@@ -95,6 +96,7 @@ class ConsoleConfig:
             signer=URLSafeSerializer(secret, salt="smsbot-console-session"),
             fingerprint_key=(secret + ":password").encode(),
             max_failed_logins=settings.console_max_failed_logins,
+            max_failed_logins_account=settings.console_max_failed_logins_account,
             lockout_seconds=settings.console_lockout.total_seconds(),
             session_max_age_seconds=settings.console_session_max_age.total_seconds(),
         )

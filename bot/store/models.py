@@ -243,10 +243,35 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     """argon2id, in the PHC string format (parameters included, so they can be raised later)."""
     failed_logins: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    """Failed logins since the last success or lockout."""
+    """Failed logins from every address together since the last success or account lockout: the
+    ceiling against a guesser spread over many addresses (``console_max_failed_logins_account``)."""
     locked_until: Mapped[datetime | None]
+    """When the whole account is locked (every address); per-address locks are in ``login_failures``."""
     created_at: Mapped[datetime]
     last_login_at: Mapped[datetime | None]
+
+
+class LoginFailure(Base):
+    """Failed logins on one account from one client address, and that address's lock.
+
+    Counted per address so a stranger who knows a name can lock out only
+    themselves, not the account's owner. Rows exist only for real users (an
+    invented name stores nothing) and are pruned once stale, so the table stays
+    small.
+    """
+
+    __tablename__ = "login_failures"
+    __table_args__ = (UniqueConstraint("user_id", "source", name="uq_login_failures_user_source"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(String(64))
+    """The client address as the server saw it (after trusted proxies' forwarded headers), or ``unknown``."""
+    failures: Mapped[int] = mapped_column(Integer)
+    """Failed logins in a row from this address since its last success or lock."""
+    locked_until: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+    """The last failure from this address."""
 
 
 class AuditEvent(Base):
@@ -271,4 +296,5 @@ messages = cast(Table, Message.__table__)
 outbox = cast(Table, Outbox.__table__)
 opt_out_events = cast(Table, OptOutEvent.__table__)
 users = cast(Table, User.__table__)
+login_failures = cast(Table, LoginFailure.__table__)
 audit_events = cast(Table, AuditEvent.__table__)
