@@ -11,7 +11,7 @@ thread) and the delivery loop with the configured sender.
 The two talk over one ``multiprocessing`` pipe. HTTP -> writer:
 ``("jobs", [job, ...])`` (the jobs submitted in one turn of the HTTP event loop, each
 ``("batch", job_id, [Inbound, ...])``, ``("ping", job_id)`` or ``("reports", job_id, [StatusReport, ...])``)
-and ``("stop",)``.
+``("wake",)`` (look at the outbox now: the console requeued a reply) and ``("stop",)``.
 Writer -> HTTP: ``("ready", pid)``, ``("rules", status)`` at start and after
 every reload attempt, and ``("done", [(job_id, ok, payload), ...])`` once per
 committed transaction (payload: ``[(message_id, duplicate, queued), ...]``
@@ -235,6 +235,9 @@ class _Child:
                 if message[0] == "jobs":
                     for job_message in message[1]:
                         self._take(job_message, batch, remote)
+                elif message[0] == "wake":
+                    if self.deliverer is not None:
+                        self.deliverer.wake()
                 elif message[0] == "stop" and stopping_at is None:
                     stopping_at = time.monotonic()
                     self._stop_async()
@@ -541,6 +544,25 @@ class ProcessWriter:
                 if future is not None and not future.done():
                     future.set_exception(error)
             self._on_death()
+
+    def wake_delivery(self) -> None:
+        """Have the writer process's delivery loop look at the outbox now; callable from any thread.
+
+        The console requeues a reply in its own transaction, which the writer
+        process never sees commit; without this the reply would wait for the
+        loop's next poll. Best effort: if the writer is down, its restart
+        looks at the outbox anyway.
+        """
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
+                loop.call_soon_threadsafe(self._send_wake)
+
+    def _send_wake(self) -> None:
+        conn = self._conn
+        if conn is not None and self._alive:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("wake",))
 
     async def store(self, inbound: list[Inbound]) -> list[InboundResult]:
         """Commit ``inbound`` in the writer process; results carry no decision (it stayed there)."""

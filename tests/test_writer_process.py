@@ -7,11 +7,12 @@ reads what the console sender printed from its output.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
+from bot.service import Policy
 from bot.store.models import messages
+from bot.writer_process import ProcessWriter, WriterConfig
 from tests.support import (
     NOTHING_STORED,
+    Harness,
     Server,
     count,
     payload,
@@ -294,3 +298,35 @@ def test_process_mode_needs_a_picklable_sender(tmp_path: Path) -> None:
             )
     finally:
         engine.dispose()
+
+
+def test_a_console_retry_wakes_the_writer_process_delivery_loop(
+    make_app: Callable[..., Harness], db_url: str, rules_dir: Path
+) -> None:
+    """A reply requeued outside the writer process goes out at once, not at the loop's next poll."""
+    writer = ProcessWriter(
+        WriterConfig(database_url=db_url, rules_dir=rules_dir, param_max_length=None, policy=Policy(), poll_seconds=60)
+    )
+    h = make_app(db_url, deliver=False)
+
+    def outbound_statuses() -> list[str]:
+        return [m["status"] for m in h.outbound()]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await writer.start()
+        try:
+            await writer.ping()  # its delivery loop has had its first look at the (empty) outbox
+            h.say("hi")  # queued by another writer, as the console requeues a retry
+            await asyncio.sleep(1.0)
+            before = outbound_statuses()
+            writer.wake_delivery()
+            deadline = time.monotonic() + 10
+            while outbound_statuses() != ["sent"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return before, outbound_statuses()
+        finally:
+            await writer.stop()
+
+    before, after = asyncio.run(scenario())
+    assert before == ["queued"], "the loop sent the reply before it was woken: the test shows nothing"
+    assert after == ["sent"], "the woken delivery loop did not send the requeued reply"

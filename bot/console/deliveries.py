@@ -157,9 +157,11 @@ def retry(
         return render(
             request, "error.html", {"status": exc.status_code, "message": str(exc)}, status_code=exc.status_code
         )
-    deliverer = runtime(request).deliverer
-    if deliverer is not None:  # thread mode; the writer process's loop finds it at its next poll
-        deliverer.wake()
+    state = runtime(request)
+    if state.deliverer is not None:  # the delivery loop runs here
+        state.deliverer.wake()
+    elif state.process_writer is not None:  # it runs in the writer process
+        state.process_writer.wake_delivery()
     return RedirectResponse(f"{PREFIX}/deliveries?done=retried", status_code=303)
 
 
