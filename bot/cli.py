@@ -577,14 +577,21 @@ def users_add(
 @users_app.command("list")
 def users_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON object per user")] = False) -> None:
     """List the console users, their roles, last login and whether they are locked out."""
-    from bot.console.users import is_locked, list_users
+    from bot.console.users import is_locked, list_users, locked_addresses
 
     found: list[Any] = []
-    _in_users_db(lambda conn, _now: found.extend(list_users(conn)))
+    addresses: dict[int, list[str]] = {}
+
+    def read(conn: Connection, now: datetime) -> None:
+        found.extend(list_users(conn))
+        addresses.update(locked_addresses(conn, now))
+
+    _in_users_db(read)
     now = datetime.now(UTC)
     for row in found:
         last = row["last_login_at"].isoformat() if row["last_login_at"] else None
         locked = is_locked(row, now)
+        sources = addresses.get(int(row["id"]), [])
         if as_json:
             document = {
                 "name": row["name"],
@@ -593,10 +600,14 @@ def users_list(as_json: Annotated[bool, typer.Option("--json", help="one JSON ob
                 "last_login_at": last,
                 "locked_until": row["locked_until"].isoformat() if locked else None,
                 "failed_logins": row["failed_logins"],
+                "locked_addresses": sources,
             }
             typer.echo(json.dumps(document, ensure_ascii=False))
         else:
             status = f"locked until {row['locked_until']:%Y-%m-%d %H:%M} UTC" if locked else ""
+            if sources:
+                status = f"{status}; " if status else ""
+                status += f"locked out from {', '.join(sources)}"
             typer.echo(f"{row['name']}\t{row['role']}\tlast login {last or 'never'}\t{status}".rstrip())
     if not found and not as_json:
         typer.echo("no users yet: add one with 'smsbot users add NAME --role admin'", err=True)

@@ -301,6 +301,11 @@ def test_failures_from_one_address_lock_only_that_address(db_url: str, harness: 
     assert owner.get("/console/api/me").json() == {"name": "alice", "role": "admin"}
     [listed] = [json.loads(line) for line in smsbot(db_url, "users", "list", "--json")[1].splitlines()]
     assert listed["locked_until"] is None  # the account itself is not locked
+    assert listed["locked_addresses"] == [ATTACKER]  # but an admin can see why the attacker's address fails
+    assert f"locked out from {ATTACKER}" in smsbot(db_url, "users", "list")[1]
+    page = owner.get("/console/users")
+    assert f"locked out from {ATTACKER}" in page.text
+    assert 'action="/console/users/unlock"' in page.text
 
     assert [d["failures"] for d in audited(harness, "login.failed")] == [1, 2, 3, 4]
     assert {d["source"] for d in audited(harness, "login.failed")} == {ATTACKER}

@@ -19,6 +19,7 @@ from bot.console.users import (
     authenticate,
     is_locked,
     list_users,
+    locked_addresses,
     password_fingerprint,
     session_user,
     unlock_user,
@@ -89,7 +90,10 @@ def users_page(request: Request, _admin: AdminUser) -> Response:
     at = now(request)
     with engine(request).connect() as conn:
         rows = list_users(conn)
-    people = [{**row, "locked": is_locked(row, at)} for row in rows]
+        addresses = locked_addresses(conn, at)
+    people = [
+        {**row, "locked": is_locked(row, at), "locked_addresses": addresses.get(int(row["id"]), [])} for row in rows
+    ]
     return render(request, "users.html", {"people": people, "message": request.query_params.get("done")})
 
 

@@ -134,6 +134,23 @@ def list_users(conn: Connection) -> list[RowMapping]:
     return list(conn.execute(select(users).order_by(users.c.name)).mappings())
 
 
+def locked_addresses(conn: Connection, now: datetime) -> dict[int, list[str]]:
+    """Per user id, the client addresses locked out of that account now (sorted).
+
+    Shown beside each user so an admin asked "I cannot log in from the office"
+    can see an address lock, which leaves the account itself unlocked.
+    """
+    rows = conn.execute(
+        select(login_failures.c.user_id, login_failures.c.source)
+        .where(login_failures.c.locked_until > now)
+        .order_by(login_failures.c.user_id, login_failures.c.source)
+    )
+    found: dict[int, list[str]] = {}
+    for user_id, source in rows:
+        found.setdefault(int(user_id), []).append(str(source))
+    return found
+
+
 def require_user(conn: Connection, name: str) -> RowMapping:
     """The user named ``name``; ``UserError`` naming it when there is none."""
     row = get_user(conn, name.strip())
