@@ -98,7 +98,8 @@ def worker_id() -> str:
 
 
 _DUE = (
-    "SELECT id, message_id, attempts FROM outbox WHERE next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+    "SELECT id, message_id, attempts, next_attempt_at FROM outbox"
+    " WHERE next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
     " ORDER BY next_attempt_at, id LIMIT ?"
 )
 # Two steps rather than one join: the due rows come from the outbox index alone, then their
@@ -116,6 +117,12 @@ _CLAIM_NUMBERS = (
     "SELECT c FROM unnest(?::bigint[]) AS c WHERE NOT pg_try_advisory_xact_lock(?::int, mod(c, 2147483647)::int)"
 )
 """On PostgreSQL, the numbers another worker is claiming at this moment (its transaction holds their lock)."""
+_PASSED_OVER = (
+    "SELECT o.id, o.next_attempt_at, m.contact_id FROM outbox o JOIN messages m ON m.id = o.message_id"
+    " WHERE o.next_attempt_at <= ? AND (o.lease_until IS NULL OR o.lease_until < ?) AND NOT (o.id = ANY(?))"
+    " AND m.contact_id = ANY(?)"
+)
+"""Due rows of these numbers that this claim did not get (PostgreSQL: another claim has them locked)."""
 CLAIM_LOCK_SPACE = 0x534D53
 """First key of the claim's advisory locks ("SMS"), so they cannot meet another application's."""
 _HISTORY = (
@@ -172,18 +179,23 @@ def claim_due(
     due = db.rows(_DUE + (" FOR UPDATE SKIP LOCKED" if db.postgres else ""), (db.ts(now), db.ts(now), limit))
     if not due:
         return []
-    outbox_of = {int(message_id): int(outbox_id) for outbox_id, message_id, _ in due}
+    outbox_of = {int(message_id): int(outbox_id) for outbox_id, message_id, _, _ in due}
     details: dict[int, Any] = {}
     for chunk in chunks(sorted(outbox_of)):
         where, params = db.in_list("m.id", chunk)
         for row in db.rows(_DETAILS.format(where=where), params):
             details[int(row[0])] = row
     history = _history(db, {int(row[11]) for row in details.values()}, now, limits)
-    elsewhere = _numbers_taken_elsewhere(db, {int(row[11]) for row in details.values()}, now)
+    first_of: dict[int, tuple[datetime, int]] = {}  # each number's first row in this claim (the queue order)
+    for outbox_id, message_id, _, next_attempt_at in due:
+        at = db.read_ts(next_attempt_at)
+        assert at is not None  # NOT NULL
+        first_of.setdefault(int(details[int(message_id)][11]), (at, int(outbox_id)))
+    elsewhere = _numbers_taken_elsewhere(db, first_of, [int(row[0]) for row in due], now)
     claimed: list[OutboundSms] = []
     suppressed: list[Settlement] = []
     deferred: dict[datetime, list[int]] = {}
-    for outbox_id, message_id, attempts in due:
+    for outbox_id, message_id, attempts, _ in due:
         row = details[int(message_id)]
         _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out, convo, marketing, contact = row
         if opted_out and rule_kind != "opt_out":
@@ -233,39 +245,56 @@ def claim_due(
     return claimed
 
 
-def _numbers_taken_elsewhere(db: DriverSql, contacts: set[int], now: datetime) -> set[int]:
-    """Numbers another worker is sending to (a live lease) or claiming right now (PostgreSQL: a held lock).
+def _numbers_taken_elsewhere(
+    db: DriverSql, first_of: dict[int, tuple[datetime, int]], claimed: Sequence[int], now: datetime
+) -> set[int]:
+    """Numbers another worker is sending to (a live lease) or claiming right now (PostgreSQL).
 
     Replies to one number must go out one at a time and in queue order, and
     ``SKIP LOCKED`` alone would let a second worker take a number's next reply
-    while the first still sends its earlier one. So each claim takes a
-    transaction-scoped advisory lock per number (never waiting for it) and
-    skips numbers whose lock is held or which have a reply leased; the lock
-    lasts until the claim's leases are committed, and the leases until the
-    sends are recorded. On SQLite claims never overlap (one writer at a time),
-    so the leases say it all.
+    while the first still sends, or is claiming, its earlier one. So:
+
+    - a number with a reply leased anywhere is skipped (the lease lasts until
+      that send is recorded);
+    - on PostgreSQL each claim takes a transaction-scoped advisory lock per
+      number, never waiting, and skips the numbers whose lock another claim
+      holds (the lock lasts until that claim's leases are committed);
+    - on PostgreSQL a number is skipped too when a due reply queued before
+      this claim's first one for it was passed over: ``SKIP LOCKED`` skipped it
+      because another claim has locked the row and may not have reached its
+      advisory lock yet. A plain read still sees such rows.
+
+    On SQLite claims never overlap (one writer at a time): the leases say it all.
+    ``first_of`` maps each number (contact id) to its first row in this claim,
+    as ``(next_attempt_at, outbox id)``; ``claimed`` are this claim's rows.
     """
-    if not contacts:
+    if not first_of:
         return set()
+    contacts = sorted(first_of)
     taken: set[int] = set()
     if db.postgres:
-        # One round trip; the statements still run in this order, the leases read after the locks are held.
+        # One round trip; the statements still run in this order, each reading after the one before.
         # Not prepared (see PREPARE): generic plans made on small tables scan whole tables later.
         connection = db.cursor.connection
-        lock_cursor, lease_cursor = connection.cursor(), connection.cursor()
+        lock_cursor, lease_cursor, skipped_cursor = (connection.cursor() for _ in range(3))
+        latest = max(first for first, _ in first_of.values())
         with connection.pipeline():
-            lock_cursor.execute(db.sql(_CLAIM_NUMBERS), (sorted(contacts), CLAIM_LOCK_SPACE), prepare=PREPARE)
+            lock_cursor.execute(db.sql(_CLAIM_NUMBERS), (contacts, CLAIM_LOCK_SPACE), prepare=PREPARE)
             lease_cursor.execute(db.sql(_LEASED), (now,), prepare=PREPARE)
+            skipped_cursor.execute(db.sql(_PASSED_OVER), (latest, now, list(claimed), contacts), prepare=PREPARE)
         taken.update(int(row[0]) for row in lock_cursor.fetchall())
         leased = [int(row[0]) for row in lease_cursor.fetchall()]
-        lock_cursor.close()
-        lease_cursor.close()
+        for outbox_id, next_attempt_at, contact in skipped_cursor.fetchall():
+            if (next_attempt_at, int(outbox_id)) < first_of[int(contact)]:
+                taken.add(int(contact))
+        for cursor in (lock_cursor, lease_cursor, skipped_cursor):
+            cursor.close()
     else:
         leased = [int(row[0]) for row in db.rows(_LEASED, (db.ts(now),))]
     for chunk in chunks(leased):
         where, params = db.in_list("id", chunk)
         taken.update(int(row[0]) for row in db.rows(f"SELECT contact_id FROM messages WHERE {where}", params))
-    return taken & contacts
+    return taken & set(contacts)
 
 
 def _history(db: DriverSql, contacts: set[int], now: datetime, limits: FrequencyLimits) -> dict[int, list[Sent]]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from bot.cli import app as cli
@@ -198,6 +199,26 @@ def test_two_workers_never_send_to_one_number_side_by_side_and_keep_its_order(
         sent_order = [sms.message_id for sms in shared.log if sms.mobile == mobile]
         assert sent_order == queued_order, f"replies to {mobile} overtook each other"
     assert all(s.sent for s in senders), "one worker sent nothing: they did not run side by side"
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # SQLite runs one claim at a time
+def test_a_claim_passes_over_a_number_whose_earlier_reply_another_claim_holds(
+    make_app: Callable[..., Harness], db_url: str, clock: FakeClock
+) -> None:
+    """Another worker has locked the number's first reply and not yet reached its per-number lock."""
+    h = make_app(db_url, deliver=False)
+    h.say("hi", mobile=NUMBERS[0])
+    h.say("1", mobile=NUMBERS[0])
+    h.say("hi", mobile=NUMBERS[1])
+    first, second, other_number = (m["id"] for m in h.outbound())
+    with h.engine.connect() as other_worker, other_worker.begin():
+        other_worker.execute(sa.text("SELECT id FROM outbox WHERE message_id = :m FOR UPDATE"), {"m": first})
+        with writing(h.engine) as conn:
+            claimed = claim_due(conn, now=clock(), limit=10, owner="second-worker")
+        assert [sms.message_id for sms in claimed] == [other_number], "the later reply overtook the earlier one"
+    with writing(h.engine) as conn:  # once the other claim has ended, both go, in order
+        claimed = claim_due(conn, now=clock(), limit=10, owner="second-worker")
+    assert [sms.message_id for sms in claimed] == [first, second]
 
 
 def test_a_crashed_workers_lease_runs_out_and_another_worker_takes_over(
