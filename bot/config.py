@@ -129,9 +129,9 @@ class Settings(BaseSettings):
     console_max_failed_logins_account: int = Field(
         default=50,
         ge=1,
-        description="failed console logins on one account from all addresses together, with no successful "
-        "login between them, that lock the whole account for console_lockout (stops a guesser spread over "
-        "many addresses)",
+        description="failed console logins on one account within console_lockout, from all addresses together "
+        "and each address counting at most console_max_failed_logins, that lock the whole account for "
+        "console_lockout (stops a guesser spread over many addresses; one address alone can never reach it)",
     )
     console_lockout: Duration = Field(
         default=timedelta(minutes=15),

@@ -253,11 +253,16 @@ def authenticate(
             lockout=lockout,
         )
         return None
-    values: dict[str, Any] = {"failed_logins": 0, "locked_until": None, "last_login_at": now}
+    # This address starts again; other addresses' recent failures still count towards the account.
+    conn.execute(delete(login_failures).where(login_failures.c.user_id == user_id, login_failures.c.source == source))
+    values: dict[str, Any] = {
+        "failed_logins": recent_failures(conn, user_id, now=now, max_failures=max_failures),
+        "locked_until": None,
+        "last_login_at": now,
+    }
     if _hasher.check_needs_rehash(row["password_hash"]):
         values["password_hash"] = _hasher.hash(password)
     conn.execute(update(users).where(users.c.id == user_id).values(**values))
-    conn.execute(delete(login_failures).where(login_failures.c.user_id == user_id, login_failures.c.source == source))
     audit(conn, actor=row["name"], action="login", detail={"source": source}, now=now)
     return _user(row)
 
@@ -277,7 +282,12 @@ def _count_failure(
 
     Rows whose lock has ended and whose last failure is older than ``lockout``
     are dropped first (this address's too, whose count then starts again), so
-    the table holds only addresses that failed recently.
+    the table holds only addresses that failed recently. The account's count
+    is worked out from those rows: the failures of the last ``lockout``, each
+    address counting at most ``max_failures`` (a locked address counts that
+    much). One address, however patient, can therefore never reach the
+    account's limit; it takes that many addresses failing at about the same
+    time, which is the distributed guessing the limit is there to stop.
     """
     user_id = int(row["id"])
     stale = (login_failures.c.updated_at < now - lockout) & (
@@ -286,25 +296,37 @@ def _count_failure(
     conn.execute(delete(login_failures).where(login_failures.c.user_id == user_id, stale))
     fresh = here is not None and not _is_stale(here, now, lockout)
     failures = (int(here["failures"]) if here is not None and fresh else 0) + 1
-    account_failures = int(row["failed_logins"]) + 1
     source_values: dict[str, Any] = {"failures": failures, "updated_at": now}
-    account_values: dict[str, Any] = {"failed_logins": account_failures}
     action = "login.failed"
-    detail: dict[str, Any] = {"failures": failures, "account_failures": account_failures, "source": source}
     if failures >= max_failures:
         source_values = {"failures": 0, "locked_until": now + lockout, "updated_at": now}
         action = "login.lockout"
+    if here is not None and fresh:
+        conn.execute(update(login_failures).where(login_failures.c.id == here["id"]).values(**source_values))
+    else:
+        conn.execute(insert(login_failures).values(user_id=user_id, source=source, **source_values))
+    account_failures = recent_failures(conn, user_id, now=now, max_failures=max_failures)
+    account_values: dict[str, Any] = {"failed_logins": account_failures}
+    detail: dict[str, Any] = {"failures": failures, "account_failures": account_failures, "source": source}
+    if failures >= max_failures:
         detail["locked"] = "source"
     if account_failures >= max_failures_account:
         account_values = {"failed_logins": 0, "locked_until": now + lockout}
         action = "login.lockout"
         detail["locked"] = "account"
-    if here is not None and fresh:
-        conn.execute(update(login_failures).where(login_failures.c.id == here["id"]).values(**source_values))
-    else:
-        conn.execute(insert(login_failures).values(user_id=user_id, source=source, **source_values))
     conn.execute(update(users).where(users.c.id == user_id).values(**account_values))
     audit(conn, actor=row["name"], action=action, detail=detail, now=now)
+
+
+def recent_failures(conn: Connection, user_id: int, *, now: datetime, max_failures: int) -> int:
+    """The account's failed logins still counting: per address at most ``max_failures`` (a locked one: that)."""
+    rows = conn.execute(
+        select(login_failures.c.failures, login_failures.c.locked_until).where(login_failures.c.user_id == user_id)
+    )
+    return sum(
+        max_failures if locked_until is not None and locked_until > now else min(int(failures), max_failures)
+        for failures, locked_until in rows
+    )
 
 
 def _is_stale(row: RowMapping, now: datetime, lockout: timedelta) -> bool:
