@@ -407,6 +407,7 @@ class ProcessWriter:
             if self._loop is not None:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(conn.fileno())
+            self._flush()  # jobs of this turn go before "stop", so the writer runs them and answers
             with contextlib.suppress(OSError):
                 conn.send(("stop",))
             # The end of the pipe, not join(), says the writer has finished: with forkserver, join()
@@ -525,25 +526,44 @@ class ProcessWriter:
 
         One pickle and one write for the callbacks that arrived together,
         instead of one each: under load the writer then reads a whole batch
-        with one ``recv``.
+        with one ``recv``. Every job's future is answered whatever happens: a
+        broken pipe fails the jobs not yet sent (nothing of them stored), and a
+        job that cannot be pickled fails alone (``send`` pickles before it
+        writes, so nothing of it reached the writer).
         """
         self._flush_scheduled = False
         outgoing, self._outgoing = self._outgoing, []
-        if not outgoing:
-            return
+        for start in range(0, len(outgoing), MAX_BATCH):
+            chunk = outgoing[start : start + MAX_BATCH]
+            try:
+                self._send_jobs(chunk)
+            except (OSError, ValueError) as exc:
+                self._fail_jobs(
+                    outgoing[start:], WriterUnavailable(f"the writer process is gone: {exc}; nothing stored")
+                )
+                self._on_death()
+                return
+            except Exception:
+                for job in chunk:  # find the job that cannot be sent; the others go one by one
+                    try:
+                        self._send_jobs([job])
+                    except (OSError, ValueError) as exc:
+                        self._fail_jobs([job], WriterUnavailable(f"the writer process is gone: {exc}; nothing stored"))
+                    except Exception as exc:
+                        log.exception("job %s could not be sent to the writer process", job[1])
+                        self._fail_jobs([job], WriterJobFailed(type(exc).__name__, f"nothing stored: {exc}"))
+
+    def _send_jobs(self, jobs: list[tuple[Any, ...]]) -> None:
         conn = self._conn
-        try:
-            if conn is None:
-                raise OSError("the pipe is closed")
-            for start in range(0, len(outgoing), MAX_BATCH):
-                conn.send(("jobs", outgoing[start : start + MAX_BATCH]))
-        except (OSError, ValueError) as exc:
-            error = WriterUnavailable(f"the writer process is gone: {exc}; nothing stored")
-            for _, job_id, *_ in outgoing:
-                future = self._futures.pop(job_id, None)
-                if future is not None and not future.done():
-                    future.set_exception(error)
-            self._on_death()
+        if conn is None:
+            raise OSError("the pipe to the writer process is closed")
+        conn.send(("jobs", jobs))
+
+    def _fail_jobs(self, jobs: list[tuple[Any, ...]], error: Exception) -> None:
+        for _, job_id, *_ in jobs:
+            future = self._futures.pop(job_id, None)
+            if future is not None and not future.done():
+                future.set_exception(error)
 
     def wake_delivery(self) -> None:
         """Have the writer process's delivery loop look at the outbox now; callable from any thread.

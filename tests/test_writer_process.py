@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
-from bot.service import Policy
+from bot.service import Inbound, Policy
 from bot.store.models import messages
-from bot.writer_process import ProcessWriter, WriterConfig
+from bot.writer_process import ProcessWriter, WriterConfig, WriterJobFailed
 from tests.support import (
     NOTHING_STORED,
     Harness,
@@ -330,3 +330,31 @@ def test_a_console_retry_wakes_the_writer_process_delivery_loop(
     before, after = asyncio.run(scenario())
     assert before == ["queued"], "the loop sent the reply before it was woken: the test shows nothing"
     assert after == ["sent"], "the woken delivery loop did not send the requeued reply"
+
+
+def test_a_job_that_cannot_reach_the_writer_fails_alone(db_url: str, rules_dir: Path) -> None:
+    """Jobs of one event-loop turn travel together; one that cannot be sent must not strand the others."""
+    writer = ProcessWriter(
+        WriterConfig(database_url=db_url, rules_dir=rules_dir, param_max_length=None, policy=Policy())
+    )
+    at = int(time.time())
+    good = [Inbound("86", f"1390000000{n}", "Acme Shop", "hi", at, "") for n in range(2)]
+    bad = Inbound("86", "13900000009", "Acme Shop", "hi", at, cast(str, lambda: "not picklable"))
+
+    async def scenario() -> list[Any]:
+        await writer.start()
+        try:
+            async with asyncio.timeout(30):  # before the fix, the whole turn's requests waited forever
+                return list(
+                    await asyncio.gather(
+                        writer.store([good[0]]), writer.store([bad]), writer.store([good[1]]), return_exceptions=True
+                    )
+                )
+        finally:
+            await writer.stop()
+
+    first, failed, second = asyncio.run(scenario())
+    assert isinstance(failed, WriterJobFailed)
+    assert "nothing stored" in str(failed)
+    assert [r.duplicate for r in (*first, *second)] == [False, False]
+    assert all(r.message_id for r in (*first, *second))
