@@ -105,10 +105,14 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ingest import (  # the sibling benchmark's helpers
+    CLK_TCK,
     BenchError,
     cpu_model,
+    cpu_ticks,
     ensure_postgres_database,
     free_port,
+    ppid_and_ticks,
+    process_tree,
     server,
     smsbot_command,
 )
@@ -131,7 +135,6 @@ INITIAL_CONNECTIONS = 16
 IDLE_REUSE_SECONDS = 2.0
 """A connection idle longer is closed instead of reused: uvicorn closes idle keep-alive connections after 5 s,
 and a request written on one it is closing would fail without reaching the application."""
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------ numbers and requests
@@ -548,15 +551,6 @@ def postgres_backends(url: str) -> list[int]:
     return [int(pid) for (pid,) in rows if Path(f"/proc/{pid}").exists()]
 
 
-def _ppid_and_ticks(pid: int) -> tuple[int, int] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[1]), int(fields[11]) + int(fields[12])
-
-
 def _name(pid: int) -> str:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -568,7 +562,7 @@ def _name(pid: int) -> str:
         return "resource tracker"
     if "forkserver" in joined:
         # The writer process is forked from the fork server, so it shows the fork server's command line.
-        info = _ppid_and_ticks(pid)
+        info = ppid_and_ticks(pid)
         parent = Path(f"/proc/{info[0]}/cmdline") if info else None
         with contextlib.suppress(OSError):
             if parent is not None and b"forkserver" in parent.read_bytes():
@@ -581,30 +575,6 @@ def _name(pid: int) -> str:
     if "serve" in words:
         return "smsbot serve (HTTP)"
     return Path(words[0]).name if words else "?"
-
-
-def process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            info = _ppid_and_ticks(int(entry.name))
-            if info is not None:
-                children[info[0]].append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def cpu_ticks(pids: Sequence[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for pid in pids:
-        info = _ppid_and_ticks(pid)
-        if info is not None:
-            out[pid] = info[1]
-    return out
 
 
 # ------------------------------------------------------------------ analysis

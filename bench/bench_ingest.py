@@ -65,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,41 +356,65 @@ def smsbot_command() -> str:
 # ------------------------------------------------------------------ CPU accounting
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _proc_stat(pid: int) -> tuple[str, int, float] | None:
-    """(command name, parent pid, CPU seconds of the process and its threads) from /proc, or None if gone."""
+def ppid_and_ticks(pid: int) -> tuple[int, int] | None:
+    """(parent pid, CPU ticks of the process and its threads) from /proc, or None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+        raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    name = stat[stat.index("(") + 1 : stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            info = ppid_and_ticks(int(entry.name))
+            if info is not None:
+                children[info[0]].append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def cpu_ticks(pids: Sequence[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for pid in pids:
+        info = ppid_and_ticks(pid)
+        if info is not None:
+            out[pid] = info[1]
+    return out
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process on this machine (backends, WAL writer, autovacuum, ...)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().startswith("postgres"):
+                    found.append(int(entry.name))
+    return found
 
 
 def cpu_snapshot(server_pid: int) -> dict[str, float] | None:
     """CPU seconds so far of the server, of its descendants, and of PostgreSQL; None without /proc."""
     if not Path("/proc/self/stat").exists():
         return None
-    stats: dict[int, tuple[str, int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            stats[int(entry.name)] = stat
-    children: dict[int, list[int]] = {}
-    for pid, (_, parent, _) in stats.items():
-        children.setdefault(parent, []).append(pid)
-    helpers, stack = 0.0, list(children.get(server_pid, []))
-    while stack:
-        pid = stack.pop()
-        helpers += stats[pid][2]
-        stack.extend(children.get(pid, []))
+    tree = cpu_ticks(process_tree(server_pid))
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
     return {
-        "server": stats[server_pid][2] if server_pid in stats else 0.0,
-        "helpers": helpers,
-        "postgres": sum(cpu for name, _, cpu in stats.values() if name.startswith("postgres")),
+        "server": tree.get(server_pid, 0) / CLK_TCK,
+        "helpers": sum(ticks for pid, ticks in tree.items() if pid != server_pid) / CLK_TCK,
+        "postgres": sum(cpu_ticks(postgres_pids()).values()) / CLK_TCK,
         "wrk": usage.ru_utime + usage.ru_stime,
         "wall": time.monotonic(),
     }
