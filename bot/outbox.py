@@ -171,7 +171,8 @@ def claim_due(
     08:00-22:00 China time and replies that would break a number's frequency
     limits are put back with the time they may go; rows for ``busy`` numbers
     (a send to them is in flight here) are left for a later round, so replies
-    to one number never overtake each other (their ids go to ``left_for_busy``). On PostgreSQL ``FOR UPDATE SKIP
+    to one number never overtake each other (their ids go to ``left_for_busy``); numbers another worker is
+    sending to or claiming are left too (``_numbers_taken_elsewhere``). On PostgreSQL ``FOR UPDATE SKIP
     LOCKED`` lets several workers claim side by side without waiting for or
     taking each other's rows.
     """
