@@ -46,6 +46,7 @@ from sqlalchemy import Connection, text
 from bot.delivery_reports import ReportOutcome, StatusReport, apply_reports
 from bot.logs import setup_logging
 from bot.service import Inbound, InboundResult, Policy
+from bot.writer import DbWriter, _Job
 
 log = logging.getLogger("smsbot.writer")
 
@@ -117,7 +118,6 @@ class _Child:
         from bot.live_rules import LiveRules, RulesInvalid
         from bot.outbox import ConsoleSender, Deliverer
         from bot.store.db import make_engine
-        from bot.writer import DbWriter
 
         self.conn = conn
         self.config = config
@@ -203,8 +203,6 @@ class _Child:
     # ---------------------------------------------------------------- the main loop
 
     def run(self) -> None:
-        from bot.writer import _Job
-
         self.writer.start_checkpointer()
         if self.delivery_writer is not self.writer:
             self.delivery_writer.start()
@@ -265,8 +263,6 @@ class _Child:
 
     def _take(self, message: tuple[Any, ...], batch: list[Any], remote: list[tuple[int, str, Any]]) -> None:
         """Turn one job the HTTP process sent into a job of the next transaction."""
-        from bot.writer import _Job
-
         kind, job_id = message[0], message[1]
         if kind == "batch":
             items = message[2]
