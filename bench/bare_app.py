@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args()
-    # Exactly what `smsbot serve` does (bot/cli.py).
+    # Exactly what `smsbot serve` does (bot/cli/).
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
 
 

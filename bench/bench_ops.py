@@ -5,7 +5,7 @@ contacts, 100 replies waiting in the outbox), then times, best of 5:
 the database part of a ``/metrics`` scrape (the 24-hour reply counts and the
 outbox), the whole ``/metrics`` body, and for comparison the all-time count
 by status that the scrape deliberately avoids; then one CSV and one JSONL
-export of everything through ``bot.export.export_chunks`` (rows/s).
+export of everything through ``bot.store.export.export_chunks`` (rows/s).
 
     .venv/bin/python bench/bench_ops.py [--messages 100000] [--database sqlite|postgres]
 
@@ -29,8 +29,8 @@ from sqlalchemy import Engine, create_engine, func, insert, select, text
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.config import Settings
-from bot.export import ExportFilter, export_chunks
 from bot.store.db import make_engine, upgrade
+from bot.store.export import ExportFilter, export_chunks
 from bot.store.models import contacts, conversations, messages, outbox
 from bot.web.metrics import AppMetrics
 

@@ -21,7 +21,6 @@ import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from bot.frequency import FrequencyLimits
 from bot.rules.schema import Duration
 
 CONFIG_ENV = "SMSBOT_CONFIG"
@@ -173,15 +172,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init arguments; the environment overrides them.
         return (env_settings, init_settings)
-
-
-def frequency_limits(settings: Settings) -> FrequencyLimits:
-    """The per-number limits the delivery loop keeps to (zero counts as no limit, for environment variables)."""
-    return FrequencyLimits(
-        same_content=settings.frequency_same_content or None,
-        per_hour=settings.frequency_per_hour or None,
-        per_day=settings.frequency_per_day or None,
-    )
 
 
 def find_config_file(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:

@@ -26,8 +26,8 @@ from sqlalchemy import Connection, Engine, Table, create_engine, func, select
 from sqlalchemy.engine import RowMapping, make_url
 
 from bot.config import Settings
-from bot.live_rules import LiveRules
-from bot.outbox import OutboundSms, SendResult
+from bot.runtime.live_rules import LiveRules
+from bot.sms import OutboundSms, SendResult
 from bot.store.db import WRITE_OPTIONS, make_engine
 from bot.store.models import contacts, conversations, messages, opt_out_events, outbox
 from bot.web.app import create_app

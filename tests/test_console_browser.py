@@ -22,8 +22,8 @@ import uvicorn
 
 from bot.config import Settings
 from bot.console.users import add_user
-from bot.live_rules import LiveRules
-from bot.outbox import OutboundSms, SendResult
+from bot.runtime.live_rules import LiveRules
+from bot.sms import OutboundSms, SendResult
 from bot.store.db import make_engine, upgrade
 from bot.web.app import create_app
 from tests.support import NO_FREQUENCY_LIMITS, RecordingSender, copy_rules, free_port, payload, wait_until, writing

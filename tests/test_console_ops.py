@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, update
 
 from bot.console.users import add_user
-from bot.live_rules import RulesInvalid
-from bot.outbox import OutboundSms, SendResult
+from bot.runtime.live_rules import RulesInvalid
+from bot.sms import OutboundSms, SendResult
 from bot.store.models import audit_events, contacts, conversations, messages, opt_out_events, outbox
 from tests.support import (
     MOBILE,

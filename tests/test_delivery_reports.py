@@ -8,11 +8,13 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import Engine, select
 
-from bot.delivery_reports import BadReport, apply_reports, parse_status_callback
+from bot.ingest.batch import handle_batch
+from bot.ingest.delivery_reports import apply_reports
 from bot.rules.loader import load_rules
-from bot.service import Inbound, handle_batch
+from bot.sms import Inbound
 from bot.store.db import WRITE_OPTIONS
 from bot.store.models import messages
+from bot.tencent.callbacks import BadReport, parse_status_callback
 from tests.support import REPO, delivery_report
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-import bot.export
+import bot.store.export
 from bot.cli import app
-from bot.export import COLUMNS
+from bot.store.export import COLUMNS
 from bot.store.models import messages
 from tests.support import MOBILE, SIGN, Harness
 
@@ -168,14 +168,14 @@ def test_output_file_is_complete_or_not_there(
     assert len(csv_rows(good)) == h.count(messages)
     assert target.stat().st_mode & 0o077 == 0  # customers' messages: owner only
 
-    real = bot.export.export_chunks
+    real = bot.store.export.export_chunks
 
     def failing(*args: Any, **kwargs: Any) -> Iterator[str]:
         chunks = real(*args, **kwargs)
         yield next(chunks)
         raise ConnectionError("database went away")
 
-    monkeypatch.setattr(bot.export, "export_chunks", failing)
+    monkeypatch.setattr(bot.store.export, "export_chunks", failing)
     failed = export("--since", day(h, -3), "--until", day(h), "--format", "jsonl", "-o", str(target))
     assert failed.exit_code != 0
     assert target.read_text(encoding="utf-8") == good  # the old file, untouched
@@ -191,8 +191,8 @@ def test_unwritable_output_is_an_error_not_a_traceback(conversation: Harness, tm
 def test_streams_in_batches(conversation: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of BATCH_ROWS rows: a long range never has to fit in memory."""
     h = conversation
-    monkeypatch.setattr(bot.export, "BATCH_ROWS", 2)
-    from bot.export import ExportFilter, export_chunks, parse_bound
+    monkeypatch.setattr(bot.store.export, "BATCH_ROWS", 2)
+    from bot.store.export import ExportFilter, export_chunks, parse_bound
 
     seen: list[int] = []
     filters = ExportFilter(since=parse_bound(day(h, -3)), until=parse_bound(day(h), end=True))

@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bot.config import Settings, frequency_limits
-from bot.frequency import FrequencyLimits, Sent, earliest_send
-from bot.retry import CHINA
+from bot.config import Settings
+from bot.delivery.deliverer import frequency_limits
+from bot.delivery.frequency import FrequencyLimits, Sent, earliest_send
+from bot.numbers import CHINA
 from bot.store.models import outbox
 from tests.support import Harness, wait_until
 

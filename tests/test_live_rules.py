@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.live_rules import LiveRules, RulesInvalid
 from bot.rules.engine import decide
 from bot.rules.model import Conversation, InboundMessage, Ruleset
+from bot.runtime.live_rules import LiveRules, RulesInvalid
 from tests.support import SIGN, Harness, wait_until, write_rules
 
 MENU_TEXT = "Reply 1 for order status, 2 for opening hours. Reply TD to opt out."

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bot.logs import _ONLY_COPY, setup_logging
+from bot.runtime.logs import _ONLY_COPY, setup_logging
 
 Setup = Callable[..., io.StringIO]
 
@@ -103,7 +103,7 @@ def test_reveal_numbers_turns_masking_off(logs: Setup) -> None:
 
 
 def test_a_pulled_message_that_could_not_be_kept_anywhere_keeps_its_number(logs: Setup) -> None:
-    """bot/pull.py logs an item in full only when neither the database nor its unstored file took it."""
+    """bot/runtime/pulling.py logs an item in full only when neither the database nor its unstored file took it."""
     out = logs(log_format="json")
     item = json.dumps({"nationcode": "86", "mobile": "13800000000", "text": "TD please"})
     logging.getLogger("smsbot.pull").critical("pulled item NOT stored and NOT kept (%s): %s", "disk full", item)
@@ -114,7 +114,7 @@ def test_a_pulled_message_that_could_not_be_kept_anywhere_keeps_its_number(logs:
 
 
 def test_the_exempt_lines_are_the_ones_pull_really_writes() -> None:
-    source = (Path(__file__).resolve().parent.parent / "bot" / "pull.py").read_text(encoding="utf-8")
+    source = (Path(__file__).resolve().parent.parent / "bot" / "runtime" / "pulling.py").read_text(encoding="utf-8")
     for logger, fmt in _ONLY_COPY:
         assert logger == "smsbot.pull"
         assert json.dumps(fmt) in source, fmt

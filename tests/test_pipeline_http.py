@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from bot.config import Settings
-from bot.outbox import claim_due
+from bot.delivery.outbox import claim_due
 from bot.rules.normalize import normalize
 from bot.store.db import make_engine
 from bot.store.models import contacts, conversations, messages, opt_out_events, outbox
-from bot.writer import DbWriter
+from bot.store.writer import DbWriter
 from tests.support import (
     MOBILE,
     NOTHING_STORED,
@@ -574,6 +574,6 @@ def test_sqlite_engine_uses_wal_and_busy_timeout(tmp_path: Path) -> None:
 
 
 def test_masked_numbers_in_logs() -> None:
-    from bot.service import mask_number
+    from bot.numbers import mask_number
 
     assert re.fullmatch(r"138\*+0000", mask_number(MOBILE))

@@ -22,14 +22,15 @@ from sqlalchemy import create_engine
 from typer.testing import CliRunner
 
 from bot.cli import app as cli
-from bot.live_rules import LiveRules
-from bot.pull import PulledItemRefused, Puller, china_time, reply_to_inbound, send_status_to_report
-from bot.sending import make_sender
-from bot.service import Inbound
+from bot.delivery.senders import make_sender
+from bot.runtime.live_rules import LiveRules
+from bot.runtime.pulling import Puller
+from bot.sms import Inbound
 from bot.store.db import make_engine
 from bot.store.models import messages, outbox
+from bot.tencent.callbacks import parse_reply_callback
+from bot.tencent.pull import PulledItemRefused, china_time, reply_to_inbound, send_status_to_report
 from bot.web.app import create_app
-from bot.web.callbacks import parse_reply_callback
 from tests.fakes.tencent_sms import FakeTencentSms
 from tests.support import (
     REPO,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.retry import CHINA, Final, Retry, RetryPolicy, plan
-from bot.sending import make_sender
+from bot.delivery.retry import Final, Retry, RetryPolicy, plan
+from bot.delivery.senders import make_sender
+from bot.numbers import CHINA
 from bot.store.models import conversations, opt_out_events, outbox
 from tests.fakes.tencent_sms import FakeTencentSms
 from tests.support import FakeClock, Harness, tencent_settings, wait_until
@@ -208,7 +209,7 @@ def test_no_answer_after_tencent_accepted_is_marked_ambiguous_not_resent(
     [((7, 59), False), ((8, 0), True), ((21, 59), True), ((22, 0), False), ((23, 30), False)],
 )
 def test_marketing_hours_are_08_to_22_china_time(china: tuple[int, int], allowed: bool) -> None:
-    from bot.retry import marketing_hours
+    from bot.delivery.retry import marketing_hours
 
     assert marketing_hours(datetime(2026, 1, 5, *china, tzinfo=CHINA)) is allowed
 

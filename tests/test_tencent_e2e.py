@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from bot.cli import app as cli
 from bot.config import ConfigError, Settings
-from bot.outbox import ConsoleSender
-from bot.sending import make_sender
+from bot.delivery.senders import make_sender
+from bot.sms import ConsoleSender
 from bot.store.models import messages
 from bot.tencent.sender import TencentSender
 from tests.fakes.tencent_sms import FakeTencentSms

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from bot.outbox import OutboundSms
+from bot.sms import OutboundSms
+from bot.tencent.config import TencentConfig
 from bot.tencent.errors import Outcome, classify
-from bot.tencent.sender import TencentConfig, TencentSender, e164
+from bot.tencent.sender import TencentSender, e164
 from tests.fakes.tencent_sms import FakeTencentSms
 
 SECRET_ID = "AKIDsmsbottest"

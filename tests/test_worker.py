@@ -15,12 +15,15 @@ from typer.testing import CliRunner
 
 from bot.cli import app as cli
 from bot.config import Settings
-from bot.delivery_reports import StatusReport, apply_reports
-from bot.outbox import Deliverer, OutboundSms, SendResult, apply_plans, claim_due, plan_for
-from bot.retry import RetryPolicy
+from bot.delivery.deliverer import Deliverer, plan_for
+from bot.delivery.outbox import apply_plans, claim_due
+from bot.delivery.retry import RetryPolicy
+from bot.ingest.delivery_reports import apply_reports
+from bot.sms import OutboundSms, SendResult
 from bot.store.db import make_engine
 from bot.store.models import messages, outbox
-from bot.writer import DbWriter
+from bot.store.writer import DbWriter
+from bot.tencent.callbacks import StatusReport
 from tests.support import FakeClock, Harness, RecordingSender, wait_until, writing
 
 NUMBERS = [f"1380000{n:04d}" for n in range(40)]

@@ -20,9 +20,10 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from bot.service import Inbound, Policy
+from bot.ingest.batch import Policy
+from bot.runtime.writer_process import ProcessWriter, WriterConfig, WriterJobFailed
+from bot.sms import Inbound
 from bot.store.models import messages
-from bot.writer_process import ProcessWriter, WriterConfig, WriterJobFailed
 from tests.support import (
     NOTHING_STORED,
     Harness,
@@ -277,7 +278,7 @@ def test_process_mode_needs_a_picklable_sender(tmp_path: Path) -> None:
     import threading
 
     from bot.config import Settings
-    from bot.live_rules import LiveRules
+    from bot.runtime.live_rules import LiveRules
     from bot.store.db import make_engine
     from bot.web.app import create_app
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from bot.config import Settings  # noqa: E402
 from bot.console.users import add_user  # noqa: E402
-from bot.live_rules import LiveRules  # noqa: E402
-from bot.outbox import OutboundSms, SendResult  # noqa: E402
+from bot.runtime.live_rules import LiveRules  # noqa: E402
+from bot.sms import OutboundSms, SendResult  # noqa: E402
 from bot.store.db import make_engine, upgrade  # noqa: E402
 from bot.store.models import outbox  # noqa: E402
 from bot.web.app import create_app  # noqa: E402

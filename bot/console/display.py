@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from fastapi import Request
 
 from bot.console.users import ConsoleUser
-from bot.service import mask_number
+from bot.numbers import mask_number
 
 DISPLAY_TZ = timezone(timedelta(hours=8), "China time")
 DISPLAY_TZ_LABEL = "China time (UTC+8)"

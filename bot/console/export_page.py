@@ -15,8 +15,8 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from bot.console.ops_shared import known_signatures
 from bot.console.users import audit
 from bot.console.web import PREFIX, ConsoleRouter, CurrentUser, engine, now, render
-from bot.export import BadDate, ExportFilter, ExportFormat, export_chunks, media_type, parse_bound
 from bot.store.db import WRITE_OPTIONS
+from bot.store.export import BadDate, ExportFilter, ExportFormat, export_chunks, media_type, parse_bound
 
 router = ConsoleRouter(prefix=PREFIX)
 

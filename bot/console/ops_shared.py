@@ -17,7 +17,7 @@ from fastapi import Request
 from sqlalchemy import ColumnElement, Connection, and_, select
 
 from bot.console.users import ConsoleUser
-from bot.service import mask_number
+from bot.numbers import mask_number
 from bot.store.models import contacts, conversations
 
 PAGE_SIZE = 50

@@ -29,7 +29,7 @@ from bot.console.ops_shared import (
 )
 from bot.console.users import ConsoleUser, audit
 from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime
-from bot.service import mask_number
+from bot.numbers import mask_number
 from bot.store.db import WRITE_OPTIONS
 from bot.store.models import contacts, conversations, opt_out_events
 

@@ -33,7 +33,7 @@ tables for good and the writer spent most of each batch waiting on them
 tables' sizes of the moment, for a few tens of microseconds. (The session-wide
 ``plan_cache_mode = force_custom_plan`` does the same but also re-plans every
 foreign-key check, which doubled the cost of inserting a batch.) The inbound
-batch's own set-based statements are prepared: see ``bot.service``.
+batch's own set-based statements are prepared: see ``bot.ingest.batch``.
 """
 
 

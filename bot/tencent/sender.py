@@ -7,34 +7,15 @@ twice; retries happen in the outbox, which can reconcile first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from tencentcloud.common import credential  # type: ignore[import-untyped]
 from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
     TencentCloudSDKException,
 )
-from tencentcloud.common.profile.client_profile import ClientProfile  # type: ignore[import-untyped]
-from tencentcloud.common.profile.http_profile import HttpProfile  # type: ignore[import-untyped]
-from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import-untyped]
+from tencentcloud.sms.v20210111 import models  # type: ignore[import-untyped]
 
-from bot.outbox import OutboundSms, SendResult
-
-
-@dataclass(frozen=True)
-class TencentConfig:
-    """Where and as whom to call Tencent."""
-
-    secret_id: str
-    secret_key: str
-    sdk_app_id: str
-    region: str = "ap-guangzhou"
-    endpoint: str = "sms.tencentcloudapi.com"
-    scheme: str = "https"
-    timeout_seconds: int = 5
-    sign_names: Mapping[str, str] = field(default_factory=dict)
-    """Per-signature SignName override: callback ``sign`` -> the approved SignName."""
+from bot.sms import OutboundSms, SendResult
+from bot.tencent.config import TencentConfig, sms_client
 
 
 def e164(nationcode: str, mobile: str) -> str:
@@ -46,12 +27,7 @@ class TencentSender:
 
     def __init__(self, config: TencentConfig) -> None:
         self.config = config
-        http = HttpProfile(endpoint=config.endpoint, reqTimeout=config.timeout_seconds)
-        http.scheme = config.scheme  # the SDK reads `scheme` once constructed
-        profile = ClientProfile(httpProfile=http)
-        self.client: Any = sms_client.SmsClient(
-            credential.Credential(config.secret_id, config.secret_key), config.region, profile
-        )
+        self.client: Any = sms_client(config)
 
     def __reduce__(self) -> tuple[type[TencentSender], tuple[TencentConfig]]:
         """Pickled as its config (the SDK client holds sockets): the writer process builds its own."""

@@ -20,21 +20,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
-from tencentcloud.common import credential  # type: ignore[import-untyped]
 from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
     TencentCloudSDKException,
 )
-from tencentcloud.common.profile.client_profile import ClientProfile  # type: ignore[import-untyped]
-from tencentcloud.common.profile.http_profile import HttpProfile  # type: ignore[import-untyped]
-from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import-untyped]
+from tencentcloud.sms.v20210111 import models  # type: ignore[import-untyped]
 
-from bot import sending
-from bot.config import Settings
 from bot.rules.diagnostics import Diagnostic, Severity
 from bot.rules.loader import rule_files
 from bot.rules.schema import TemplateSpec
 from bot.rules.yaml_source import YamlProblem, load_located
-from bot.tencent.sender import TencentConfig
+from bot.tencent.config import TencentConfig, sms_client
 
 PAGE_SIZE = 100
 """Tencent's largest ``Limit`` for DescribeSmsTemplateList."""
@@ -291,24 +286,6 @@ def unused_templates(
 # ---------------------------------------------------------------- asking Tencent
 
 
-def tencent_config(settings: Settings) -> TencentConfig:
-    """Where and as whom to ask Tencent, or a ConfigError naming every missing environment variable.
-
-    Unlike ``make_sender`` this does not need ``sender: tencent`` nor the
-    SmsSdkAppId: listing templates is an account-level call, and checking
-    templates is exactly what one does before switching the sender on.
-    """
-    return sending.tencent_config(settings, purpose="asking Tencent for templates", app_id=False)
-
-
-def _client(config: TencentConfig) -> Any:
-    http = HttpProfile(endpoint=config.endpoint, reqTimeout=config.timeout_seconds)
-    http.scheme = config.scheme  # the SDK reads `scheme` once constructed
-    return sms_client.SmsClient(
-        credential.Credential(config.secret_id, config.secret_key), config.region, ClientProfile(httpProfile=http)
-    )
-
-
 def _explain(exc: TencentCloudSDKException, config: TencentConfig) -> str:
     code = str(exc.code or "")
     raw = exc.message
@@ -359,7 +336,7 @@ def fetch_templates(config: TencentConfig) -> list[TencentTemplate]:
     and the full list is what lets us point out templates no rule uses.
     Raises TemplateFetchError with a message fit for the terminal.
     """
-    client = _client(config)
+    client = sms_client(config)
     found: list[TencentTemplate] = []
     try:
         for international in (0, 1):

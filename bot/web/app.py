@@ -24,16 +24,26 @@ from starlette.routing import Route
 
 from bot.config import Settings
 from bot.console import install as install_console
-from bot.delivery_reports import BadReport, StatusReport, apply_reports, parse_status_callback
-from bot.inbound_store import InboundStore
-from bot.live_rules import LiveRules
-from bot.outbox import ConsoleSender, Deliverer, SmsSender, delivery_options
-from bot.pull import ProcessSink, Puller, WriterSink, make_puller, pulling
-from bot.service import Inbound, InboundResult, Policy
-from bot.web.callbacks import BadCallback, CallbackAnswer, ReplyCallback, parse_reply_callback
+from bot.delivery.deliverer import Deliverer, delivery_options
+from bot.ingest.batch import InboundResult, Policy
+from bot.ingest.delivery_reports import apply_reports
+from bot.ingest.inbound_store import InboundStore
+from bot.runtime.live_rules import LiveRules
+from bot.runtime.pulling import Puller, make_puller, pulling
+from bot.runtime.sinks import ProcessSink, WriterSink
+from bot.runtime.writer_process import ProcessWriter, WriterConfig
+from bot.sms import ConsoleSender, Inbound, SmsSender
+from bot.store.writer import DbWriter
+from bot.tencent.callbacks import (
+    BadCallback,
+    BadReport,
+    CallbackAnswer,
+    ReplyCallback,
+    StatusReport,
+    parse_reply_callback,
+    parse_status_callback,
+)
 from bot.web.metrics import DUPLICATE, build_metrics
-from bot.writer import DbWriter
-from bot.writer_process import ProcessWriter, WriterConfig
 
 log = logging.getLogger("smsbot.web")
 
@@ -130,7 +140,7 @@ def create_app(
 
     ``writer_mode="process"`` moves the database work, the delivery loop and the
     rules (loaded and watched from ``rules.path``) into a writer process of
-    its own (``bot/writer_process.py``); ``sender`` must then be picklable
+    its own (``bot/runtime/writer_process.py``); ``sender`` must then be picklable
     (None: the console sender) and ``clock`` only stamps validation.
     """
     writer = DbWriter(engine)

@@ -40,9 +40,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
 from bot.config import Settings
-from bot.live_rules import LiveRules
+from bot.runtime.live_rules import LiveRules
+from bot.runtime.writer_process import ProcessWriter
 from bot.store.models import messages, outbox
-from bot.writer_process import ProcessWriter
 
 log = logging.getLogger("smsbot.metrics")
 

@@ -44,7 +44,7 @@ primary key 32 times (1.2 ms against 0.1 ms, ``EXPLAIN ANALYZE``).
 
 
 @dataclass
-class _Job(Generic[T]):
+class Job(Generic[T]):
     fn: Callable[[Connection], T]
     loop: asyncio.AbstractEventLoop | None
     future: Any
@@ -78,13 +78,13 @@ class DbWriter:
         if self._checkpointer is not None:
             self._checkpointer.start()
 
-    def _submit(self, job: _Job[Any]) -> None:
+    def _submit(self, job: Job[Any]) -> None:
         """Hand a job to whoever runs the batches (the writer thread here)."""
         self._queue.put(job)
 
-    def take_waiting(self, limit: int) -> list[_Job[Any]]:
+    def take_waiting(self, limit: int) -> list[Job[Any]]:
         """Jobs submitted and not yet taken, up to ``limit`` (for a caller that runs ``process`` itself)."""
-        taken: list[_Job[Any]] = []
+        taken: list[Job[Any]] = []
         while len(taken) < limit:
             try:
                 taken.append(self._queue.get_nowait())
@@ -92,7 +92,7 @@ class DbWriter:
                 break
         return taken
 
-    def process(self, batch: list[_Job[Any]]) -> None:
+    def process(self, batch: list[Job[Any]]) -> None:
         """Run ``batch`` in one transaction on the calling thread (the writer process's main loop)."""
         self._process(batch)
 
@@ -106,7 +106,7 @@ class DbWriter:
     async def run(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in the next batch; return its result once the batch is committed."""
         loop = asyncio.get_running_loop()
-        job: _Job[T] = _Job(fn, loop, loop.create_future())
+        job: Job[T] = Job(fn, loop, loop.create_future())
         self._submit(job)
         result: T = await job.future
         return result
@@ -118,7 +118,7 @@ class DbWriter:
         request cannot fail the others.
         """
         loop = asyncio.get_running_loop()
-        job: _Job[list[Any]] = _Job(
+        job: Job[list[Any]] = Job(
             lambda conn: handler(conn, items), loop, loop.create_future(), handler=handler, items=items
         )
         self._submit(job)
@@ -127,7 +127,7 @@ class DbWriter:
 
     def run_sync(self, fn: Callable[[Connection], T], timeout: float = 30.0) -> T:
         """The same for code outside the event loop (CLI, workers, tests)."""
-        job: _Job[T] = _Job(fn, None, None)
+        job: Job[T] = Job(fn, None, None)
         self._submit(job)
         if not job.done.wait(timeout):
             raise TimeoutError("the database writer did not answer in time")
@@ -149,7 +149,7 @@ class DbWriter:
             first = self._queue.get()
             if first is _STOP:
                 return
-            batch: list[_Job[Any]] = [first]
+            batch: list[Job[Any]] = [first]
             stop = False
             while len(batch) < self.max_batch:
                 try:
@@ -186,7 +186,7 @@ class DbWriter:
                 self._conn.close()
             self._conn = None
 
-    def _process(self, batch: list[_Job[Any]]) -> None:
+    def _process(self, batch: list[Job[Any]]) -> None:
         try:
             conn = self._connection()
             if not self._optimistic(conn, batch):
@@ -211,7 +211,7 @@ class DbWriter:
                 log.exception("on_commit hook failed")
 
     @staticmethod
-    def _optimistic(conn: Connection, batch: list[_Job[Any]]) -> bool:
+    def _optimistic(conn: Connection, batch: list[Job[Any]]) -> bool:
         """Run and commit the whole batch without savepoints; False, with nothing kept, if a job failed.
 
         Jobs almost never fail, and on PostgreSQL each SAVEPOINT and RELEASE
@@ -245,7 +245,7 @@ class DbWriter:
         return True
 
     @staticmethod
-    def _alone(conn: Connection, job: _Job[Any]) -> None:
+    def _alone(conn: Connection, job: Job[Any]) -> None:
         savepoint = conn.begin_nested()
         try:
             job.result = job.fn(conn)
@@ -255,7 +255,7 @@ class DbWriter:
             job.error = exc
 
     @staticmethod
-    def _merged(conn: Connection, group: list[_Job[Any]]) -> bool:
+    def _merged(conn: Connection, group: list[Job[Any]]) -> bool:
         handler = group[0].handler
         assert handler is not None
         items = [item for job in group for item in job.items]
@@ -271,9 +271,9 @@ class DbWriter:
         return True
 
     @staticmethod
-    def _resolve_all(batch: list[_Job[Any]]) -> None:
+    def _resolve_all(batch: list[Job[Any]]) -> None:
         """Wake every waiter: one hand-over per event loop, not one per job (each costs a syscall)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Job[Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[Job[Any]]] = {}
         for job in batch:
             job.done.set()
             if job.loop is not None:
@@ -283,7 +283,7 @@ class DbWriter:
                 loop.call_soon_threadsafe(_settle, jobs)
 
 
-def _share(group: list[_Job[Any]], results: list[Any]) -> None:
+def _share(group: list[Job[Any]], results: list[Any]) -> None:
     """Give each job of a merged group its slice of the handler's results."""
     start = 0
     for job in group:
@@ -291,9 +291,9 @@ def _share(group: list[_Job[Any]], results: list[Any]) -> None:
         start += len(job.items)
 
 
-def _groups(batch: list[_Job[Any]]) -> list[list[_Job[Any]]]:
+def _groups(batch: list[Job[Any]]) -> list[list[Job[Any]]]:
     """Consecutive jobs with the same batch handler form one group; order is kept."""
-    groups: list[list[_Job[Any]]] = []
+    groups: list[list[Job[Any]]] = []
     for job in batch:
         if groups and job.handler is not None and groups[-1][0].handler == job.handler:
             groups[-1].append(job)
@@ -337,7 +337,7 @@ class _Checkpointer:
             self._checkpoint("PASSIVE")
 
 
-def _settle(jobs: list[_Job[Any]]) -> None:
+def _settle(jobs: list[Job[Any]]) -> None:
     """Runs on the event loop: hand each job's outcome to its awaiting request."""
     for job in jobs:
         if job.future.done():

@@ -25,8 +25,9 @@ Nothing pulled may be lost, because Tencent hands out each item only once:
   are logged with Tencent's code and retried next round; they never end the
   loop. An item Tencent hands out that we cannot use (say, no SignName) is
   refused like the callback would refuse it, logged with the reason.
-- The SDK's own retries stay off: a pull is not idempotent, and a retried
-  pull after a lost answer would only hide that the first one's page is gone.
+- The SDK's own retries stay off (``bot/tencent/pull.py``): a pull is not
+  idempotent, and a retried pull after a lost answer would only hide that the
+  first one's page is gone.
 """
 
 from __future__ import annotations
@@ -36,220 +37,34 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from bot import sending
 from bot.config import Settings
-from bot.delivery_reports import CHINA, BadReport, ReportOutcome, StatusReport, apply_reports, parse_status_callback
-from bot.service import Inbound, InboundResult
-from bot.web.callbacks import EARLIEST, BadCallback, parse_reply_callback
+from bot.runtime.sinks import PullSink, WriterSink
+from bot.sms import Inbound
+from bot.tencent.callbacks import StatusReport
+from bot.tencent.config import tencent_config
+from bot.tencent.pull import (
+    PULL_LIMIT,
+    PullClient,
+    TencentPullClient,
+    reply_to_inbound,
+    send_status_to_report,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from bot.inbound_store import InboundStore
-    from bot.live_rules import LiveRules
-    from bot.tencent.sender import TencentConfig
-    from bot.writer import DbWriter
-    from bot.writer_process import ProcessWriter
+    from bot.runtime.live_rules import LiveRules
 
 log = logging.getLogger("smsbot.pull")
 
-PULL_LIMIT = 100
-"""Tencent's maximum page; a full page means more may be waiting."""
 DEFAULT_INTERVAL = 10.0
-
-REPLY_FIELDS = {
-    "nationcode": "CountryCode",
-    "mobile": "SubscriberNumber",
-    "sign": "SignName",
-    "extend": "ExtendCode",
-    "text": "ReplyContent",
-    "time": "ReplyTime",
-}
-"""Callback field -> PullSmsReplyStatus field: the same reply under Tencent's two sets of names."""
-
-REPORT_FIELDS = {
-    "sid": "SerialNo",
-    "report_status": "ReportStatus",
-    "nationcode": "CountryCode",
-    "mobile": "SubscriberNumber",
-    "description": "Description",
-    "ext": "SessionContext",
-    "user_receive_time": "UserReceiveTime",
-}
-"""Delivery-status callback field -> PullSmsSendStatus field."""
-
-
-class PulledItemRefused(ValueError):  # noqa: N818 - named for what the log reader sees
-    """An item Tencent handed out that the callback route would refuse too, with the reason."""
-
-
-# ====================================================================== conversions (pure)
-
-
-def _tencent_names(message: str, names: Mapping[str, str]) -> str:
-    """The parser's message with Tencent's pull field names, so the log points at the item's real fields."""
-    return re.sub(r"'(\w+)'", lambda m: f"'{names.get(m.group(1), m.group(1))}'", message)
-
-
-def reply_to_inbound(
-    item: Mapping[str, Any], *, now: datetime, sign_aliases: Mapping[str, str] | None = None
-) -> Inbound:
-    """The ``Inbound`` the reply callback would give for this pulled reply, or PulledItemRefused.
-
-    It goes through the callback's own parser so the dedupe key, the text
-    cleaning and the checks cannot drift apart between the two paths.
-    ``sign_aliases`` maps an approved SignName back to the signature the rules
-    are keyed by (the reverse of ``tencent_sign_names``).
-    """
-    sign = item.get("SignName")
-    if sign_aliases and isinstance(sign, str):
-        sign = sign_aliases.get(sign.strip(), sign)
-    callback = {
-        "nationcode": item.get("CountryCode"),
-        "mobile": item.get("SubscriberNumber"),
-        "sign": sign,
-        "extend": item.get("ExtendCode") or "",
-        "text": item.get("ReplyContent"),
-        "time": item.get("ReplyTime"),
-    }
-    try:
-        [message] = parse_reply_callback(json.dumps(callback, ensure_ascii=False).encode(), now=now)
-    except BadCallback as exc:
-        raise PulledItemRefused(_tencent_names(str(exc), REPLY_FIELDS)) from exc
-    return message
-
-
-def china_time(unix_seconds: object) -> str | None:
-    """A unix time as the delivery-status callback writes it (China time), or None when it is not one."""
-    if isinstance(unix_seconds, bool) or not isinstance(unix_seconds, int) or unix_seconds < EARLIEST:
-        return None
-    return datetime.fromtimestamp(unix_seconds, CHINA).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def send_status_to_report(item: Mapping[str, Any]) -> StatusReport:
-    """The ``StatusReport`` the delivery-status callback would give for this pulled status, or PulledItemRefused.
-
-    ``UserReceiveTime`` (unix seconds) becomes the callback's China-time text,
-    which ``apply_reports`` reads back to the same instant, so one path applies
-    both.
-    """
-    callback = {
-        "sid": item.get("SerialNo"),
-        "report_status": item.get("ReportStatus"),
-        "user_receive_time": china_time(item.get("UserReceiveTime")),
-        "nationcode": item.get("CountryCode"),
-        "mobile": item.get("SubscriberNumber"),
-        "description": item.get("Description"),
-        "ext": item.get("SessionContext") or None,
-    }
-    try:
-        [report] = parse_status_callback(json.dumps(callback, ensure_ascii=False).encode())
-    except BadReport as exc:
-        raise PulledItemRefused(_tencent_names(str(exc), REPORT_FIELDS)) from exc
-    return report
-
-
-# ====================================================================== Tencent and the database
-
-
-class PullClient(Protocol):
-    """Tencent's two pull actions; each call removes what it returns from Tencent's queue."""
-
-    def pull_replies(self, limit: int) -> list[dict[str, Any]]: ...
-
-    def pull_send_statuses(self, limit: int) -> list[dict[str, Any]]: ...
-
-
-class PullSink(Protocol):
-    """Where pulled items go: the same storage the callback routes use."""
-
-    async def store(self, items: list[Inbound]) -> list[InboundResult]: ...
-
-    async def apply(self, reports: list[StatusReport]) -> ReportOutcome: ...
-
-
-def tencent_config(settings: Settings) -> TencentConfig:
-    """Where and as whom to pull, or ConfigError naming every missing environment variable."""
-    return sending.tencent_config(settings, purpose="pulling from Tencent")
-
-
-class TencentPullClient:
-    """The real SDK's ``PullSmsReplyStatus`` and ``PullSmsSendStatus``; items as Tencent's JSON names."""
-
-    def __init__(self, config: TencentConfig) -> None:
-        from tencentcloud.common import credential  # type: ignore[import-untyped]
-        from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
-            TencentCloudSDKException,
-        )
-        from tencentcloud.common.profile.client_profile import ClientProfile  # type: ignore[import-untyped]
-        from tencentcloud.common.profile.http_profile import HttpProfile  # type: ignore[import-untyped]
-        from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import-untyped]
-
-        self._models: Any = models
-        self._error: Any = TencentCloudSDKException
-        self.config = config
-        http = HttpProfile(endpoint=config.endpoint, reqTimeout=config.timeout_seconds)
-        http.scheme = config.scheme  # the SDK reads `scheme` once constructed
-        self.client: Any = sms_client.SmsClient(
-            credential.Credential(config.secret_id, config.secret_key), config.region, ClientProfile(httpProfile=http)
-        )
-
-    def pull_replies(self, limit: int) -> list[dict[str, Any]]:
-        return self._pull("PullSmsReplyStatus", limit)
-
-    def pull_send_statuses(self, limit: int) -> list[dict[str, Any]]:
-        return self._pull("PullSmsSendStatus", limit)
-
-    def _pull(self, action: str, limit: int) -> list[dict[str, Any]]:
-        request = getattr(self._models, f"{action}Request")()
-        request.SmsSdkAppId = self.config.sdk_app_id
-        request.Limit = limit
-        response = getattr(self.client, action)(request)
-        items = getattr(response, f"{action}Set", None)
-        if items is None:
-            # The SDK hands back an empty model when it could not read Tencent's answer; that page
-            # (if there was one) is gone at Tencent, and all we can do is say so.
-            raise self._error("InternalError.UnreadableAnswer", f"Tencent's answer had no {action}Set")
-        return [json.loads(item.to_json_string()) for item in items]
-
-
-class WriterSink:
-    """Stores through an in-process ``DbWriter`` (``writer: thread``, and ``smsbot pull``), like the routes."""
-
-    def __init__(self, writer: DbWriter, inbound: InboundStore, clock: Callable[[], datetime]) -> None:
-        self.writer = writer
-        self.inbound = inbound
-        self.clock = clock
-
-    async def store(self, items: list[Inbound]) -> list[InboundResult]:
-        results: list[InboundResult] = await self.writer.run_batch(self.inbound.store, items)
-        self.inbound.warn_unknown_signatures(items, results)
-        return results
-
-    async def apply(self, reports: list[StatusReport]) -> ReportOutcome:
-        now = self.clock()
-        return await self.writer.run(lambda conn: apply_reports(conn, reports, now=now))
-
-
-class ProcessSink:
-    """Stores through the writer process (``writer: process``), like the routes."""
-
-    def __init__(self, process_writer: ProcessWriter) -> None:
-        self.process_writer = process_writer
-
-    async def store(self, items: list[Inbound]) -> list[InboundResult]:
-        return await self.process_writer.store(items)
-
-    async def apply(self, reports: list[StatusReport]) -> ReportOutcome:
-        return await self.process_writer.apply_reports(reports)
 
 
 # ====================================================================== the loop
@@ -404,7 +219,7 @@ class Puller:
                 out.flush()
                 os.fsync(out.fileno())
         except OSError as exc:
-            # Nowhere left to keep it: the log line is the last copy, so it keeps the number (see bot/logs.py).
+            # Nowhere left to keep it: the log line is the last copy, so it keeps the number (see bot/runtime/logs.py).
             log.critical("pulled item NOT stored and NOT kept (%s): %s", exc, line)
             return
         log.error("pulled %s, NOT stored: kept in %s: %s", why, self.unstored_file, line)
@@ -507,7 +322,7 @@ def make_puller(
     settings: Settings, sink: PullSink, *, interval: float | None = None, clock: Callable[[], datetime] | None = None
 ) -> Puller:
     """A Puller for these settings (ConfigError when Tencent's credentials are missing)."""
-    config = tencent_config(settings)
+    config = tencent_config(settings, purpose="pull")
     aliases = {approved: sign for sign, approved in config.sign_names.items() if approved not in config.sign_names}
     return Puller(
         TencentPullClient(config),
@@ -536,9 +351,9 @@ async def pull_into_database(
     """
     import signal
 
-    from bot.inbound_store import InboundStore
-    from bot.service import Policy
-    from bot.writer import DbWriter
+    from bot.ingest.batch import Policy
+    from bot.ingest.inbound_store import InboundStore
+    from bot.store.writer import DbWriter
 
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731 - one line, typed
     inbound = InboundStore(

@@ -16,7 +16,6 @@ one by one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -29,31 +28,14 @@ from sqlalchemy import Connection
 from bot.rules.engine import decide
 from bot.rules.model import Conversation as EngineConversation
 from bot.rules.model import Decision, InboundMessage, Reply, Ruleset
+from bot.sms import Inbound
 from bot.store.driver_sql import PREPARE, DriverSql, chunks
 
 log = logging.getLogger("smsbot.service")
 
 SENDING_STATUSES = ("queued", "sent", "delivered")
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """A customer's reply exactly as Tencent delivered it."""
-
-    nationcode: str
-    mobile: str
-    sign: str
-    text: str
-    time: int
-    extend: str = ""
-
-    @property
-    def dedupe_key(self) -> str:
-        """Tencent sends no message id; a retried callback repeats all of these fields."""
-        raw = json.dumps(
-            [self.nationcode, self.mobile, self.sign, self.extend, self.time, self.text], ensure_ascii=False
-        )
-        return hashlib.sha256(raw.encode()).hexdigest()[:32]  # 128 bits: collisions are not a concern
+"""Replies that count for loop protection: on their way, or gone out."""
+_SENDING_SQL = "(" + ", ".join(f"'{status}'" for status in SENDING_STATUSES) + ")"
 
 
 @dataclass(frozen=True)
@@ -70,14 +52,6 @@ class InboundResult:
     duplicate: bool
     queued: int = 0
     decision: Decision | None = None
-
-
-def mask_number(mobile: str) -> str:
-    """138****0000: enough for ops to recognise a number in logs, not enough to misuse it."""
-    if len(mobile) <= 4:
-        return "*" * len(mobile)
-    keep_head = 3 if len(mobile) >= 10 else 0
-    return mobile[:keep_head] + "*" * (len(mobile) - keep_head - 4) + mobile[-4:]
 
 
 # ------------------------------------------------------------------ contacts and conversations
@@ -200,7 +174,7 @@ def _recent_reply_counts(db: DriverSql, conversation_ids: Sequence[int], since: 
         where, params = db.in_list("conversation_id", chunk)
         statement = (
             f"SELECT conversation_id, text, count(*) FROM messages WHERE {where} AND created_at > ?"
-            f" AND direction = 'out' AND {status} IN ('queued', 'sent', 'delivered') GROUP BY conversation_id, text"
+            f" AND direction = 'out' AND {status} IN {_SENDING_SQL} GROUP BY conversation_id, text"
         )
         for conversation_id, reply_text, count in db.rows(statement, [*params, db.ts(since)]):
             counts[(int(conversation_id), reply_text)] = int(count)
@@ -499,7 +473,7 @@ _PG_REPLY_COUNTS = (
     f"SELECT v.id, m.text, count(*) FROM {_PG_KEYS}{_PG_CONTACT}"
     " CROSS JOIN LATERAL (SELECT id FROM conversations WHERE signature = k.signature AND contact_id = c.id OFFSET 0) v"
     " CROSS JOIN LATERAL (SELECT text FROM messages WHERE conversation_id = v.id AND created_at > %s"
-    " AND direction = 'out' AND status IN ('queued', 'sent', 'delivered') OFFSET 0) m"
+    f" AND direction = 'out' AND status IN {_SENDING_SQL} OFFSET 0) m"
     " GROUP BY v.id, m.text"
 )
 

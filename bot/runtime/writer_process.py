@@ -2,8 +2,10 @@
 
 In one process, HTTP handling and the group-commit writer thread share one
 GIL, and the server is pinned at one core. Here the HTTP process only reads,
-validates and forwards callbacks; a writer process (started with ``spawn``,
-since the HTTP process has threads) owns everything that touches the
+validates and forwards callbacks; a writer process (forked by a
+``forkserver``, since the HTTP process has threads and a plain fork of it is
+unsafe; the fork server has the writer's modules imported, so a restart takes
+a fork, not seconds of imports) owns everything that touches the
 database: the connection, the live rules (load and watch), the group commit
 (``DbWriter.process``: the same savepoints and retry-alone fallback as the
 thread) and the delivery loop with the configured sender.
@@ -43,10 +45,12 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, text
 
-from bot.delivery_reports import ReportOutcome, StatusReport, apply_reports
-from bot.logs import setup_logging
-from bot.service import Inbound, InboundResult, Policy
-from bot.writer import DbWriter, _Job
+from bot.ingest.batch import InboundResult, Policy
+from bot.ingest.delivery_reports import ReportOutcome, apply_reports
+from bot.runtime.logs import setup_logging
+from bot.sms import Inbound
+from bot.store.writer import DbWriter, Job
+from bot.tencent.callbacks import StatusReport
 
 log = logging.getLogger("smsbot.writer")
 
@@ -85,7 +89,7 @@ class WriterConfig:
     log_reveal_numbers: bool = False
     poll_seconds: float = 1.0
     delivery: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the ``Deliverer`` (see ``bot.outbox.delivery_options``)."""
+    """Keyword arguments for the ``Deliverer`` (see ``bot.delivery.deliverer.delivery_options``)."""
 
 
 # ====================================================================== the writer process
@@ -114,9 +118,10 @@ def _rules_status(rules: Any) -> dict[str, Any]:
 
 class _Child:
     def __init__(self, conn: PipeEnd, config: WriterConfig) -> None:
-        from bot.inbound_store import InboundStore
-        from bot.live_rules import LiveRules, RulesInvalid
-        from bot.outbox import ConsoleSender, Deliverer
+        from bot.delivery.deliverer import Deliverer
+        from bot.ingest.inbound_store import InboundStore
+        from bot.runtime.live_rules import LiveRules, RulesInvalid
+        from bot.sms import ConsoleSender
         from bot.store.db import make_engine
 
         self.conn = conn
@@ -218,8 +223,8 @@ class _Child:
             wait(waitables, timeout=None if stopping_at is None else 0.05)
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
-            batch: list[_Job[Any]] = self.writer.take_waiting(MAX_BATCH)
-            remote: list[tuple[int, str, _Job[Any]]] = []
+            batch: list[Job[Any]] = self.writer.take_waiting(MAX_BATCH)
+            remote: list[tuple[int, str, Job[Any]]] = []
             while pipe_open and len(batch) < MAX_BATCH:
                 try:
                     if not self.conn.poll():
@@ -266,11 +271,11 @@ class _Child:
         kind, job_id = message[0], message[1]
         if kind == "batch":
             items = message[2]
-            job: _Job[Any] = _Job(self._store_fn(items), None, None, handler=self.inbound.store, items=items)
+            job: Job[Any] = Job(self._store_fn(items), None, None, handler=self.inbound.store, items=items)
         elif kind == "ping":
-            job = _Job(self._ping, None, None)
+            job = Job(self._ping, None, None)
         elif kind == "reports":
-            job = _Job(functools.partial(_apply_reports_now, message[2]), None, None)
+            job = Job(functools.partial(_apply_reports_now, message[2]), None, None)
         else:  # pragma: no cover - both ends are this module
             log.error("unknown job kind %r from the HTTP process", kind)
             return
@@ -340,7 +345,9 @@ class ProcessWriter:
         # forkserver: a clean process started once (this one has threads, so no plain fork), with the
         # writer's modules imported in advance, so a restart after a crash takes a fork, not seconds of imports.
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["bot.writer_process", "bot.service", "bot.outbox", "bot.live_rules"])
+        self._ctx.set_forkserver_preload(
+            ["bot.runtime.writer_process", "bot.ingest.batch", "bot.delivery.deliverer", "bot.runtime.live_rules"]
+        )
         self._proc: Any = None
         self._conn: PipeEnd | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

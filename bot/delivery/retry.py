@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import datetime, time, timedelta
 
+from bot.numbers import CHINA, next_china_time
 from bot.tencent.errors import ErrorClass, Outcome, classify
 
-CHINA = timezone(timedelta(hours=8))
 MARKETING_OPENS = time(8, 0)
 
 
@@ -45,14 +45,6 @@ class Retry:
     error: str
 
 
-def _next_china_day(now: datetime, at: time) -> datetime:
-    local = now.astimezone(CHINA)
-    candidate = local.replace(hour=at.hour, minute=at.minute, second=0, microsecond=0)
-    if candidate <= local:
-        candidate += timedelta(days=1)
-    return candidate
-
-
 MARKETING_CLOSES = time(22, 0)
 
 
@@ -62,7 +54,7 @@ def marketing_hours(now: datetime) -> bool:
 
 
 def next_marketing_opening(now: datetime) -> datetime:
-    return _next_china_day(now, MARKETING_OPENS)
+    return next_china_time(now, MARKETING_OPENS)
 
 
 FREQUENCY_WAITS: dict[str, timedelta] = {
@@ -92,9 +84,9 @@ def plan(
         return Final("ambiguous", code or "NoAnswer", message or "no readable answer from Tencent", kind)
     if kind.outcome is Outcome.FREQUENCY:
         if code == "FailedOperation.MarketingSendTimeConstraint":
-            return Retry(_next_china_day(now, MARKETING_OPENS), attempts, code, message)
+            return Retry(next_china_time(now, MARKETING_OPENS), attempts, code, message)
         wait = FREQUENCY_WAITS.get(code)
-        at = now + wait if wait is not None else _next_china_day(now, time(0, 5))  # daily limits reset at midnight
+        at = now + wait if wait is not None else next_china_time(now, time(0, 5))  # daily limits reset at midnight
         return Retry(at, attempts, code, message)
     if kind.outcome is Outcome.TRANSIENT and attempts < policy.max_attempts:
         delay = min(policy.cap, policy.base * (2 ** (attempts - 1)))

@@ -9,7 +9,7 @@ because a number reaches a log line in all of those ways (a ``%s`` of a dict,
 an exception text from the database driver). ``log_reveal_numbers`` turns it
 off for a debugging session.
 
-One exception, on purpose: ``bot/pull.py`` keeps a pulled item it could not
+One exception, on purpose: ``bot/runtime/pulling.py`` keeps a pulled item it could not
 store in a file of its own (Tencent hands each item out only once); only when
 even that file cannot be written does the log line become the last copy of a
 customer's message, and that one line keeps its numbers; see ``_ONLY_COPY``.
@@ -24,28 +24,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-from bot.service import mask_number
+from bot.numbers import mask_phone_numbers
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LogFormat = Literal["text", "json"]
-
-_CN_MOBILE = re.compile(r"(?<![\d+])(?:86)?1[3-9]\d{9}(?!\d)")
-"""Mainland mobiles, with or without the 86 country code: 11 digits from 13x to 19x."""
-_E164 = re.compile(r"(?<![\w+])\+\d{7,15}(?!\d)")
-"""Any number written the E.164 way (Tencent's PhoneNumber fields: +8613800000000)."""
-_NAMED = re.compile(
-    r"""(?ix)
-    (\b(?:mobile|phone|phonenumber|phone_number|subscribernumber|msisdn)["']?\s*[:=]\s*["']?)
-    (\d{5,15})(?!\d)
-    """
-)
-"""A short international number stored without its country code (``mobile: 91234567``) is only
-recognisable by the field it sits in."""
 
 _ONLY_COPY = {
     ("smsbot.pull", "pulled item NOT stored and NOT kept (%s): %s"),
@@ -54,15 +40,6 @@ _ONLY_COPY = {
 
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _OUR_HANDLER = "_smsbot_handler"
-
-
-def mask_phone_numbers(text: str) -> str:
-    """``text`` with every mobile-looking number masked the way the console shows it."""
-    if not any(ch.isdigit() for ch in text):
-        return text
-    text = _E164.sub(lambda m: "+" + mask_number(m.group()[1:]), text)
-    text = _CN_MOBILE.sub(lambda m: mask_number(m.group()), text)
-    return _NAMED.sub(lambda m: m.group(1) + mask_number(m.group(2)), text)
 
 
 class MaskNumbers(logging.Filter):

@@ -1,100 +1,32 @@
-"""Handing queued replies to an ``SmsSender``.
+"""The outbox's SQL: claiming due replies with a lease, and recording what became of each.
 
-The pipeline only ever writes replies into the ``outbox`` table; this module
-takes them out and sends them, outside any callback request. Each round
-claims due rows with a lease (so a crashed process's rows are taken over
-when the lease runs out), re-checks opt-out right before sending, sends, and
-records the outcome.
+The pipeline only ever writes replies into the ``outbox`` table; the delivery
+loop (``bot/delivery/deliverer.py``) takes them out through these functions.
+Each claim leases due rows (so a crashed process's rows are taken over when
+the lease runs out), re-checks opt-out right before sending and keeps
+marketing hours and frequency limits; settling records the outcome on the
+reply's message row and removes it from the outbox.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-import os
-import random
-import socket
-import sys
-from collections.abc import Callable, Sequence, Set
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TextIO
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection
 
-from bot.config import Settings, frequency_limits
-from bot.frequency import NO_LIMITS, FrequencyLimits, Sent, earliest_send
-from bot.retry import Final, Retry, RetryPolicy, marketing_hours, next_marketing_opening, plan
-from bot.service import mask_number
+from bot.delivery.frequency import NO_LIMITS, FrequencyLimits, Sent, earliest_send
+from bot.delivery.retry import Final, Retry, marketing_hours, next_marketing_opening
+from bot.sms import OutboundSms
 from bot.store.driver_sql import PREPARE, DriverSql, chunks
-from bot.writer import DbWriter
 
 log = logging.getLogger("smsbot.outbox")
 
 LEASE = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class OutboundSms:
-    """One reply ready for the provider."""
-
-    outbox_id: int
-    message_id: int
-    nationcode: str
-    mobile: str
-    sign: str
-    template_id: str
-    params: tuple[str, ...]
-    text: str
-    attempts: int = 0
-    """Sends tried before this one."""
-    conversation_id: int = 0
-
-
-@dataclass(frozen=True)
-class SendResult:
-    ok: bool
-    serial: str | None = None
-    code: str = "Ok"
-    message: str = ""
-
-
-class SmsSender(Protocol):
-    """Something that delivers an SMS: Tencent in production, the console locally, a fake in tests.
-
-    Senders are called on a thread pool, as a network call blocks; one with a
-    class attribute ``blocking = False`` is called on the delivery loop itself.
-    """
-
-    def send(self, sms: OutboundSms) -> SendResult: ...
-
-
-class ConsoleSender:
-    """Prints each reply instead of sending it, for local runs without Tencent credentials."""
-
-    blocking = False
-    """Printing a line never waits on a network: the delivery loop may call it directly."""
-
-    def __init__(self, stream: TextIO | None = None, *, reveal_numbers: bool = False) -> None:
-        self.stream = stream
-        self.reveal_numbers = reveal_numbers
-
-    def send(self, sms: OutboundSms) -> SendResult:
-        number = sms.mobile if self.reveal_numbers else mask_number(sms.mobile)
-        out = self.stream or sys.stdout
-        out.write(
-            f"[console sender] to +{sms.nationcode} {number} 【{sms.sign}】 template {sms.template_id} "
-            f"params={list(sms.params)}: {sms.text}\n"
-        )
-        out.flush()
-        return SendResult(ok=True, serial=f"console:{sms.message_id}", code="Ok", message="printed")
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 _DUE = (
@@ -385,21 +317,6 @@ def _reported(db: DriverSql, settlement: Settlement) -> Any:
     return db.bool(settlement.status in ("sent", "ambiguous"))
 
 
-def plan_for(
-    sms: OutboundSms, result: SendResult, *, now: datetime, policy: RetryPolicy, rng: random.Random
-) -> Final | Retry:
-    return plan(
-        ok=result.ok,
-        code=result.code,
-        message=result.message,
-        serial=result.serial,
-        attempts=sms.attempts + 1,
-        now=now,
-        policy=policy,
-        rng=rng,
-    )
-
-
 def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Retry]], now: datetime) -> None:
     """Record what each send led to: final outcomes settle the reply, retries put it back in the outbox."""
     db = DriverSql(conn)
@@ -449,246 +366,3 @@ def _provider_opt_out(db: DriverSql, sms: OutboundSms, final: Final, now: dateti
         " actor, created_at) VALUES (?, 'opt_out', 'provider', ?, NULL, NULL, NULL, ?, ?)",
         (sms.conversation_id, sms.message_id, f"tencent:{final.code}", db.ts(now)),
     )
-
-
-def delivery_options(settings: Settings) -> dict[str, Any]:
-    """The ``Deliverer`` keyword arguments that come from settings (picklable, for the writer process)."""
-    return {
-        "concurrency": settings.send_concurrency,
-        "send_timeout": float(settings.tencent_timeout),
-        "limits": frequency_limits(settings),
-    }
-
-
-class Deliverer:
-    """The delivery loop: sends queued replies, several numbers at once, each number's replies in order.
-
-    It wakes on every commit that queued replies and polls otherwise (for
-    retries that came due, and for replies queued by other processes). Each
-    claimed batch is grouped by number; one task per number sends its replies
-    one after another on a thread pool (the SDK blocks) and records each
-    outcome as soon as it is known, so a slow send never holds up the record
-    of the others and a crash loses at most the sends in flight (their lease
-    runs out and they are marked for a check, see ``bot/retry.py``).
-    """
-
-    def __init__(
-        self,
-        writer: DbWriter,
-        sender: SmsSender,
-        *,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        poll_seconds: float = 1.0,
-        concurrency: int = 8,
-        batch: int | None = None,
-        send_timeout: float = 5.0,
-        retry_policy: RetryPolicy | None = None,
-        rng: random.Random | None = None,
-        limits: FrequencyLimits = NO_LIMITS,
-    ) -> None:
-        self.writer = writer
-        self.sender = sender
-        self.retry_policy = retry_policy or RetryPolicy()
-        self.rng = rng or random.Random()
-        self.clock = clock
-        self.poll_seconds = poll_seconds
-        self.concurrency = concurrency
-        self.batch = batch or concurrency * 4
-        # A claimed reply waits for at most batch/concurrency sends before its own, each bounded by
-        # the sender's timeout; the lease must outlast that or another worker would send it again.
-        self.lease = max(LEASE, timedelta(seconds=send_timeout * (self.batch // concurrency + 2)))
-        self.limits = limits
-        # A sender that never waits on the network (the console) is called on the loop itself:
-        # a thread hand-off per reply would cost more than the send.
-        self._in_loop = not getattr(sender, "blocking", True)
-        self.owner = worker_id()
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._busy: set[Number] = set()
-        self._claim_when_free = False
-        self._outcomes: list[tuple[OutboundSms, Final | Retry, datetime, asyncio.Future[None]]] = []
-        self._recording = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.sent = 0
-
-    def wake(self) -> None:
-        """Called from any thread after a commit that queued replies."""
-        loop, event = self._loop, self._wake
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(event.set)
-
-    def _ensure_started(self) -> None:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._wake = asyncio.Event()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="smsbot-send")
-
-    async def run_once(self) -> int:
-        """Claim due replies for numbers not already being sent to and start sending them.
-
-        Returns how many were claimed; their sends go on in the background (see ``idle``).
-        """
-        self._ensure_started()
-        if len(self._busy) >= self.concurrency:
-            self._claim_when_free = True
-            return 0
-        now = self.clock()
-        if self._in_loop:
-            return await self.writer.run(lambda conn: self._claim_send_record(conn, now))
-        busy = frozenset(self._busy)
-        left: list[int] = []
-        claimed = await self.writer.run(
-            lambda conn: claim_due(
-                conn,
-                now=now,
-                limit=self.batch,
-                owner=self.owner,
-                lease=self.lease,
-                busy=busy,
-                limits=self.limits,
-                left_for_busy=left,
-            )
-        )
-        # Only when something due waits for a number or a slot is a finished send worth a new claim.
-        self._claim_when_free = bool(left) or len(claimed) >= self.batch
-        by_number: dict[Number, list[OutboundSms]] = {}
-        for sms in claimed:
-            by_number.setdefault((sms.nationcode, sms.mobile), []).append(sms)
-        for number, replies in by_number.items():
-            self._busy.add(number)
-            task = asyncio.create_task(self._deliver(number, replies), name="smsbot-send")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return len(claimed)
-
-    def _claim_send_record(self, conn: Connection, now: datetime) -> int:
-        """For a sender that never waits: claim, send in queue order and settle, all in one transaction.
-
-        No lease is needed, as nobody else can see these rows before they are
-        settled; if the transaction fails after sending, the replies are sent
-        again next round, which for such a sender (the console) only prints twice.
-        """
-        claimed = claim_due(conn, now=now, limit=self.batch, owner=self.owner, limits=self.limits, take_lease=False)
-        outcomes = [(sms, self._send_one(sms)) for sms in claimed]
-        done_at = self.clock()
-        plans = [
-            (sms, plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng))
-            for sms, result in outcomes
-        ]
-        apply_plans(conn, plans, done_at)
-        self.sent += len(plans)
-        return len(claimed)
-
-    @property
-    def idle(self) -> bool:
-        """No send in flight."""
-        return not self._tasks
-
-    async def drain(self) -> int:
-        """Send everything due now and wait for the outcomes to be recorded (``smsbot worker --once``, tests)."""
-        total = 0
-        while True:
-            claimed = await self.run_once()
-            total += claimed
-            if self._tasks:
-                await asyncio.wait(set(self._tasks))
-            elif not claimed:
-                return total
-
-    async def _deliver(self, number: Number, replies: list[OutboundSms]) -> None:
-        try:
-            for sms in replies:
-                result = await asyncio.get_running_loop().run_in_executor(self._pool, self._send_one, sms)
-                done_at = self.clock()
-                step = plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng)
-                await self._record_soon(sms, step, done_at)
-                self.sent += 1
-        finally:
-            self._busy.discard(number)
-            if self._wake is not None and self._claim_when_free:
-                self._wake.set()  # a slot is free, and replies left for it (or this number) are due
-
-    async def _record_soon(self, sms: OutboundSms, step: Final | Retry, at: datetime) -> None:
-        """Record this outcome with any others that finish while a record is being written.
-
-        At a trickle every outcome is written on its own, at once; under load the
-        ones that pile up behind a write go together in the next one, so the
-        writer does one statement per table for many replies instead of many.
-        """
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outcomes.append((sms, step, at, done))
-        if not self._recording:
-            self._recording = True
-            task = asyncio.create_task(self._write_outcomes(), name="smsbot-record")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        await done
-
-    async def _write_outcomes(self) -> None:
-        try:
-            while self._outcomes:
-                batch, self._outcomes = self._outcomes, []
-                await self._record([(sms, step) for sms, step, _, _ in batch], max(at for _, _, at, _ in batch))
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_result(None)
-        finally:
-            self._recording = False
-            for *_, done in self._outcomes:  # cancelled while waiting: nobody may wait forever
-                if not done.done():
-                    done.cancel()
-
-    async def _record(self, plans: list[tuple[OutboundSms, Final | Retry]], at: datetime) -> None:
-        """Record outcomes, trying again for a while: a lost record means a reply sent twice."""
-        for delay in (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, None):
-            try:
-                await self.writer.run(lambda conn: apply_plans(conn, plans, at))
-                return
-            except Exception:
-                if delay is None:
-                    log.exception("could not record the outcome of %d send(s): they will be retried", len(plans))
-                    return
-                log.warning("recording a send's outcome failed; trying again in %.1fs", delay, exc_info=True)
-                await asyncio.sleep(delay)
-
-    def _send_one(self, sms: OutboundSms) -> SendResult:
-        try:
-            return self.sender.send(sms)
-        except Exception as exc:  # a sender bug must not lose the reply: it is recorded as failed
-            log.exception("sending message %s failed", sms.message_id)
-            return SendResult(ok=False, code="InternalError.SenderCrashed", message=str(exc))
-
-    async def run_forever(self) -> None:
-        self._ensure_started()
-        assert self._wake is not None
-        try:
-            while True:
-                try:
-                    handled = await self.run_once()
-                except Exception:
-                    log.exception("delivery round failed; retrying")
-                    handled = 0
-                if handled >= self.batch:
-                    continue  # a full batch: more may be due at once
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
-                # arrives together with a wake-up, and shutdown would then hang.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_seconds):
-                        await self._wake.wait()
-                self._wake.clear()
-        finally:
-            await self._finish_in_flight()
-
-    async def _finish_in_flight(self) -> None:
-        """On shutdown, let sends already handed to Tencent record their outcome (bounded in time)."""
-        if self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait(set(self._tasks), timeout=10)
-            for task in self._tasks:
-                task.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None

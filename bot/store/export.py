@@ -28,8 +28,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, RowMapping, Select, func, select
 
-from bot.logs import mask_phone_numbers
-from bot.service import mask_number
+from bot.numbers import mask_number, mask_phone_numbers
 from bot.store.models import contacts, messages
 
 ExportFormat = Literal["csv", "jsonl"]

@@ -1,24 +1,62 @@
-"""Tencent's "SMS Reply" callback payload: parsing and validation.
+"""Tencent's two callbacks, as payloads: "SMS Reply" (a customer's answer) and "SMS delivery status".
 
-Tencent documents a single JSON object per call; we also accept an array of
-them (processed all or nothing). Every problem names the field and what was
-wrong, because the person reading it is debugging an integration.
+Parsing and validation only, so the routes and the puller (which turns pulled
+items into the same payloads) refuse exactly the same things. Tencent documents
+a single JSON object per reply callback; we also accept an array of them
+(processed all or nothing). The status callback is an array of at most 100
+reports. Every problem names the field and what was wrong, because the person
+reading it is debugging an integration.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
-from bot.json_body import BadBody, json_objects
+from bot.numbers import parse_china_time
 from bot.rules.normalize import clean
-from bot.service import Inbound
+from bot.sms import Inbound
 
 EARLIEST = datetime(2010, 1, 1).timestamp()
 FUTURE_SLACK = timedelta(days=1)
 MAX_ITEMS = 1000
+MAX_REPORTS = 100
+
+
+# ---------------------------------------------------------------- either body: one JSON object or an array
+
+
+class BadBody(Exception):  # noqa: N818 - named for what the caller sent
+    """A callback body we refuse, with the reason for Tencent's (or a developer's) logs."""
+
+
+def json_objects(
+    body: bytes, *, max_items: int, noun: str, error: type[BadBody] = BadBody
+) -> tuple[list[dict[str, Any]], bool]:
+    """The objects in ``body`` and whether it was an array; ``error`` (a BadBody) says what is wrong."""
+    try:
+        data: Any = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"body is not valid UTF-8 (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    is_array = isinstance(data, list)
+    items = data if is_array else [data]
+    if not items:
+        raise error(f"empty array: no {noun} in the callback")
+    if len(items) > max_items:
+        raise error(f"too many {noun} in one callback ({len(items)}, at most {max_items})")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            where = f"[{index}]" if is_array else "body"
+            raise error(f"{where}: expected a JSON object, got {type(item).__name__}")
+    return items, is_array
+
+
+# ---------------------------------------------------------------- the reply callback
 
 
 class BadCallback(BadBody):
@@ -122,3 +160,48 @@ def _parse_carefully(body: bytes, *, now: datetime) -> list[Inbound]:
             )
         messages.append(_inbound(reply, cleaned=True))
     return messages
+
+
+# ---------------------------------------------------------------- the delivery-status callback
+
+
+class BadReport(BadBody):
+    """A delivery-status body we refuse, saying which field is wrong."""
+
+
+class StatusReport(BaseModel):
+    """One item of Tencent's delivery-status callback."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sid: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+    report_status: Literal["SUCCESS", "FAIL"]
+    user_receive_time: str | None = Field(default=None, description="China time, 'YYYY-MM-DD HH:MM:SS'")
+    nationcode: str | None = None
+    mobile: str | None = None
+    errmsg: str | None = None
+    description: str | None = None
+    ext: str | None = None
+
+
+def parse_status_callback(body: bytes) -> list[StatusReport]:
+    """The reports in a callback body, or BadBody naming what is wrong."""
+    items, is_array = json_objects(body, max_items=MAX_REPORTS, noun="reports", error=BadReport)
+    reports = []
+    for index, item in enumerate(items):
+        where = f"[{index}]" if is_array else ""
+        try:
+            report = StatusReport.model_validate(item)
+        except ValidationError as exc:
+            problems = [
+                f"field '{where}{'.' if where else ''}{'.'.join(str(p) for p in err['loc'])}': {err['msg']}"
+                for err in exc.errors(include_url=False)
+            ]
+            raise BadReport("; ".join(problems)) from exc
+        if report.user_receive_time is not None and parse_china_time(report.user_receive_time) is None:
+            raise BadReport(
+                f"field '{where}{'.' if where else ''}user_receive_time': expected 'YYYY-MM-DD HH:MM:SS', "
+                f"got {report.user_receive_time!r}"
+            )
+        reports.append(report)
+    return reports

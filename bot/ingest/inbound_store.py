@@ -14,9 +14,10 @@ from datetime import datetime
 
 from sqlalchemy import Connection
 
-from bot.live_rules import LiveRules
-from bot.outbox import Deliverer
-from bot.service import Inbound, InboundResult, Policy, handle_batch
+from bot.delivery.deliverer import Deliverer
+from bot.ingest.batch import InboundResult, Policy, handle_batch
+from bot.runtime.live_rules import LiveRules
+from bot.sms import Inbound
 
 log = logging.getLogger("smsbot.inbound")
 

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 
     from sqlalchemy import Connection, Engine
 
-    from bot.export import ExportFilter
-    from bot.live_rules import LiveRules
-    from bot.tencent.sender import TencentConfig
+    from bot.runtime.live_rules import LiveRules
+    from bot.store.export import ExportFilter
+    from bot.tencent.config import TencentConfig
     from bot.tencent.templates import SyncReport
 
 app = typer.Typer(help="smsbot: a conversational SMS auto-responder for Tencent Cloud SMS.", no_args_is_help=True)
@@ -143,10 +143,10 @@ app.add_typer(templates_app, name="templates")
 
 
 def _tencent_config(settings: Settings) -> TencentConfig:
-    from bot.tencent.templates import tencent_config
+    from bot.tencent.config import tencent_config
 
     with _config_errors():
-        return tencent_config(settings)
+        return tencent_config(settings, purpose="templates")
 
 
 def _template_report(root: Path, config: TencentConfig) -> SyncReport:
@@ -318,7 +318,7 @@ def _setup_logging(settings: Settings) -> None:
     """serve, worker and pull log the same way: ``log_format``, numbers masked unless ``log_reveal_numbers``."""
     import logging
 
-    from bot.logs import setup_logging
+    from bot.runtime.logs import setup_logging
 
     setup_logging(level=logging.INFO, log_format=settings.log_format, reveal_numbers=settings.log_reveal_numbers)
 
@@ -339,7 +339,7 @@ def _checked_engine(settings: Settings) -> Engine:
 
 def _loaded_rules(settings: Settings) -> LiveRules:
     """The rules, loaded, or exit 1 with every problem."""
-    from bot.live_rules import LiveRules, RulesInvalid
+    from bot.runtime.live_rules import LiveRules, RulesInvalid
 
     rules = LiveRules(settings.rules_dir, settings.param_max_length)
     try:
@@ -370,7 +370,7 @@ def serve(
 
     import uvicorn
 
-    from bot.sending import make_sender
+    from bot.delivery.senders import make_sender
     from bot.web.app import create_app
 
     settings = _settings()
@@ -388,9 +388,9 @@ def serve(
     with _config_errors():
         sender = make_sender(settings)
         if settings.pull:
-            from bot.pull import tencent_config
+            from bot.tencent.config import tencent_config
 
-            tencent_config(settings)
+            tencent_config(settings, purpose="pull")
     _setup_logging(settings)
     engine = _checked_engine(settings)
     rules = _loaded_rules(settings)
@@ -426,11 +426,12 @@ def pull_command(
     """
     import asyncio
 
-    from bot.pull import PollResult, pull_into_database, tencent_config
+    from bot.runtime.pulling import PollResult, pull_into_database
+    from bot.tencent.config import tencent_config
 
     settings = _settings()
     with _config_errors():
-        tencent_config(settings)
+        tencent_config(settings, purpose="pull")
     _setup_logging(settings)
     engine = _checked_engine(settings)
     try:
@@ -479,9 +480,9 @@ def worker_command(
     import asyncio
     import signal
 
-    from bot.outbox import Deliverer, delivery_options
-    from bot.sending import make_sender
-    from bot.writer import DbWriter
+    from bot.delivery.deliverer import Deliverer, delivery_options
+    from bot.delivery.senders import make_sender
+    from bot.store.writer import DbWriter
 
     settings = _settings()
     with _config_errors():
@@ -666,7 +667,7 @@ def export_command(
     standard output. With -o the file appears only once complete (written
     beside it, then renamed), readable by its owner only: it holds customers' messages.
     """
-    from bot.export import BadDate, ExportFilter, parse_bound
+    from bot.store.export import BadDate, ExportFilter, parse_bound
 
     settings = _settings()
     try:
@@ -692,7 +693,7 @@ def _export_to(engine: Engine, filters: ExportFilter, fmt: str, output: Path | N
     import os
     import tempfile
 
-    from bot.export import count_rows, export_chunks
+    from bot.store.export import count_rows, export_chunks
 
     written = 0
     bar: Any = None

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from bot.retry import CHINA
+from bot.numbers import next_china_midnight
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,6 @@ class Sent:
     content: str
 
 
-def _next_china_midnight(now: datetime) -> datetime:
-    local = now.astimezone(CHINA)
-    return local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
-
-
 def earliest_send(history: Sequence[Sent], content: str, now: datetime, limits: FrequencyLimits) -> datetime | None:
     """When a send of ``content`` to this number would keep within ``limits``: ``None`` if now is fine.
 
@@ -83,8 +78,8 @@ def earliest_send(history: Sequence[Sent], content: str, now: datetime, limits: 
             # The window frees up when the oldest of the last per_hour sends is an hour old.
             later(hour[len(hour) - limits.per_hour] + timedelta(hours=1))
     if limits.per_day:
-        day_start = _next_china_midnight(now) - timedelta(days=1)
+        day_start = next_china_midnight(now) - timedelta(days=1)
         today = sum(1 for sent in history if sent.at >= day_start)
         if today >= limits.per_day:
-            later(_next_china_midnight(now))
+            later(next_china_midnight(now))
     return wait_until
