@@ -51,7 +51,7 @@ def _cheap_password_hashes() -> Iterator[None]:
     """argon2 at production cost takes ~50 ms a hash; hundreds of test logins would take minutes.
 
     Only the cost parameters change (the algorithm, salts and checks are the same);
-    ``tests/test_console_auth.py`` checks what production uses.
+    ``tests/console/test_console_auth.py`` checks what production uses.
     """
     from argon2 import PasswordHasher
 

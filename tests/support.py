@@ -37,7 +37,13 @@ PG_URL_ENV = "SMSBOT_TEST_DATABASE_URL"
 PG_URL = os.environ.get(PG_URL_ENV)
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "rules"
-SEED = Path(__file__).resolve().parent / "fixtures" / "tencent-sms-reply-callback.txt"
+TESTS = Path(__file__).resolve().parent
+FIXTURES = TESTS / "fixtures"
+CONTRACT = FIXTURES / "contract.yaml"
+"""The rule file every language feature is tested against (engine, linter, normalisation, CLI)."""
+ARTIFACTS = TESTS / "artifacts"
+"""Screenshots and traces the browser test leaves for a person to look at (ignored by git)."""
+SEED = FIXTURES / "tencent-sms-reply-callback.txt"
 """Tencent's "SMS Reply" callback page (a copy of the seed the project started from)."""
 
 SIGN = "Acme Shop"
@@ -252,7 +258,7 @@ def texts(rows_: Sequence[RowMapping]) -> list[str]:
 
 NO_FREQUENCY_LIMITS: dict[str, Any] = {"frequency_same_content": None, "frequency_per_day": None}
 """Conversation tests answer the same number many times within seconds of a frozen clock; Tencent's
-per-number limits (on by default) have their own tests in ``tests/test_frequency.py``."""
+per-number limits (on by default) have their own tests in ``tests/delivery/test_frequency.py``."""
 
 
 def start_app(

@@ -26,10 +26,18 @@ from bot.runtime.live_rules import LiveRules
 from bot.sms import OutboundSms, SendResult
 from bot.store.db import make_engine, upgrade
 from bot.web.app import create_app
-from tests.support import NO_FREQUENCY_LIMITS, RecordingSender, copy_rules, free_port, payload, wait_until, writing
+from tests.support import (
+    ARTIFACTS,
+    NO_FREQUENCY_LIMITS,
+    RecordingSender,
+    copy_rules,
+    free_port,
+    payload,
+    wait_until,
+    writing,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent / "artifacts"
 PASSWORD = "correct horse battery"
 FAILING = "13900001111"
 """Replies to this number fail (a permanent Tencent error) until the test repairs the sender."""

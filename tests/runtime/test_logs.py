@@ -7,12 +7,12 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bot.runtime.logs import _ONLY_COPY, setup_logging
+from tests.support import REPO
 
 Setup = Callable[..., io.StringIO]
 
@@ -114,7 +114,7 @@ def test_a_pulled_message_that_could_not_be_kept_anywhere_keeps_its_number(logs:
 
 
 def test_the_exempt_lines_are_the_ones_pull_really_writes() -> None:
-    source = (Path(__file__).resolve().parent.parent / "bot" / "runtime" / "pulling.py").read_text(encoding="utf-8")
+    source = (REPO / "bot" / "runtime" / "pulling.py").read_text(encoding="utf-8")
     for logger, fmt in _ONLY_COPY:
         assert logger == "smsbot.pull"
         assert json.dumps(fmt) in source, fmt

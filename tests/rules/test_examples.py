@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from typer.testing import CliRunner
 
 from bot.cli import app
 from bot.rules.loader import load_rules
 from bot.rules.simulation import run_file_tests
-
-RULES = Path(__file__).resolve().parent.parent / "rules"
+from tests.support import RULES
 
 
 def test_example_rules_have_no_errors_and_cover_a_named_signature_and_the_default() -> None:

@@ -17,8 +17,7 @@ from bot.rules.diagnostics import Diagnostic
 from bot.rules.loader import load_rules
 from bot.rules.simulation import TEST_CLOCK_START, simulate
 from bot.rules.yaml_source import load_located
-
-CONTRACT = Path(__file__).parent / "fixtures" / "contract.yaml"
+from tests.support import CONTRACT
 
 
 def rules(source: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -11,9 +10,9 @@ from bot.rules.compiler import compile_file
 from bot.rules.engine import decide
 from bot.rules.model import CompiledFile, Conversation, InboundMessage
 from bot.rules.normalize import NormalizedText, normalize, trim
+from tests.support import CONTRACT
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
-CONTRACT = Path(__file__).parent / "fixtures" / "contract.yaml"
 
 ZWJ_FAMILY = "👨\u200d👩\u200d👧\u200d👦"
 RLM = "\u200f"

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from bot.cli import app
 from bot.config import ConfigError, load_settings
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 CONTRACT = REPO / "tests" / "fixtures" / "contract.yaml"
 
 runner = CliRunner()

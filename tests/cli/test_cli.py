@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from bot.cli import app
 from bot.rules.yaml_source import load_located
+from tests.support import CONTRACT
 
-CONTRACT = (Path(__file__).parent / "fixtures" / "contract.yaml").resolve()
 SIGN = "Acme Shop"
 REPLY_KEYS = {"template", "template_id", "params", "text"}
 LINE_KEYS = {"text", "rule", "state", "replies", "opted_out"}

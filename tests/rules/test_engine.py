@@ -20,9 +20,9 @@ from bot.rules.compiler import compile_file
 from bot.rules.engine import decide
 from bot.rules.loader import load_rules
 from bot.rules.model import CompiledFile, Conversation, Decision, InboundMessage, Reply, Ruleset
+from tests.support import CONTRACT
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
-CONTRACT = Path(__file__).parent / "fixtures" / "contract.yaml"
 SIGN = "Acme Shop"
 
 
