@@ -26,7 +26,14 @@ from bot.rules.schema import Duration
 CONFIG_ENV = "SMSBOT_CONFIG"
 DEFAULT_CONFIG_NAME = "config.yaml"
 _PATH_SETTINGS = ("rules_dir", "pull_unstored_file")
-SECRET_SETTINGS = ("callback_token", "tencent_secret_id", "tencent_secret_key", "console_secret", "metrics_token")
+SECRET_SETTINGS = (
+    "callback_token",
+    "tencent_secret_id",
+    "tencent_secret_key",
+    "console_secret",
+    "metrics_token",
+    "session_context_secret",
+)
 
 
 class ConfigError(Exception):
@@ -73,6 +80,11 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("TENCENTCLOUD_SECRET_KEY", "tencent_secret_key"),
         description="environment only: TENCENTCLOUD_SECRET_KEY (the SDK's own name)",
+    )
+    session_context_secret: SecretStr | None = Field(
+        default=None,
+        description="environment only: the key of the marker smsbot puts in each send's SessionContext, so only "
+        "our own delivery reports match our replies; unset: derived from TENCENTCLOUD_SECRET_KEY",
     )
     writer: Literal["thread", "process"] = Field(
         default="process",

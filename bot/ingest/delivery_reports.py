@@ -1,8 +1,11 @@
 """Tencent's delivery reports (pushed to ``/sms/status`` or pulled) applied to our replies.
 
-Each report names the send by ``sid`` (SendSms's SerialNo) and, when we set
-one, ``ext`` (our SessionContext: the message id). A report for a send we do
-not know is logged, not refused: refusing would only make Tencent retry.
+Each report names the send by ``sid`` (SendSms's SerialNo), which is matched
+first; ``ext`` (our SessionContext, echoed only where Tencent support turned
+that on) counts only when it carries our own marker
+(``bot/tencent/session_context.py``), so another system's context on a shared
+SmsSdkAppId never marks our reply. A report for a send we do not know is
+logged, not refused: refusing would only make Tencent retry.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from sqlalchemy import Connection, and_, select, update
 from bot.numbers import parse_china_time
 from bot.store.models import messages
 from bot.tencent.callbacks import StatusReport
+from bot.tencent.session_context import SessionContexts
 
 log = logging.getLogger("smsbot.reports")
 
@@ -27,12 +31,14 @@ class ReportOutcome:
     unknown: list[str]
 
 
-def apply_reports(conn: Connection, reports: list[StatusReport], *, now: datetime) -> ReportOutcome:
+def apply_reports(
+    conn: Connection, reports: list[StatusReport], *, now: datetime, contexts: SessionContexts | None = None
+) -> ReportOutcome:
     """Mark each reported reply delivered or failed; returns what matched and what did not."""
     updated = 0
     unknown: list[str] = []
     for report in reports:
-        message_id = _find(conn, report)
+        message_id = _find(conn, report, contexts)
         if message_id is None:
             unknown.append(report.sid)
             log.info("delivery report for an unknown send %s", report.sid)
@@ -55,11 +61,12 @@ def apply_reports(conn: Connection, reports: list[StatusReport], *, now: datetim
     return ReportOutcome(updated, unknown)
 
 
-def _find(conn: Connection, report: StatusReport) -> int | None:
+def _find(conn: Connection, report: StatusReport, contexts: SessionContexts | None) -> int | None:
     outbound = messages.c.direction == "out"
     found = conn.execute(
         select(messages.c.id).where(and_(outbound, messages.c.provider_serial == report.sid)).limit(1)
     ).scalar()
-    if found is None and report.ext and report.ext.isdigit():
-        found = conn.execute(select(messages.c.id).where(and_(outbound, messages.c.id == int(report.ext)))).scalar()
+    ours = contexts.message_id(report.ext) if found is None and contexts is not None else None
+    if ours is not None:
+        found = conn.execute(select(messages.c.id).where(and_(outbound, messages.c.id == ours))).scalar()
     return None if found is None else int(found)

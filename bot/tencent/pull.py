@@ -28,7 +28,7 @@ from bot.tencent.callbacks import (
     BadReport,
     StatusReport,
     parse_reply_callback,
-    parse_status_callback,
+    parse_status_item,
 )
 from bot.tencent.config import TencentConfig, sms_client
 
@@ -121,7 +121,7 @@ def send_status_to_report(item: Mapping[str, Any]) -> StatusReport:
         "ext": item.get("SessionContext") or None,
     }
     try:
-        [report] = parse_status_callback(json.dumps(callback, ensure_ascii=False).encode())
+        report = parse_status_item(callback)
     except BadReport as exc:
         raise PulledItemRefused(_tencent_names(str(exc), REPORT_FIELDS)) from exc
     return report

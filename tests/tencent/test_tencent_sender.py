@@ -9,12 +9,14 @@ import pytest
 from bot.sms import OutboundSms
 from bot.tencent.config import TencentConfig
 from bot.tencent.errors import Outcome, classify
+from bot.tencent.session_context import SessionContexts
 from bot.tencent.sender import TencentSender, e164
 from tests.fakes.tencent_sms import FakeTencentSms
 
 SECRET_ID = "AKIDsmsbottest"
 SECRET_KEY = "smsbot-test-secret-key"
 APP_ID = "1400006666"
+CONTEXT_KEY = b"smsbot-test-context-key"
 
 
 @pytest.fixture
@@ -38,6 +40,7 @@ def sender_for(fake: FakeTencentSms, **overrides: object) -> TencentSender:
         scheme="http",
         timeout_seconds=int(str(overrides.get("timeout", 5))),
         sign_names=dict(overrides.get("sign_names", {})),  # type: ignore[call-overload]
+        session_context_key=CONTEXT_KEY,
     )
     return TencentSender(config)
 
@@ -63,7 +66,8 @@ def test_a_reply_reaches_tencent_with_e164_number_template_params_and_our_messag
     [sent] = fake.sends
     assert sent.phone_number == "+8613800000000"
     assert (sent.template_id, sent.template_params, sent.sign_name) == ("1490002", ("A1", "sent"), "Acme Shop")
-    assert sent.session_context == "42"
+    assert sent.session_context.startswith("smsbot:42:")
+    assert SessionContexts(CONTEXT_KEY).message_id(sent.session_context) == 42  # ours, and only ours
     assert sent.content == "【Acme Shop】Order A1: sent."
     assert result.serial == sent.serial_no
     assert classify(result.code).outcome is Outcome.SENT
