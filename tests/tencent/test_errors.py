@@ -106,7 +106,7 @@ def test_rate_limits_back_off_with_a_capped_number_of_attempts(code: str) -> Non
     assert found.max_attempts is not None
     assert found.max_attempts < policy.max_attempts
     steps = [step(code, attempts=n) for n in range(1, found.max_attempts + 1)]
-    assert all(isinstance(step, Retry) for step in steps[:-1])
+    assert all(isinstance(s, Retry) for s in steps[:-1])
     assert isinstance(steps[-1], Final)
     assert steps[-1].status == "failed"
     first = steps[0]
