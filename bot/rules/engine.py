@@ -170,9 +170,7 @@ def _apply(
 
 
 @lru_cache(maxsize=4096)
-def _preview(
-    template_text: str, params: tuple[str, ...], billed_prefix: str, nationcode: str
-) -> tuple[str, SmsLength]:
+def _preview(template_text: str, params: tuple[str, ...], billed_prefix: str, nationcode: str) -> tuple[str, SmsLength]:
     """The text the customer sees and what it costs; replies repeat, so this is cached."""
 
     def fill(m: re.Match[str]) -> str:

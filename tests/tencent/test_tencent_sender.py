@@ -9,8 +9,8 @@ import pytest
 from bot.sms import OutboundSms
 from bot.tencent.config import TencentConfig
 from bot.tencent.errors import Outcome, classify
-from bot.tencent.session_context import SessionContexts
 from bot.tencent.sender import TencentSender, e164
+from bot.tencent.session_context import SessionContexts
 from tests.fakes.tencent_sms import FakeTencentSms
 
 SECRET_ID = "AKIDsmsbottest"
