@@ -116,14 +116,25 @@ class Settings(BaseSettings):
     )
     frequency_same_content: Duration | None = Field(
         default=timedelta(seconds=30),
-        description="hold a reply with the same text as one sent to the number within this time (Tencent: 30s); "
-        "0s: no limit",
+        description="hold a reply with the same text as one sent to the number within this time (Tencent's "
+        "default: 30s, changeable on organisation accounts); 0s: no limit",
     )
     frequency_per_hour: int | None = Field(
-        default=None, ge=0, description="replies per number per hour (as set in Tencent's console); 0: no limit"
+        default=None,
+        ge=0,
+        description="replies per number per hour (Tencent has no default; set what its console says); 0: no limit",
     )
     frequency_per_day: int | None = Field(
-        default=10, ge=0, description="replies per number per China day (Tencent's default is 10); 0: no limit"
+        default=10,
+        ge=0,
+        description="replies per number per China calendar day; Tencent's own default is 10 in its Chinese "
+        "documentation and 2 in its English FAQ, and organisation accounts change it in the console "
+        "(set this to what yours says); 0: no limit",
+    )
+    reply_max_delay: Duration = Field(
+        default=timedelta(hours=1),
+        description="a reply that cannot go out within this time of the customer's message (frequency limits, "
+        "quiet hours, retries) is recorded as expired, never sent late; a rule file may set its own",
     )
     host: str = Field(default="127.0.0.1", description="address smsbot serve binds to")
     console_secret: SecretStr | None = Field(
