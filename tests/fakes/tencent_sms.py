@@ -483,6 +483,7 @@ class FakeTencentSms:
         param_max_length: int = 6,
         limits: FrequencyLimits | None = None,
         report_sends: bool = True,
+        echo_session_context: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
@@ -499,6 +500,12 @@ class FakeTencentSms:
         self.param_max_length = param_max_length
         self.limits = FrequencyLimits() if limits is None else limits
         self.report_sends = report_sends
+        self.echo_session_context = echo_session_context
+        """Whether delivery reports (``ext``) and pulled send statuses (``SessionContext``) carry the send's
+        ``SessionContext``. Tencent echoes it there only once its support enables it for the account (the SDK's
+        ``PullSmsSendStatus.SessionContext``: "默认为空，如需开通请联系腾讯云短信小助手"), so by default they do
+        not, and a client must match reports by ``SerialNo``/``sid``. ``SendSms``'s own answer echoes it always.
+        Read when an item is built: when a status is queued, pulled by number, or a report is made."""
         self._credentials = {secret_id: secret_key, **(extra_credentials or {})}
         self._bind = (host, port)
         self._clock = clock
@@ -724,7 +731,7 @@ class FakeTencentSms:
             "SerialNo": send.serial_no,
             "ReportStatus": status,
             "Description": description or ("用户短信接收成功" if status == "SUCCESS" else "用户短信接收失败"),
-            "SessionContext": send.session_context,
+            "SessionContext": send.session_context if self.echo_session_context else "",
         }
 
     def delivery_report(
@@ -736,7 +743,8 @@ class FakeTencentSms:
         description: str | None = None,
         receive_time: datetime | None = None,
     ) -> dict[str, Any]:
-        """One item of the "SMS delivery status" callback for this send."""
+        """One item of the "SMS delivery status" callback for this send: the seven documented fields, plus ``ext``
+        (the send's ``SessionContext``) only when :attr:`echo_session_context` is on and it is not empty."""
         when = receive_time or datetime.fromtimestamp(self.now(), UTC)
         item: dict[str, Any] = {
             "user_receive_time": when.astimezone(CHINA_TZ).strftime("%Y-%m-%d %H:%M:%S"),
@@ -747,7 +755,7 @@ class FakeTencentSms:
             "description": description or ("用户短信送达成功" if status == "SUCCESS" else "用户短信未送达"),
             "sid": send.serial_no,
         }
-        if send.session_context:
+        if self.echo_session_context and send.session_context:
             item["ext"] = send.session_context
         return item
 

@@ -538,19 +538,30 @@ def test_pull_limit_over_100_is_refused(fake: FakeTencentSms) -> None:
     assert sdk_error(lambda: pull_replies(fake, limit=101)).code == "InvalidParameterValue.LimitVerifyFail"
 
 
-def test_pull_sms_send_status_reports_each_send_once(fake: FakeTencentSms) -> None:
-    response = client_for(fake).SendSms(send_request())
+def pull_send_statuses(fake: FakeTencentSms, limit: int = 100) -> Any:
     request = models.PullSmsSendStatusRequest()
     request.SmsSdkAppId = APP_ID
-    request.Limit = 100
+    request.Limit = limit
+    return client_for(fake).PullSmsSendStatus(request).PullSmsSendStatusSet
 
-    [status] = client_for(fake).PullSmsSendStatus(request).PullSmsSendStatusSet
+
+def test_pull_sms_send_status_reports_each_send_once(fake: FakeTencentSms) -> None:
+    response = client_for(fake).SendSms(send_request())
+
+    [status] = pull_send_statuses(fake)
     assert status.SerialNo == response.SendStatusSet[0].SerialNo
     assert status.ReportStatus == "SUCCESS"
-    assert status.SessionContext == "outbox-42"
+    assert status.SessionContext == ""  # not echoed unless Tencent's support enables it
     assert (status.CountryCode, status.SubscriberNumber, status.PhoneNumber) == ("86", "13800000000", PHONE)
     assert isinstance(status.UserReceiveTime, int)
-    assert client_for(fake).PullSmsSendStatus(request).PullSmsSendStatusSet == []
+    assert pull_send_statuses(fake) == []
+
+
+def test_session_context_is_echoed_in_pulled_statuses_only_when_enabled(fake: FakeTencentSms) -> None:
+    fake.echo_session_context = True
+    client_for(fake).SendSms(send_request())
+    [status] = pull_send_statuses(fake)
+    assert status.SessionContext == "outbox-42"
 
 
 def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
@@ -576,6 +587,10 @@ def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
 
 
 # --------------------------------------------------------------------------- delivery reports
+
+
+REPORT_FIELDS = {"user_receive_time", "nationcode", "mobile", "report_status", "errmsg", "description", "sid"}
+"""The fields Tencent documents for one item of the "SMS delivery status" callback."""
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -619,19 +634,21 @@ def test_delivery_report_push_reaches_a_local_receiver(fake: FakeTencentSms) -> 
     assert pushed[0]["report_status"] == "SUCCESS"
     assert pushed[0]["errmsg"] == "DELIVRD"
     assert (pushed[0]["nationcode"], pushed[0]["mobile"]) == ("86", "13800000001")
-    assert pushed[0]["ext"] == "outbox-42"
     assert len(pushed[0]["user_receive_time"]) == len("2015-10-17 08:03:04")
     assert pushed[1]["report_status"] == "FAIL"
-    assert set(pushed[1]) == {
-        "user_receive_time",
-        "nationcode",
-        "mobile",
-        "report_status",
-        "errmsg",
-        "description",
-        "sid",
-        "ext",
-    }
+    assert set(pushed[1]) == REPORT_FIELDS  # no "ext": SessionContext is not echoed by default
+
+
+def test_delivery_report_carries_ext_only_when_the_echo_is_enabled(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request())
+    client_for(fake).SendSms(send_request(["+8613800000001"], session_context=None))
+    with_context, without_context = fake.sends
+
+    assert "ext" not in fake.delivery_report(with_context)
+    fake.echo_session_context = True
+    assert fake.delivery_report(with_context)["ext"] == "outbox-42"
+    assert set(fake.delivery_report(with_context)) == REPORT_FIELDS | {"ext"}
+    assert "ext" not in fake.delivery_report(without_context)  # nothing to echo
 
 
 # --------------------------------------------------------------------------- helpers and the process
