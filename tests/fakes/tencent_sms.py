@@ -59,7 +59,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal, cast
@@ -149,6 +149,11 @@ MESSAGES: dict[str, str] = {
     "LimitExceeded.PhoneNumberOneHourLimit": "单个手机号1小时内下发短信条数超过设定的上限。",
     "LimitExceeded.PhoneNumberDailyLimit": "单个手机号日下发短信条数超过设定的上限。",
     "LimitExceeded.PhoneNumberSameContentDailyLimit": "单个手机号下发相同内容超过设定的上限。",
+    "LimitExceeded.AppDailyLimit": "业务短信日下发条数超过设定的上限。",
+    "LimitExceeded.AppMainlandChinaDailyLimit": "业务短信中国大陆日下发条数超过设定的上限。",
+    "LimitExceeded.AppGlobalDailyLimit": "业务短信国际/港澳台日下发条数超过设定的上限。",
+    "LimitExceeded.AppCountryOrRegionDailyLimit": "业务短信国家/地区日下发条数超过设定的上限。",
+    "LimitExceeded.DailyLimit": "短信日下发条数超过设定的上限 (国际/港澳台)。",
     "MissingParameter.EmptyPhoneNumberSet": "传入的号码列表为空，请确认您的参数中是否传入号码。",
     "UnauthorizedOperation.SmsSdkAppIdVerifyFail": "SmsSdkAppId 校验失败。",
     "UnsupportedOperation.ContainDomesticAndInternationalPhoneNumber": "群发请求里既有国内手机号也有国际手机号。",
@@ -347,12 +352,31 @@ class FakeTemplate:
 
 @dataclass(frozen=True)
 class FrequencyLimits:
-    """Per-number limits as Tencent's console sets them (defaults are the console's defaults); None disables one."""
+    """Per-number limits as Tencent's console sets them; None disables one.
+
+    The defaults are Tencent's documented defaults for a new application: the same content to one number at most
+    once per 30 s, and at most 10 messages to one number per calendar day (China time), as the Chinese
+    documentation says. The English FAQ ("What is the default sending frequency limit of SMS?") says 2 per day
+    instead: :meth:`english_faq` builds that. No hourly or same-content-per-day default is documented (the console
+    has settings for them, which organisation accounts may change, as they may change the others; individual
+    accounts cannot), so both are off by default. Exceeding one answers a per-number ``Code``:
+    ``LimitExceeded.PhoneNumberThirtySecondLimit``, ``...OneHourLimit``, ``...DailyLimit``,
+    ``...SameContentDailyLimit``."""
 
     same_content_seconds: float | None = 30.0
-    per_hour: int | None = 5
+    per_hour: int | None = None
     per_day: int | None = 10
     same_content_per_day: int | None = None
+
+    @classmethod
+    def english_faq(cls) -> FrequencyLimits:
+        """Tencent's defaults as its English FAQ states them: 1 per 30 s for the same content, 2 per day."""
+        return cls(same_content_seconds=30.0, per_hour=None, per_day=2)
+
+    @classmethod
+    def disabled(cls) -> FrequencyLimits:
+        """No per-number limit at all (benches, and tests that are about something else)."""
+        return cls(same_content_seconds=None, per_hour=None, per_day=None, same_content_per_day=None)
 
 
 @dataclass(frozen=True)
@@ -482,6 +506,7 @@ class FakeTencentSms:
         signatures: Iterable[str] = (),
         param_max_length: int = 6,
         limits: FrequencyLimits | None = None,
+        account_daily_limit: int | None = None,
         report_sends: bool = True,
         echo_session_context: bool = False,
         host: str = "127.0.0.1",
@@ -499,6 +524,13 @@ class FakeTencentSms:
         self.signatures: set[str] = set(signatures)
         self.param_max_length = param_max_length
         self.limits = FrequencyLimits() if limits is None else limits
+        self.account_daily_limit = account_daily_limit
+        """Messages the whole application may send per calendar day (China time); None: no cap. Past it, every
+        number of a ``SendSms`` answers :attr:`account_daily_limit_code` until the fake's China day changes
+        (:meth:`advance`). Tencent's console sets such caps (mainland, global, per country) and off by default."""
+        self.account_daily_limit_code = "LimitExceeded.AppDailyLimit"
+        """The per-number ``Code`` for the cap: Tencent also answers ``LimitExceeded.AppMainlandChinaDailyLimit``,
+        ``...AppGlobalDailyLimit``, ``...AppCountryOrRegionDailyLimit`` and ``LimitExceeded.DailyLimit``."""
         self.report_sends = report_sends
         self.echo_session_context = echo_session_context
         """Whether delivery reports (``ext``) and pulled send statuses (``SessionContext``) carry the send's
@@ -516,6 +548,8 @@ class FakeTencentSms:
         self._sends: list[RecordedSend] = []
         self._calls: list[CallRecord] = []
         self._history: dict[str, list[tuple[float, str]]] = {}
+        self._accepted_per_day: dict[date, int] = {}
+        """Accepted messages per China calendar day, for the account-wide cap."""
         self._replies: deque[dict[str, Any]] = deque()
         self._send_statuses: deque[dict[str, Any]] = deque()
         self._number_faults: dict[str, list[_Fault]] = {}
@@ -602,6 +636,7 @@ class FakeTencentSms:
             self._sends.clear()
             self._calls.clear()
             self._history.clear()
+            self._accepted_per_day.clear()
             self._replies.clear()
             self._send_statuses.clear()
             self._number_faults.clear()
@@ -1091,6 +1126,8 @@ class FakeTencentSms:
                     )
                     self._sends.append(send)
                     self._history.setdefault(number, []).append((now, content))
+                    day = datetime.fromtimestamp(now, CHINA_TZ).date()
+                    self._accepted_per_day[day] = self._accepted_per_day.get(day, 0) + 1
                     accepted.append(send)
                     entry["SerialNo"], entry["Fee"] = serial, fee
                 statuses.append(entry)
@@ -1110,9 +1147,14 @@ class FakeTencentSms:
         fault = self._take(self._number_faults.get(number, []), "SendSms")
         if fault is not None:
             return fault.code, fault.message
+        day = datetime.fromtimestamp(now, CHINA_TZ).date()
+        cap = self.account_daily_limit
+        if cap is not None and self._accepted_per_day.get(day, 0) >= cap:
+            return self.account_daily_limit_code, MESSAGES.get(
+                self.account_daily_limit_code, self.account_daily_limit_code
+            )
         limits = self.limits
         history = self._history.get(number, [])
-        day = datetime.fromtimestamp(now, CHINA_TZ).date()
         today = [c for t, c in history if datetime.fromtimestamp(t, CHINA_TZ).date() == day]
         code: str | None = None
         if limits.same_content_seconds is not None and any(
@@ -1206,6 +1248,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--signature", action="append", default=[], help="an approved signature (repeatable)")
     parser.add_argument("--param-max-length", type=int, default=6)
     parser.add_argument("--no-limits", action="store_true", help="disable the per-number frequency limits")
+    parser.add_argument(
+        "--account-daily-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="messages the application may send per China day, then LimitExceeded.AppDailyLimit (default: no cap)",
+    )
+    parser.add_argument(
+        "--echo-session-context",
+        action="store_true",
+        help="echo SessionContext in pulled send statuses and delivery reports (Tencent: only once support enables it)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1217,7 +1271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep:
             raise SystemExit(f"--template wants ID=TEXT, got {spec!r}")
         templates[tid] = text
-    no_limits = FrequencyLimits(None, None, None, None)
     fake = FakeTencentSms(
         secret_id=args.secret_id,
         secret_key=args.secret_key,
@@ -1225,7 +1278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         templates=templates,
         signatures=args.signature,
         param_max_length=args.param_max_length,
-        limits=no_limits if args.no_limits else None,
+        limits=FrequencyLimits.disabled() if args.no_limits else None,
+        account_daily_limit=args.account_daily_limit,
+        echo_session_context=args.echo_session_context,
         host=args.host,
         port=args.port,
     )

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -499,9 +500,56 @@ def test_hourly_and_daily_limits(fake: FakeTencentSms, clock: Clock) -> None:
 
 
 def test_limits_can_be_disabled(fake: FakeTencentSms) -> None:
-    fake.limits = FrequencyLimits(None, None, None, None)
+    fake.limits = FrequencyLimits.disabled()
     client = client_for(fake)
     assert {client.SendSms(send_request()).SendStatusSet[0].Code for _ in range(12)} == {"Ok"}
+
+
+def test_default_limits_are_tencents_documented_ones() -> None:
+    assert FrequencyLimits() == FrequencyLimits(same_content_seconds=30, per_hour=None, per_day=10)
+    assert FrequencyLimits.english_faq() == FrequencyLimits(same_content_seconds=30, per_hour=None, per_day=2)
+
+
+def test_the_english_faqs_daily_cap_of_two(fake: FakeTencentSms, clock: Clock) -> None:
+    clock.now = china_time(9)
+    fake.limits = FrequencyLimits.english_faq()
+    client = client_for(fake)
+
+    def send(n: int) -> str:
+        return str(client.SendSms(send_request(params=[f"A{n}", "x"])).SendStatusSet[0].Code)
+
+    assert [send(1), send(2), send(3)] == ["Ok", "Ok", "LimitExceeded.PhoneNumberDailyLimit"]
+    assert client.SendSms(send_request(["+8613800000009"])).SendStatusSet[0].Code == "Ok"  # per number
+    fake.advance(15 * 3600)  # 00:00 the next day, China time
+    assert send(4) == "Ok"
+
+
+def test_account_daily_limit_refuses_every_number_until_the_china_day_changes(clock: Clock) -> None:
+    clock.now = china_time(23)
+    numbers = [f"+861380000000{i}" for i in range(4)]
+    with FakeTencentSms(
+        secret_id=SECRET_ID,
+        secret_key=SECRET_KEY,
+        app_id=APP_ID,
+        templates={TEMPLATE: "Order {1}: {2}."},
+        signatures={SIGN},
+        clock=clock,
+        account_daily_limit=3,
+    ) as fake:
+        client = client_for(fake)
+        first = client.SendSms(send_request(numbers[:2])).SendStatusSet
+        second = client.SendSms(send_request(numbers[2:])).SendStatusSet
+        fake.advance(3599)  # 23:59:59: still the same day
+        third = client.SendSms(send_request(["+8613900000000"])).SendStatusSet
+        fake.advance(1)  # midnight in China
+        fourth = client.SendSms(send_request(["+8613900000000"])).SendStatusSet
+
+    assert [s.Code for s in first + second] == ["Ok", "Ok", "Ok", "LimitExceeded.AppDailyLimit"]
+    refused = second[1]
+    assert (refused.SerialNo, refused.Fee, refused.Message) == ("", 0, "业务短信日下发条数超过设定的上限。")
+    assert third[0].Code == "LimitExceeded.AppDailyLimit"
+    assert fourth[0].Code == "Ok"
+    assert [s.phone_number for s in fake.sends] == [*numbers[:3], "+8613900000000"]
 
 
 # --------------------------------------------------------------------------- pulls and templates
@@ -662,7 +710,9 @@ def test_split_e164() -> None:
     assert split_e164("+86 138") is None
 
 
-def test_runs_as_a_process() -> None:
+@contextmanager
+def fake_process(*extra: str) -> Iterator[str]:
+    """``python -m tests.fakes.tencent_sms`` with the test's credentials and template; yields its endpoint."""
     command = [
         sys.executable,
         "-m",
@@ -679,15 +729,27 @@ def test_runs_as_a_process() -> None:
         f"{TEMPLATE}=Order {{1}}: {{2}}.",
         "--signature",
         SIGN,
+        *extra,
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         url = process.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
-        endpoint = url.removeprefix("http://")
-        profile = ClientProfile(httpProfile=HttpProfile(protocol="http", endpoint=endpoint, reqTimeout=5))
-        client = sms_client.SmsClient(credential.Credential(SECRET_ID, SECRET_KEY), "ap-guangzhou", profile)
+        yield url.removeprefix("http://")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=5) == 0
+
+
+def process_client(endpoint: str) -> Any:
+    profile = ClientProfile(httpProfile=HttpProfile(protocol="http", endpoint=endpoint, reqTimeout=5))
+    return sms_client.SmsClient(credential.Credential(SECRET_ID, SECRET_KEY), "ap-guangzhou", profile)
+
+
+def test_runs_as_a_process() -> None:
+    with fake_process() as endpoint:
+        client = process_client(endpoint)
         assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
         conn = http.client.HTTPConnection(endpoint, timeout=5)
         conn.request("GET", "/_fake/sends")
@@ -695,6 +757,21 @@ def test_runs_as_a_process() -> None:
         conn.close()
         assert sent["phone_number"] == PHONE
         assert sent["content"] == "【Acme Shop】Order A17: paid."
-    finally:
-        process.terminate()
-        assert process.wait(timeout=5) == 0
+        request = models.PullSmsSendStatusRequest()
+        request.SmsSdkAppId = APP_ID
+        request.Limit = 100
+        [status] = client.PullSmsSendStatus(request).PullSmsSendStatusSet
+        assert status.SessionContext == ""
+
+
+def test_a_process_can_echo_session_context_and_cap_the_account() -> None:
+    with fake_process("--echo-session-context", "--account-daily-limit", "1") as endpoint:
+        client = process_client(endpoint)
+        assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+        second = client.SendSms(send_request(["+8613800000001"])).SendStatusSet[0]
+        request = models.PullSmsSendStatusRequest()
+        request.SmsSdkAppId = APP_ID
+        request.Limit = 100
+        [status] = client.PullSmsSendStatus(request).PullSmsSendStatusSet
+    assert second.Code == "LimitExceeded.AppDailyLimit"
+    assert status.SessionContext == "outbox-42"
