@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 SERVICE = "sms"
 API_VERSION = "2021-01-11"
@@ -377,6 +377,32 @@ class FrequencyLimits:
     def disabled(cls) -> FrequencyLimits:
         """No per-number limit at all (benches, and tests that are about something else)."""
         return cls(same_content_seconds=None, per_hour=None, per_day=None, same_content_per_day=None)
+
+
+OddReportKind = Literal[
+    "extra_fields",
+    "ext_number",
+    "ext_object",
+    "ext_array",
+    "ext_null",
+    "status_lower",
+    "status_mixed",
+    "no_optional",
+    "minimal",
+    "no_sid",
+    "not_object",
+    "unknown_sid",
+]
+ODD_REPORT_KINDS: tuple[OddReportKind, ...] = get_args(OddReportKind)
+"""Variants of a delivery-status callback item (:meth:`FakeTencentSms.odd_delivery_report`):
+
+- ``extra_fields``: fields Tencent does not document today (``sign``, ``fee``, ``report_time``): it may add some;
+- ``ext_number`` / ``ext_object`` / ``ext_array`` / ``ext_null``: ``ext`` as a JSON number (the digits of the
+  SessionContext, else 42), an object, an array, ``null`` (the documents show only strings);
+- ``status_lower`` / ``status_mixed``: ``report_status`` as ``success`` / ``Success`` (``fail`` / ``Fail``);
+- ``no_optional``: without ``errmsg``, ``description`` and ``ext``; ``minimal``: only ``sid`` and ``report_status``;
+- ``no_sid``: every field but ``sid``; ``unknown_sid``: a ``sid`` no send of the fake has;
+- ``not_object``: not a JSON object but the item's JSON text as a string (encoded twice, a proxy's classic)."""
 
 
 @dataclass(frozen=True)
@@ -794,9 +820,55 @@ class FakeTencentSms:
             item["ext"] = send.session_context
         return item
 
+    def odd_delivery_report(
+        self,
+        send: RecordedSend,
+        kind: OddReportKind,
+        *,
+        status: Literal["SUCCESS", "FAIL"] = "SUCCESS",
+    ) -> Any:
+        """One item of the delivery-status callback for this send, bent the way Tencent (its documents are thin on
+        types and optional fields) or a broken proxy in between might post it; see :data:`ODD_REPORT_KINDS`.
+
+        Mix them with good items in one batch: ``[fake.delivery_report(a), fake.odd_delivery_report(b, "no_sid")]``.
+        The ``ext`` kinds carry an ``ext`` whatever :attr:`echo_session_context` says (the point is its type)."""
+        item = self.delivery_report(send, status=status)
+        context = send.session_context
+        if kind == "extra_fields":
+            return {**item, "sign": send.sign_name or "", "fee": send.fee, "report_time": item["user_receive_time"]}
+        if kind == "ext_number":
+            return {**item, "ext": int(context) if context.isdigit() else 42}
+        if kind == "ext_object":
+            return {**item, "ext": {"SessionContext": context}}
+        if kind == "ext_array":
+            return {**item, "ext": [context]}
+        if kind == "ext_null":
+            return {**item, "ext": None}
+        if kind == "status_lower":
+            return {**item, "report_status": status.lower()}
+        if kind == "status_mixed":
+            return {**item, "report_status": status.capitalize()}
+        if kind == "no_optional":
+            return {k: v for k, v in item.items() if k not in ("errmsg", "description", "ext")}
+        if kind == "minimal":
+            return {"sid": item["sid"], "report_status": item["report_status"]}
+        if kind == "no_sid":
+            return {k: v for k, v in item.items() if k != "sid"}
+        if kind == "not_object":
+            return json.dumps(item, ensure_ascii=False)  # the item encoded twice: a string inside the array
+        if kind == "unknown_sid":
+            return {**item, "sid": f"5000:{secrets.randbelow(10**19):019d}000000000"}
+        raise ValueError(f"unknown kind of odd delivery report: {kind!r}")
+
+    def odd_delivery_reports(
+        self, send: RecordedSend, kinds: Iterable[OddReportKind] = (), *, status: Literal["SUCCESS", "FAIL"] = "SUCCESS"
+    ) -> dict[OddReportKind, Any]:
+        """Every odd variant (or those of ``kinds``) of this send's report, by kind (for parametrised tests)."""
+        return {kind: self.odd_delivery_report(send, kind, status=status) for kind in tuple(kinds) or ODD_REPORT_KINDS}
+
     @staticmethod
     def push_delivery_reports(
-        url: str, items: Sequence[Mapping[str, Any]], *, timeout: float = 5.0, retries: int = 0
+        url: str, items: Sequence[Any], *, timeout: float = 5.0, retries: int = 0
     ) -> tuple[int, bytes]:
         """POST the delivery-status callback (a JSON array, at most 100 items) to ``url`` like Tencent does.
 

@@ -31,6 +31,7 @@ from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import
 
 from tests.fakes.tencent_sms import (
     CHINA_TZ,
+    ODD_REPORT_KINDS,
     FakeTemplate,
     FakeTencentSms,
     FrequencyLimits,
@@ -658,20 +659,27 @@ class _Receiver(BaseHTTPRequestHandler):
         self.wfile.write(answer)
 
 
-def test_delivery_report_push_reaches_a_local_receiver(fake: FakeTencentSms) -> None:
-    client_for(fake).SendSms(send_request(["+8613800000001", "+8613800000002"]))
+@contextmanager
+def receiver() -> Iterator[tuple[str, list[tuple[str | None, Any]]]]:
+    """A local HTTP server standing for smsbot's /sms/status: yields its URL and what it received."""
     received: list[tuple[str | None, Any]] = []
     handler = type("Receiver", (_Receiver,), {"received": received})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        ok, failed = fake.sends
-        items = [fake.delivery_report(ok), fake.delivery_report(failed, status="FAIL", errmsg="MK:0001")]
-        status, body = fake.push_delivery_reports(f"http://127.0.0.1:{server.server_address[1]}/sms/status", items)
+        yield f"http://127.0.0.1:{server.server_address[1]}/sms/status", received
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_delivery_report_push_reaches_a_local_receiver(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request(["+8613800000001", "+8613800000002"]))
+    ok, failed = fake.sends
+    items = [fake.delivery_report(ok), fake.delivery_report(failed, status="FAIL", errmsg="MK:0001")]
+    with receiver() as (url, received):
+        status, body = fake.push_delivery_reports(url, items)
 
     assert status == 200
     assert json.loads(body) == {"result": 0, "errmsg": "OK"}
@@ -697,6 +705,50 @@ def test_delivery_report_carries_ext_only_when_the_echo_is_enabled(fake: FakeTen
     assert fake.delivery_report(with_context)["ext"] == "outbox-42"
     assert set(fake.delivery_report(with_context)) == REPORT_FIELDS | {"ext"}
     assert "ext" not in fake.delivery_report(without_context)  # nothing to echo
+
+
+def test_a_batch_mixing_good_and_odd_report_items_arrives_as_built(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request(["+8613800000001", "+8613800000002"], session_context="42"))
+    good, odd = fake.sends
+    batch = [
+        fake.delivery_report(good),
+        fake.odd_delivery_report(odd, "ext_object"),
+        fake.odd_delivery_report(odd, "not_object"),
+        fake.odd_delivery_report(odd, "no_sid"),
+    ]
+    with receiver() as (url, received):
+        status, _ = fake.push_delivery_reports(url, batch)
+
+    assert status == 200
+    [(_, pushed)] = received
+    assert pushed == batch
+    assert pushed[1]["ext"] == {"SessionContext": "42"}
+    assert isinstance(pushed[2], str)
+    assert json.loads(pushed[2])["sid"] == odd.serial_no
+    assert "sid" not in pushed[3]
+
+
+def test_odd_report_items_are_each_bent_one_way(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request(session_context="42"))
+    [send] = fake.sends
+    good = fake.delivery_report(send, status="FAIL")
+    odd = fake.odd_delivery_reports(send, status="FAIL")
+
+    assert set(odd) == set(ODD_REPORT_KINDS)
+    assert set(odd["extra_fields"]) > set(good)
+    assert [odd[k]["ext"] for k in ("ext_number", "ext_object", "ext_array", "ext_null")] == [
+        42,
+        {"SessionContext": "42"},
+        ["42"],
+        None,
+    ]
+    assert (odd["status_lower"]["report_status"], odd["status_mixed"]["report_status"]) == ("fail", "Fail")
+    assert set(odd["no_optional"]) == REPORT_FIELDS - {"errmsg", "description"}
+    assert odd["minimal"] == {"sid": send.serial_no, "report_status": "FAIL"}
+    assert set(odd["no_sid"]) == REPORT_FIELDS - {"sid"}
+    assert json.loads(odd["not_object"]) == good
+    assert odd["unknown_sid"]["sid"] not in {s.serial_no for s in fake.sends}
+    assert {k: v for k, v in odd["unknown_sid"].items() if k != "sid"} == {k: v for k, v in good.items() if k != "sid"}
 
 
 # --------------------------------------------------------------------------- helpers and the process
