@@ -50,6 +50,8 @@ import math
 import re
 import secrets
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -57,7 +59,8 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -444,6 +447,10 @@ class CallRecord:
     received_at: float
 
 
+GarbleKind = Literal["truncated", "not_json", "html"]
+"""An answer the SDK cannot read (:meth:`FakeTencentSms.garble`)."""
+
+
 @dataclass
 class _Fault:
     remaining: int | None
@@ -455,6 +462,8 @@ class _Fault:
     body: bytes = b""
     seconds: float = 0.0
     after_processing: bool = True
+    reset: bool = False
+    garble: GarbleKind | None = None
 
     def matches(self, action: str) -> bool:
         return self.action is None or self.action == action
@@ -468,6 +477,25 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
     drop: bool = False
     """Close the connection without answering."""
+    reset: bool = False
+    """Close the connection without answering, with a TCP RST instead of a FIN."""
+    content_length: int | None = None
+    """The ``Content-Length`` to declare when it is not ``len(body)`` (a truncated answer); the connection closes."""
+
+
+def _garbled(kind: GarbleKind, payload: bytes) -> _Reply:
+    """An HTTP 200 answer the SDK cannot read, instead of ``payload`` (the real answer)."""
+    if kind == "truncated":
+        return _Reply(200, JSON_CONTENT_TYPE, payload[: len(payload) // 2], content_length=len(payload))
+    if kind == "not_json":
+        body = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+        return _Reply(200, JSON_CONTENT_TYPE, body)
+    if kind == "html":
+        page = (
+            "<html><head><title>请稍候</title></head><body><p>Access is being verified, please wait.</p></body></html>"
+        )
+        return _Reply(200, "text/html", page.encode("utf-8"))
+    raise ValueError(f"unknown kind of garbled answer: {kind!r}")
 
 
 class ApiError(Exception):
@@ -583,32 +611,68 @@ class FakeTencentSms:
         self._http_faults: list[_Fault] = []
         self._slow_faults: list[_Fault] = []
         self._drop_faults: list[_Fault] = []
+        self._garble_faults: list[_Fault] = []
         self._serial = 0
         self._server: _Server | None = None
+        self._refused_port: int | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> FakeTencentSms:
-        if self._server is not None:
+        if self._server is not None or self._refused_port is not None:
             return self
+        self._listen(self._bind)
+        return self
+
+    def _listen(self, address: tuple[str, int]) -> None:
         self._closing.clear()
-        server = _Server(self._bind, _Handler)
+        server = _Server(address, _Handler)
         server.fake = self
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
-        return self
 
-    def stop(self) -> None:
+    def _close_listener(self) -> None:
         server, self._server = self._server, None
-        self._closing.set()
         if server is not None:
             server.shutdown()
             server.server_close()
+            server.drop_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    def stop(self) -> None:
+        self._closing.set()
+        self._refused_port = None
+        self._close_listener()
+
+    def refuse_connections(self) -> None:
+        """Close the listening socket (and every open connection, as a server going down does) so that connecting
+        to :attr:`endpoint` fails with ECONNREFUSED, until :meth:`accept_connections` listens on the same port again.
+        The SDK answers ``ClientNetworkError`` (urllib3's ``NewConnectionError`` in the chain); nothing reaches the
+        fake, so nothing is recorded. Another process could take the port meanwhile: keep the refusal short."""
+        with self._lock:
+            if self._server is None:
+                return
+            self._refused_port = int(self._server.server_address[1])
+        self._close_listener()
+
+    def accept_connections(self) -> None:
+        """Listen again on the port :meth:`refuse_connections` closed (no-op when not refusing)."""
+        port, self._refused_port = self._refused_port, None
+        if port is not None:
+            self._listen((self._bind[0], port))
+
+    @contextmanager
+    def refused(self) -> Iterator[None]:
+        """``with fake.refused(): ...``: :meth:`refuse_connections` for the block, then :meth:`accept_connections`."""
+        self.refuse_connections()
+        try:
+            yield
+        finally:
+            self.accept_connections()
 
     def __enter__(self) -> FakeTencentSms:
         return self.start()
@@ -620,6 +684,9 @@ class FakeTencentSms:
 
     @property
     def port(self) -> int:
+        """The listening port (also while :meth:`refuse_connections` has closed it)."""
+        if self._refused_port is not None:
+            return self._refused_port
         if self._server is None:
             raise RuntimeError("the fake is not running")
         return int(self._server.server_address[1])
@@ -670,6 +737,7 @@ class FakeTencentSms:
             self._http_faults.clear()
             self._slow_faults.clear()
             self._drop_faults.clear()
+            self._garble_faults.clear()
             self._offset = 0.0
 
     # ------------------------------------------------------------ faults
@@ -713,12 +781,42 @@ class FakeTencentSms:
             )
 
     def disconnect(
-        self, *, times: int | None = 1, action: str | None = "SendSms", after_processing: bool = True
+        self,
+        *,
+        times: int | None = 1,
+        action: str | None = "SendSms",
+        after_processing: bool = True,
+        reset: bool = False,
     ) -> None:
         """Close the connection without an answer for the next ``times`` requests; ``after_processing`` (default):
-        the request was processed first (a send is accepted and recorded), the other ambiguous network error."""
+        the request was processed first (a send is accepted and recorded), the other ambiguous network error.
+
+        ``reset``: close with a TCP RST (``SO_LINGER`` 0) instead of a FIN, as a load balancer or firewall that
+        drops the flow does. The SDK says ``ClientNetworkError`` either way; the chain under it differs
+        (``ConnectionResetError`` for a reset, ``RemoteDisconnected`` for a FIN)."""
         with self._lock:
-            self._drop_faults.append(_Fault(remaining=times, action=action, after_processing=after_processing))
+            self._drop_faults.append(
+                _Fault(remaining=times, action=action, after_processing=after_processing, reset=reset)
+            )
+
+    def garble(
+        self, kind: GarbleKind, *, times: int | None = 1, action: str | None = "SendSms", after_processing: bool = True
+    ) -> None:
+        """Answer the next ``times`` requests with HTTP 200 and a body the SDK cannot read, as a proxy, WAF or
+        captive portal in between might:
+
+        - ``truncated``: ``Content-Type: application/json``, a ``Content-Length`` larger than the bytes sent (the
+          first half of the real answer), then the connection closes: the SDK raises ``ChunkedEncodingError``;
+        - ``not_json``: ``application/json`` and a body that is not JSON: the SDK raises ``JSONDecodeError``;
+        - ``html``: ``text/html`` and an HTML page: the SDK raises ``JSONDecodeError`` too.
+
+        (The SDK wraps any exception as ``TencentCloudSDKException(type(e).__name__, str(e))``, so those are the
+        ``code`` values; no ``requestId``.) ``after_processing`` (default): the request was processed first (a send
+        accepted and recorded, the call recorded): the ambiguous case; otherwise nothing is processed."""
+        with self._lock:
+            self._garble_faults.append(
+                _Fault(remaining=times, action=action, after_processing=after_processing, garble=kind)
+            )
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -727,6 +825,7 @@ class FakeTencentSms:
             self._http_faults.clear()
             self._slow_faults.clear()
             self._drop_faults.clear()
+            self._garble_faults.clear()
 
     @staticmethod
     def _take(faults: list[_Fault], action: str) -> _Fault | None:
@@ -910,13 +1009,17 @@ class FakeTencentSms:
             http_fault = self._take(self._http_faults, action)
             slow = self._take(self._slow_faults, action)
             drop = self._take(self._drop_faults, action)
+            garble = self._take(self._garble_faults, action)
+        request_id = str(uuid.uuid4())
         if http_fault is not None:
             return _Reply(http_fault.status, "text/html", http_fault.body)
         if drop is not None and not drop.after_processing:
-            return _Reply(0, "", b"", drop=True)
+            return _Reply(0, "", b"", drop=True, reset=drop.reset)
+        if garble is not None and garble.garble is not None and not garble.after_processing:
+            unprocessed = json.dumps({"Response": {"RequestId": request_id}}).encode()
+            return _garbled(garble.garble, unprocessed)
         if slow is not None and not slow.after_processing:
             self._closing.wait(slow.seconds)
-        request_id = str(uuid.uuid4())
         params: dict[str, Any] | None = None
         try:
             params = self._authenticate(method, path, headers, body)
@@ -935,8 +1038,10 @@ class FakeTencentSms:
         if slow is not None and slow.after_processing:
             self._closing.wait(slow.seconds)
         if drop is not None:
-            return _Reply(0, "", b"", drop=True)
+            return _Reply(0, "", b"", drop=True, reset=drop.reset)
         payload = json.dumps({"Response": response}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if garble is not None and garble.garble is not None:
+            return _garbled(garble.garble, payload)
         return _Reply(200, JSON_CONTENT_TYPE, payload)
 
     def _control(self, path: str) -> _Reply:
@@ -1249,6 +1354,21 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     fake: FakeTencentSms
 
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        self.closed = False
+
+    def drop_connections(self) -> None:
+        """Shut every open connection (idle keep-alive ones too): a refused fake must not answer on old ones."""
+        with self.connections_lock:
+            self.closed = True
+            connections = list(self.connections)
+        for connection in connections:
+            with suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -1256,8 +1376,32 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "FakeTencentSms/1.0"
     sys_version = ""
 
+    _reset = False
+    """Close this connection with a TCP RST (SO_LINGER 0) instead of a FIN when the handler is done."""
+
     def log_message(self, format: str, *args: Any) -> None:
         return
+
+    def setup(self) -> None:
+        super().setup()
+        server = cast(_Server, self.server)
+        with server.connections_lock:
+            if not server.closed:
+                server.connections.add(self.connection)
+                return
+        with suppress(OSError):  # accepted in the instant the fake began refusing: refuse this one too
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            server = cast(_Server, self.server)
+            with server.connections_lock:
+                server.connections.discard(self.connection)
+            if self._reset:
+                # Without this, socketserver's shutdown_request would send a FIN first (shutdown(SHUT_WR)).
+                self.connection.close()
 
     def _handle(self) -> None:
         length = self.headers.get("Content-Length")
@@ -1265,16 +1409,23 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_chunked()
         else:
             body = self.rfile.read(int(length)) if length and length.isdigit() else b""
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        fake = cast(_Server, self.server).fake
-        reply = fake.handle_http(self.command, self.path, headers, body)
-        if reply.drop:
+        server = cast(_Server, self.server)
+        if server.closed:  # a request on a connection opened before refuse_connections(): never processed
             self.close_connection = True
             return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        reply = server.fake.handle_http(self.command, self.path, headers, body)
+        if reply.reset:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._reset = True
+        if reply.drop or reply.reset:
+            self.close_connection = True
+            return
+        declared = len(reply.body) if reply.content_length is None else reply.content_length
         try:
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(reply.body)))
+            self.send_header("Content-Length", str(declared))
             for name, value in reply.headers.items():
                 self.send_header(name, value)
             self.end_headers()
@@ -1282,6 +1433,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        if declared != len(reply.body):
+            self.close_connection = True  # the promised rest never comes: close, as a proxy that gave up would
 
     def _read_chunked(self) -> bytes:
         chunks: list[bytes] = []

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import urllib3
 from tencentcloud.common import abstract_client, credential  # type: ignore[import-untyped]
 from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
     TencentCloudSDKException,
@@ -35,6 +36,7 @@ from tests.fakes.tencent_sms import (
     FakeTemplate,
     FakeTencentSms,
     FrequencyLimits,
+    GarbleKind,
     sign_tc3_request,
     split_e164,
 )
@@ -458,6 +460,121 @@ def test_dropped_connection_is_a_client_network_error(
     error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
     assert error.code == "ClientNetworkError"
     assert len(fake.sends) == recorded
+
+
+def context_chain(error: BaseException) -> list[type[BaseException]]:
+    """The types along ``__context__`` (what was being handled when each was raised), outermost first."""
+    found: list[type[BaseException]] = []
+    current: BaseException | None = error
+    while current is not None and len(found) < 20:
+        found.append(type(current))
+        current = current.__context__
+    return found
+
+
+def test_refused_connections_are_a_client_network_error_and_nothing_is_recorded(fake: FakeTencentSms) -> None:
+    client = client_for(fake)  # one client throughout: its kept-alive connection must not get through either
+    assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+    port = fake.port
+
+    with fake.refused():
+        assert fake.port == port
+        error = sdk_error(lambda: client.SendSms(send_request(params=["A18", "paid"])))
+        fresh = sdk_error(lambda: client_for(fake).SendSms(send_request(params=["A19", "paid"])))
+
+    assert error.code == fresh.code == "ClientNetworkError"
+    assert error.requestId is None
+    assert urllib3.exceptions.NewConnectionError in context_chain(error)
+    assert ConnectionRefusedError in context_chain(fresh)
+    assert (len(fake.sends), len(fake.calls)) == (1, 1)
+    assert fake.endpoint == f"127.0.0.1:{port}"
+    assert client.SendSms(send_request(params=["A20", "paid"])).SendStatusSet[0].Code == "Ok"  # same port again
+
+
+def test_refuse_and_accept_connections_without_a_block(fake: FakeTencentSms) -> None:
+    fake.refuse_connections()
+    fake.refuse_connections()  # idempotent
+    try:
+        assert sdk_error(lambda: client_for(fake).SendSms(send_request())).code == "ClientNetworkError"
+    finally:
+        fake.accept_connections()
+    fake.accept_connections()  # idempotent
+    assert client_for(fake).SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+    assert len(fake.sends) == 1
+
+
+@pytest.mark.parametrize(("after_processing", "recorded"), [(True, 1), (False, 0)])
+def test_a_reset_connection_is_a_client_network_error_with_connection_reset_in_the_chain(
+    fake: FakeTencentSms, after_processing: bool, recorded: int
+) -> None:
+    fake.disconnect(reset=True, after_processing=after_processing)
+
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+
+    assert error.code == "ClientNetworkError"
+    assert ConnectionResetError in context_chain(error)
+    assert len(fake.sends) == recorded
+    assert client_for(fake).SendSms(send_request(params=["A18", "paid"])).SendStatusSet[0].Code == "Ok"
+
+
+def test_a_plain_disconnect_closes_with_a_fin_not_a_reset(fake: FakeTencentSms) -> None:
+    fake.disconnect()
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+    chain = context_chain(error)
+    assert http.client.RemoteDisconnected in chain
+    assert ConnectionResetError not in chain
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "cause"),
+    [
+        ("truncated", "ChunkedEncodingError", urllib3.exceptions.IncompleteRead),
+        ("not_json", "JSONDecodeError", json.JSONDecodeError),
+        ("html", "JSONDecodeError", json.JSONDecodeError),
+    ],
+)
+def test_an_unreadable_answer_after_the_send_was_accepted(
+    fake: FakeTencentSms, kind: GarbleKind, code: str, cause: type[BaseException]
+) -> None:
+    """The SDK wraps whatever it raised reading the answer: ``TencentCloudSDKException(type(e).__name__, ...)``."""
+    fake.garble(kind)
+
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+
+    assert error.code == code
+    assert error.requestId is None
+    assert cause in context_chain(error)
+    assert len(fake.sends) == 1  # accepted and recorded: the ambiguous case
+    assert fake.calls[-1].error_code is None
+    assert client_for(fake).SendSms(send_request(params=["A18", "paid"])).SendStatusSet[0].Code == "Ok"
+
+
+@pytest.mark.parametrize(
+    ("kind", "content_type"),
+    [("truncated", "application/json"), ("not_json", "application/json"), ("html", "text/html")],
+)
+def test_garbled_answers_on_the_wire(fake: FakeTencentSms, kind: GarbleKind, content_type: str) -> None:
+    fake.garble(kind, after_processing=False)
+    body = json.dumps(send_request()._serialize()).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        conn.request("POST", "/", body=body, headers=signed_headers(fake, body))
+        response = conn.getresponse()
+        declared = int(response.getheader("Content-Length") or 0)
+        try:
+            raw = response.read()
+        except http.client.IncompleteRead as e:
+            raw = e.partial
+        status, got_type = response.status, response.getheader("Content-Type")
+    finally:
+        conn.close()
+
+    assert (status, got_type) == (200, content_type)
+    assert (declared > len(raw)) == (kind == "truncated")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw)
+    assert fake.sends == []  # before processing: nothing accepted
+    assert fake.calls == []
 
 
 # --------------------------------------------------------------------------- frequency limits
