@@ -436,6 +436,12 @@ class RecordedSend:
     """The fake's clock (``clock`` + ``advance``) at acceptance, used by the frequency windows."""
 
 
+BlacklistSource = Literal["customer", "carrier"]
+"""Why Tencent will not send to a number: ``customer``, the customer unsubscribed at Tencent (replied the marketing
+template's unsubscribe word); ``carrier``, the number is on a carrier's do-not-disturb list. One error code covers
+both (``FailedOperation.PhoneNumberInBlacklist``, "通常是用户退订或者命中运营商免打扰名单导致的")."""
+
+
 @dataclass(frozen=True)
 class CallRecord:
     """Every API request the fake answered, accepted or not."""
@@ -445,6 +451,9 @@ class CallRecord:
     error_code: str | None
     request_id: str
     received_at: float
+    blacklisted: dict[str, BlacklistSource] = field(default_factory=dict)
+    """Numbers of this ``SendSms`` refused as blacklisted (:meth:`FakeTencentSms.blacklist`), and why: Tencent's
+    answer is the same for both sources, so only a test can tell them apart, here."""
 
 
 GarbleKind = Literal["truncated", "not_json", "html"]
@@ -612,6 +621,7 @@ class FakeTencentSms:
         self._slow_faults: list[_Fault] = []
         self._drop_faults: list[_Fault] = []
         self._garble_faults: list[_Fault] = []
+        self._blacklist: dict[str, BlacklistSource] = {}
         self._serial = 0
         self._server: _Server | None = None
         self._refused_port: int | None = None
@@ -724,7 +734,7 @@ class FakeTencentSms:
             return list(self._calls)
 
     def reset(self) -> None:
-        """Forget sends, calls, frequency history, queues and faults."""
+        """Forget sends, calls, frequency history, queues, faults and the blacklist."""
         with self._lock:
             self._sends.clear()
             self._calls.clear()
@@ -738,6 +748,7 @@ class FakeTencentSms:
             self._slow_faults.clear()
             self._drop_faults.clear()
             self._garble_faults.clear()
+            self._blacklist.clear()
             self._offset = 0.0
 
     # ------------------------------------------------------------ faults
@@ -817,6 +828,25 @@ class FakeTencentSms:
             self._garble_faults.append(
                 _Fault(remaining=times, action=action, after_processing=after_processing, garble=kind)
             )
+
+    def blacklist(self, phone_number: str, source: BlacklistSource = "customer") -> None:
+        """Sends to this number answer the per-number ``Code`` ``FailedOperation.PhoneNumberInBlacklist`` (with
+        Tencent's one message for both sources) until :meth:`unblacklist`. ``source`` is kept in each refusing
+        call's :attr:`CallRecord.blacklisted`: the customer's own unsubscribe is an opt-out smsbot should honour,
+        a carrier's list is not the customer's word, and Tencent's answer does not say which."""
+        with self._lock:
+            self._blacklist[phone_number] = source
+
+    def unblacklist(self, phone_number: str) -> None:
+        """Sends to this number go through again (the customer resubscribed, the carrier lifted it)."""
+        with self._lock:
+            self._blacklist.pop(phone_number, None)
+
+    @property
+    def blacklisted(self) -> dict[str, BlacklistSource]:
+        """The numbers :meth:`blacklist` holds, and why."""
+        with self._lock:
+            return dict(self._blacklist)
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -1011,6 +1041,7 @@ class FakeTencentSms:
             drop = self._take(self._drop_faults, action)
             garble = self._take(self._garble_faults, action)
         request_id = str(uuid.uuid4())
+        blacklisted: dict[str, BlacklistSource] = {}
         if http_fault is not None:
             return _Reply(http_fault.status, "text/html", http_fault.body)
         if drop is not None and not drop.after_processing:
@@ -1027,14 +1058,14 @@ class FakeTencentSms:
                 fault = self._take(self._request_faults, action)
             if fault is not None:
                 raise ApiError(fault.code, fault.message)
-            result = self._dispatch(action, params, request_id, received_at)
+            result = self._dispatch(action, params, request_id, received_at, blacklisted)
             response: dict[str, Any] = {**result, "RequestId": request_id}
             error_code = None
         except ApiError as e:
             response = {"Error": {"Code": e.code, "Message": e.message}, "RequestId": request_id}
             error_code = e.code
         with self._lock:
-            self._calls.append(CallRecord(action, params, error_code, request_id, received_at))
+            self._calls.append(CallRecord(action, params, error_code, request_id, received_at, blacklisted))
         if slow is not None and slow.after_processing:
             self._closing.wait(slow.seconds)
         if drop is not None:
@@ -1137,9 +1168,16 @@ class FakeTencentSms:
             raise ApiError("UnknownParameter", f"The parameter `{unknown[0]}` is not recognized.")
         return cast(dict[str, Any], params)
 
-    def _dispatch(self, action: str, params: dict[str, Any], request_id: str, received_at: float) -> dict[str, Any]:
+    def _dispatch(
+        self,
+        action: str,
+        params: dict[str, Any],
+        request_id: str,
+        received_at: float,
+        blacklisted: dict[str, BlacklistSource],
+    ) -> dict[str, Any]:
         if action == "SendSms":
-            return self._send_sms(params, request_id, received_at)
+            return self._send_sms(params, request_id, received_at, blacklisted)
         if action == "PullSmsReplyStatus":
             return {"PullSmsReplyStatusSet": self._pull(params, self._replies)}
         if action == "PullSmsSendStatus":
@@ -1206,7 +1244,13 @@ class FakeTencentSms:
             ]
         }
 
-    def _send_sms(self, params: Mapping[str, Any], request_id: str, received_at: float) -> dict[str, Any]:
+    def _send_sms(
+        self,
+        params: Mapping[str, Any],
+        request_id: str,
+        received_at: float,
+        blacklisted: dict[str, BlacklistSource],
+    ) -> dict[str, Any]:
         numbers = _get_str_list(params, "PhoneNumberSet", required=True)
         _get_str(params, "SmsSdkAppId", required=True)
         template_id = _get_str(params, "TemplateId", required=True)
@@ -1275,6 +1319,8 @@ class FakeTencentSms:
                     "IsoCode": iso_code(split[0]) if split else "",
                 }
                 code = self._number_outcome(number, split, content, now)
+                if number in self._blacklist and code == self._BLACKLISTED:
+                    blacklisted[number] = self._blacklist[number]
                 if code is not None:
                     entry["Code"], entry["Message"] = code
                 else:
@@ -1313,6 +1359,8 @@ class FakeTencentSms:
                 self.enqueue_send_status(send)
         return {"SendStatusSet": statuses}
 
+    _BLACKLISTED = ("FailedOperation.PhoneNumberInBlacklist", MESSAGES["FailedOperation.PhoneNumberInBlacklist"])
+
     def _number_outcome(
         self, number: str, split: tuple[str, str] | None, content: str, now: float
     ) -> tuple[str, str] | None:
@@ -1324,6 +1372,8 @@ class FakeTencentSms:
         fault = self._take(self._number_faults.get(number, []), "SendSms")
         if fault is not None:
             return fault.code, fault.message
+        if number in self._blacklist:
+            return self._BLACKLISTED
         day = datetime.fromtimestamp(now, CHINA_TZ).date()
         cap = self.account_daily_limit
         if cap is not None and self._accepted_per_day.get(day, 0) >= cap:

@@ -33,6 +33,7 @@ from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import
 from tests.fakes.tencent_sms import (
     CHINA_TZ,
     ODD_REPORT_KINDS,
+    BlacklistSource,
     FakeTemplate,
     FakeTencentSms,
     FrequencyLimits,
@@ -411,6 +412,31 @@ def test_per_number_fault_appears_in_that_entry_only(fake: FakeTencentSms) -> No
     assert [s.phone_number for s in fake.sends] == ["+8613800000001", "+8613800000003"]
     # times=1: the next send to that number goes through
     assert client_for(fake).SendSms(send_request([blocked], ["B2", "x"])).SendStatusSet[0].Code == "Ok"
+
+
+@pytest.mark.parametrize("source", ["customer", "carrier"])
+def test_a_blacklisted_number_is_refused_the_same_way_whatever_the_source(
+    fake: FakeTencentSms, source: BlacklistSource
+) -> None:
+    blocked = "+8613800000002"
+    fake.blacklist(blocked, source=source)
+    client = client_for(fake)
+
+    statuses = client.SendSms(send_request(["+8613800000001", blocked])).SendStatusSet
+    again = client.SendSms(send_request([blocked], ["B2", "x"])).SendStatusSet[0]  # not once: until removed
+
+    refused = statuses[1]
+    assert (refused.Code, refused.Message) == ("FailedOperation.PhoneNumberInBlacklist", "手机号在免打扰名单库中")
+    assert (refused.SerialNo, refused.Fee) == ("", 0)
+    assert statuses[0].Code == "Ok"
+    assert again.Code == "FailedOperation.PhoneNumberInBlacklist"
+    assert [c.blacklisted for c in fake.calls] == [{blocked: source}, {blocked: source}]  # only a test can tell
+    assert fake.blacklisted == {blocked: source}
+    assert [s.phone_number for s in fake.sends] == ["+8613800000001"]
+
+    fake.unblacklist(blocked)
+    assert client.SendSms(send_request([blocked], ["B3", "x"])).SendStatusSet[0].Code == "Ok"
+    assert fake.calls[-1].blacklisted == {}
 
 
 def test_whole_request_fault(fake: FakeTencentSms) -> None:
