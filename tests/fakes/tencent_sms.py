@@ -76,10 +76,14 @@ MAX_CLOCK_SKEW_SECONDS = 300
 MAX_PHONE_NUMBERS = 200
 MAX_PULL_LIMIT = 100
 MAX_SESSION_CONTEXT_BYTES = 512
+MAX_PULL_BY_NUMBER_DAYS = 7
+"""``PullSmsSendStatusByPhoneNumber``'s ``BeginTime`` may be at most 7 days back."""
 CHINA_TZ = timezone(timedelta(hours=8))
 DEFAULT_REGION = "ap-guangzhou"
 
-IMPLEMENTED_ACTIONS = frozenset({"SendSms", "PullSmsReplyStatus", "PullSmsSendStatus", "DescribeSmsTemplateList"})
+IMPLEMENTED_ACTIONS = frozenset(
+    {"SendSms", "PullSmsReplyStatus", "PullSmsSendStatus", "PullSmsSendStatusByPhoneNumber", "DescribeSmsTemplateList"}
+)
 KNOWN_SMS_ACTIONS = IMPLEMENTED_ACTIONS | frozenset(
     {
         "AddSmsSign",
@@ -92,7 +96,6 @@ KNOWN_SMS_ACTIONS = IMPLEMENTED_ACTIONS | frozenset(
         "ModifySmsSign",
         "ModifySmsTemplate",
         "PullSmsReplyStatusByPhoneNumber",
-        "PullSmsSendStatusByPhoneNumber",
         "ReportConversion",
         "SendMultiGlobalSms",
         "SendStatusStatistics",
@@ -116,6 +119,9 @@ KNOWN_PARAMS: dict[str, frozenset[str]] = {
     ),
     "PullSmsReplyStatus": frozenset({"Limit", "SmsSdkAppId"}),
     "PullSmsSendStatus": frozenset({"Limit", "SmsSdkAppId"}),
+    "PullSmsSendStatusByPhoneNumber": frozenset(
+        {"BeginTime", "Offset", "Limit", "PhoneNumber", "SmsSdkAppId", "EndTime"}
+    ),
     "DescribeSmsTemplateList": frozenset({"International", "TemplateIdSet", "Limit", "Offset"}),
 }
 
@@ -146,6 +152,8 @@ MESSAGES: dict[str, str] = {
     "InvalidParameterValue.ProhibitedUseUrlInTemplateParameter": "禁止在模板变量中使用 URL。",
     "InvalidParameterValue.LimitVerifyFail": "参数 Limit 校验失败。",
     "InvalidParameterValue.OffsetVerifyFail": "参数 Offset 校验失败。",
+    "InvalidParameterValue.BeginTimeVerifyFail": "参数 BeginTime 校验失败。",
+    "InvalidParameterValue.EndTimeVerifyFail": "参数 EndTime 校验失败。",
     "InvalidParameterValue.InvalidInternational": "International 字段校验错误。",
     "LimitExceeded.PhoneNumberCountLimit": "调用接口单次提交的手机号个数超过200个。",
     "LimitExceeded.PhoneNumberThirtySecondLimit": "单个手机号30秒内下发短信条数超过设定的上限。",
@@ -478,6 +486,15 @@ class _Fault:
         return self.action is None or self.action == action
 
 
+@dataclass(frozen=True)
+class _Status:
+    """A send's delivery status as Tencent holds it, for ``PullSmsSendStatusByPhoneNumber``."""
+
+    status: Literal["SUCCESS", "FAIL"]
+    description: str | None
+    receive_time: int
+
+
 @dataclass
 class _Reply:
     status: int
@@ -553,6 +570,12 @@ def _get_int(params: Mapping[str, Any], name: str, *, required: bool) -> int | N
     return value
 
 
+def _required_int(params: Mapping[str, Any], name: str) -> int:
+    value = _get_int(params, name, required=True)
+    assert value is not None  # required=True raised otherwise
+    return value
+
+
 # --------------------------------------------------------------------------- the fake
 
 
@@ -615,6 +638,8 @@ class FakeTencentSms:
         """Accepted messages per China calendar day, for the account-wide cap."""
         self._replies: deque[dict[str, Any]] = deque()
         self._send_statuses: deque[dict[str, Any]] = deque()
+        self._statuses: dict[str, _Status] = {}
+        """Each send's status by ``SerialNo``; a send without one has no status yet."""
         self._number_faults: dict[str, list[_Fault]] = {}
         self._request_faults: list[_Fault] = []
         self._http_faults: list[_Fault] = []
@@ -742,6 +767,7 @@ class FakeTencentSms:
             self._accepted_per_day.clear()
             self._replies.clear()
             self._send_statuses.clear()
+            self._statuses.clear()
             self._number_faults.clear()
             self._request_faults.clear()
             self._http_faults.clear()
@@ -904,17 +930,39 @@ class FakeTencentSms:
         description: str | None = None,
         receive_time: int | None = None,
     ) -> dict[str, Any]:
-        """Queue a delivery status for ``PullSmsSendStatus`` (done automatically per send when ``report_sends``)."""
-        item = self._send_status_item(send, status, description, receive_time)
+        """Queue a delivery status for ``PullSmsSendStatus`` (done automatically per send when ``report_sends``),
+        which hands each out once; it is also the send's status for ``PullSmsSendStatusByPhoneNumber``."""
+        when = int(self.now()) if receive_time is None else receive_time
+        item = self._send_status_item(send, status, description, when)
         with self._lock:
             self._send_statuses.append(item)
+            self._statuses[send.serial_no] = _Status(status, description, when)
         return item
 
+    def set_send_status(
+        self,
+        send: RecordedSend,
+        status: Literal["SUCCESS", "FAIL"] | None,
+        *,
+        description: str | None = None,
+        receive_time: int | None = None,
+    ) -> None:
+        """What ``PullSmsSendStatusByPhoneNumber`` says of this send from now on: ``SUCCESS`` or ``FAIL``, or None
+        for "no status yet" (the carrier has not reported: the send is absent from the answer, as Tencent's note
+        "仅当运营商有返回短信接收状态时回包中才会有状态数据" says). Queues nothing for ``PullSmsSendStatus``."""
+        with self._lock:
+            if status is None:
+                self._statuses.pop(send.serial_no, None)
+            else:
+                when = int(self.now()) if receive_time is None else receive_time
+                self._statuses[send.serial_no] = _Status(status, description, when)
+
     def _send_status_item(
-        self, send: RecordedSend, status: str, description: str | None, receive_time: int | None
+        self, send: RecordedSend, status: str, description: str | None, receive_time: int
     ) -> dict[str, Any]:
+        """A ``PullSmsSendStatus`` item (both pull actions answer them)."""
         return {
-            "UserReceiveTime": int(self.now()) if receive_time is None else receive_time,
+            "UserReceiveTime": receive_time,
             "CountryCode": send.country_code,
             "SubscriberNumber": send.subscriber_number,
             "PhoneNumber": send.phone_number,
@@ -1182,6 +1230,8 @@ class FakeTencentSms:
             return {"PullSmsReplyStatusSet": self._pull(params, self._replies)}
         if action == "PullSmsSendStatus":
             return {"PullSmsSendStatusSet": self._pull(params, self._send_statuses)}
+        if action == "PullSmsSendStatusByPhoneNumber":
+            return {"PullSmsSendStatusSet": self._pull_statuses_by_number(params)}
         if action == "DescribeSmsTemplateList":
             return self._describe_templates(params)
         raise ApiError("UnsupportedOperation", f"The action `{action}` is not implemented by the fake.")
@@ -1199,6 +1249,42 @@ class FakeTencentSms:
             raise ApiError("InvalidParameterValue.LimitVerifyFail")
         with self._lock:
             return [queue.popleft() for _ in range(min(limit, len(queue)))]
+
+    def _pull_statuses_by_number(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The statuses of the accepted sends to ``PhoneNumber`` sent in [BeginTime, EndTime] (seconds, both ends
+        included; EndTime defaults to now), oldest first, ``Offset``/``Limit`` applied. Nothing is consumed, unlike
+        ``PullSmsSendStatus``; a send with no status yet (:meth:`set_send_status` None) is absent.
+
+        Tencent's documents say "Offset: 目前固定设置为0" (fixed at 0 for now) without saying what another value does:
+        the fake pages by it, so do not rely on that against Tencent."""
+        begin = _required_int(params, "BeginTime")
+        offset = _required_int(params, "Offset")
+        limit = _required_int(params, "Limit")
+        number = _get_str(params, "PhoneNumber", required=True) or ""
+        self._check_app_id(params)
+        end = _get_int(params, "EndTime", required=False)
+        if not 0 < limit <= MAX_PULL_LIMIT:
+            raise ApiError("InvalidParameterValue.LimitVerifyFail")
+        if offset < 0:
+            raise ApiError("InvalidParameterValue.OffsetVerifyFail")
+        now = self.now()
+        if begin < now - MAX_PULL_BY_NUMBER_DAYS * 86400:
+            raise ApiError("InvalidParameterValue.BeginTimeVerifyFail")
+        if end is not None and end < begin:
+            raise ApiError("InvalidParameterValue.EndTimeVerifyFail")
+        if split_e164(number) is None:
+            raise ApiError("FailedOperation.PhoneNumberParseFail")
+        last = math.floor(now) if end is None else end
+        with self._lock:
+            found = [
+                (send, self._statuses[send.serial_no])
+                for send in self._sends
+                if send.phone_number == number
+                and begin <= math.floor(send.sent_at) <= last
+                and send.serial_no in self._statuses
+            ]
+        page = found[offset : offset + limit]
+        return [self._send_status_item(send, st.status, st.description, st.receive_time) for send, st in page]
 
     def _describe_templates(self, params: Mapping[str, Any]) -> dict[str, Any]:
         international = _get_int(params, "International", required=True)

@@ -756,6 +756,128 @@ def test_session_context_is_echoed_in_pulled_statuses_only_when_enabled(fake: Fa
     assert status.SessionContext == "outbox-42"
 
 
+def pull_by_number(
+    fake: FakeTencentSms,
+    begin: float,
+    end: float | None = None,
+    *,
+    number: str = PHONE,
+    offset: int = 0,
+    limit: int = 100,
+) -> Any:
+    request = models.PullSmsSendStatusByPhoneNumberRequest()
+    request.BeginTime = int(begin)
+    request.Offset = offset
+    request.Limit = limit
+    request.PhoneNumber = number
+    request.SmsSdkAppId = APP_ID
+    if end is not None:
+        request.EndTime = int(end)
+    return client_for(fake).PullSmsSendStatusByPhoneNumber(request).PullSmsSendStatusSet
+
+
+def test_pull_send_status_by_phone_number_answers_the_window_and_consumes_nothing(
+    fake: FakeTencentSms, clock: Clock
+) -> None:
+    client = client_for(fake)
+    start = clock.now
+    serials = []
+    for n in range(3):
+        serials.append(client.SendSms(send_request(params=[f"A{n}", "x"])).SendStatusSet[0].SerialNo)
+        client.SendSms(send_request(["+8613800000009"], [f"A{n}", "x"]))  # another number: never in the answer
+        fake.advance(100)
+
+    window = pull_by_number(fake, start + 50, start + 200)
+    everything = pull_by_number(fake, start)  # no EndTime: up to now
+    second_page = pull_by_number(fake, start, offset=1, limit=1)
+
+    assert [s.SerialNo for s in window] == serials[1:]  # sent at +100 and +200: both ends count
+    assert [s.SerialNo for s in everything] == serials
+    assert [s.SerialNo for s in second_page] == [serials[1]]
+    status = window[0]
+    assert (status.PhoneNumber, status.CountryCode, status.SubscriberNumber) == (PHONE, "86", "13800000000")
+    assert (status.ReportStatus, status.Description) == ("SUCCESS", "用户短信接收成功")
+    assert status.SessionContext == ""  # not echoed unless enabled
+    assert [s.SerialNo for s in pull_by_number(fake, start)] == serials  # nothing consumed
+    assert len(pull_send_statuses(fake)) == 6  # nor the PullSmsSendStatus queue
+
+
+def test_pull_send_status_by_phone_number_shows_what_the_test_chose_per_send(
+    fake: FakeTencentSms, clock: Clock
+) -> None:
+    client = client_for(fake)
+    start = clock.now
+    pending, failed, delivered = (
+        client.SendSms(send_request(params=[f"A{n}", "x"])).SendStatusSet[0].SerialNo for n in range(3)
+    )
+    by_serial = {s.serial_no: s for s in fake.sends}
+    fake.set_send_status(by_serial[pending], None)  # no report from the carrier yet
+    fake.set_send_status(by_serial[failed], "FAIL", description="空号", receive_time=int(start) + 7)
+    fake.echo_session_context = True
+
+    answer = {s.SerialNo: s for s in pull_by_number(fake, start)}
+
+    assert set(answer) == {failed, delivered}
+    assert (answer[failed].ReportStatus, answer[failed].Description) == ("FAIL", "空号")
+    assert answer[failed].UserReceiveTime == int(start) + 7
+    assert answer[delivered].ReportStatus == "SUCCESS"
+    assert answer[delivered].SessionContext == "outbox-42"
+
+    fake.set_send_status(by_serial[pending], "SUCCESS")  # the report arrived
+    assert {s.SerialNo for s in pull_by_number(fake, start)} == {pending, failed, delivered}
+
+
+def test_without_report_sends_no_send_has_a_status_until_one_is_set(clock: Clock) -> None:
+    with FakeTencentSms(
+        secret_id=SECRET_ID,
+        secret_key=SECRET_KEY,
+        app_id=APP_ID,
+        templates={TEMPLATE: "Order {1}: {2}."},
+        signatures={SIGN},
+        clock=clock,
+        report_sends=False,
+    ) as fake:
+        client_for(fake).SendSms(send_request())
+        assert pull_by_number(fake, clock.now) == []
+        [send] = fake.sends
+        fake.enqueue_send_status(send, status="FAIL")  # queued for PullSmsSendStatus, and held by number
+        [status] = pull_by_number(fake, clock.now)
+    assert (status.SerialNo, status.ReportStatus) == (send.serial_no, "FAIL")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"begin": -(7 * 86400 + 1)}, "InvalidParameterValue.BeginTimeVerifyFail"),
+        ({"begin": 0, "end": -1}, "InvalidParameterValue.EndTimeVerifyFail"),
+        ({"begin": 0, "limit": 101}, "InvalidParameterValue.LimitVerifyFail"),
+        ({"begin": 0, "limit": 0}, "InvalidParameterValue.LimitVerifyFail"),
+        ({"begin": 0, "offset": -1}, "InvalidParameterValue.OffsetVerifyFail"),
+        ({"begin": 0, "number": "13800000000"}, "FailedOperation.PhoneNumberParseFail"),
+    ],
+)
+def test_pull_send_status_by_phone_number_checks_its_fields(
+    fake: FakeTencentSms, clock: Clock, kwargs: dict[str, Any], code: str
+) -> None:
+    """``begin``/``end`` are relative to the fake's clock; 7 days back exactly is still allowed."""
+    kwargs["begin"] += clock.now
+    if "end" in kwargs:
+        kwargs["end"] += clock.now
+    assert sdk_error(lambda: pull_by_number(fake, **kwargs)).code == code
+    assert pull_by_number(fake, clock.now - 7 * 86400) == []
+
+
+def test_pull_send_status_by_phone_number_requires_its_fields(fake: FakeTencentSms) -> None:
+    request = models.PullSmsSendStatusByPhoneNumberRequest()
+    request.Offset = 0
+    request.Limit = 10
+    request.PhoneNumber = PHONE
+    request.SmsSdkAppId = APP_ID
+    error = sdk_error(lambda: client_for(fake).PullSmsSendStatusByPhoneNumber(request))
+    assert error.code == "MissingParameter"
+    assert "BeginTime" in error.message
+
+
 def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
     request = models.DescribeSmsTemplateListRequest()
     request.International = 0
