@@ -337,21 +337,37 @@ def segments(text: str) -> int:
 
 
 TemplateKind = Literal["notification", "verification", "marketing"]
-TemplateStatus = Literal["approved", "reviewing", "rejected"]
-_STATUS_CODES: dict[str, int] = {"approved": 0, "reviewing": 1, "rejected": -1}
+TemplateStatus = Literal["approved", "reviewing", "approved_not_effective", "rejected"]
+_STATUS_CODES: dict[str, int] = {"approved": 0, "reviewing": 1, "approved_not_effective": 2, "rejected": -1}
+"""``DescribeTemplateListStatus.StatusCode``: 0 approved and in effect, 1 under review, 2 approved but not yet in
+effect, -1 rejected. Only 0 can send: the others answer ``FailedOperation.TemplateIncorrectOrUnapproved``."""
 
 
 @dataclass(frozen=True)
 class FakeTemplate:
-    """A template as configured in Tencent's console."""
+    """A template as configured in Tencent's console.
+
+    ``international``: False for Chinese mainland numbers only (``International`` 0), True for international and
+    Hong Kong/Macao/Taiwan numbers only (1), ``"both"`` for either (3, "该模板既支持国内短信也支持国际/港澳台短信").
+    ``DescribeSmsTemplateList`` takes only 0 or 1 as its filter and Tencent's documents do not say under which a
+    "both" template is listed: the fake lists it under either, with ``International`` 3."""
 
     content: str
     status: TemplateStatus = "approved"
-    international: bool = False
+    international: bool | Literal["both"] = False
     kind: TemplateKind = "notification"
     name: str = ""
     review_reply: str = ""
     create_time: int = 1_700_000_000
+
+    @property
+    def international_code(self) -> int:
+        """``International`` as ``DescribeSmsTemplateList`` answers it: 0, 1 or 3."""
+        return 3 if self.international == "both" else int(self.international)
+
+    def serves(self, *, domestic: bool) -> bool:
+        """Whether this template may be sent to Chinese mainland numbers (``domestic``) or to the others."""
+        return self.international == "both" or bool(self.international) != domestic
 
     @property
     def placeholders(self) -> int:
@@ -1294,7 +1310,7 @@ class FakeTencentSms:
         limit = _get_int(params, "Limit", required=False)
         offset = _get_int(params, "Offset", required=False)
         candidates = sorted(
-            ((tid, t) for tid, t in self.templates.items() if t.international == bool(international)),
+            ((tid, t) for tid, t in self.templates.items() if t.serves(domestic=international == 0)),
             key=lambda item: (len(item[0]), item[0]),
         )
         if ids:
@@ -1319,7 +1335,7 @@ class FakeTencentSms:
             "DescribeTemplateStatusSet": [
                 {
                     "TemplateId": int(tid) if tid.isdigit() else tid,
-                    "International": int(t.international),
+                    "International": t.international_code,
                     "StatusCode": _STATUS_CODES[t.status],
                     "ReviewReply": t.review_reply,
                     "TemplateName": t.name or f"template {tid}",
@@ -1366,9 +1382,9 @@ class FakeTencentSms:
         template = self.templates.get(template_id)
         if template is None or template.status != "approved":
             raise ApiError("FailedOperation.TemplateIncorrectOrUnapproved")
-        if domestic == {True} and template.international:
+        if domestic == {True} and not template.serves(domestic=True):
             raise ApiError("UnsupportedOperation.GlobalTemplateToChineseMainlandPhone")
-        if domestic == {False} and not template.international:
+        if domestic == {False} and not template.serves(domestic=False):
             raise ApiError("UnsupportedOperation.ChineseMainlandTemplateToGlobalPhone")
         if is_domestic and (not sign_name or sign_name not in self.signatures):
             raise ApiError("FailedOperation.SignatureIncorrectOrUnapproved")

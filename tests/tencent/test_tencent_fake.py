@@ -84,6 +84,8 @@ def fake(clock: Clock) -> Iterator[FakeTencentSms]:
         "1490004": FakeTemplate("Under review {1}", status="reviewing"),
         "1490005": FakeTemplate("Hello {1}", international=True),
         "1490006": FakeTemplate("Sale {1} 拒收请回复R", kind="marketing"),
+        "1490007": FakeTemplate("Hi {1}", international="both"),
+        "1490008": FakeTemplate("Soon {1}", status="approved_not_effective"),
     }
     with FakeTencentSms(
         secret_id=SECRET_ID,
@@ -333,6 +335,7 @@ def test_unknown_parameter_and_wrong_type_are_refused(fake: FakeTencentSms) -> N
         ({"params": ["A17", "t.cn/x"]}, "InvalidParameterValue.ProhibitedUseUrlInTemplateParameter"),
         ({"template_id": "9999999"}, "FailedOperation.TemplateIncorrectOrUnapproved"),
         ({"template_id": "1490004", "params": ["1"]}, "FailedOperation.TemplateIncorrectOrUnapproved"),
+        ({"template_id": "1490008", "params": ["1"]}, "FailedOperation.TemplateIncorrectOrUnapproved"),
         ({"template_id": "1490003", "params": ["12ab"]}, "InvalidParameterValue.TemplateParameterFormatError"),
         ({"sign_name": "Other Shop"}, "FailedOperation.SignatureIncorrectOrUnapproved"),
         ({"app_id": "1400000000"}, "UnauthorizedOperation.SmsSdkAppIdVerifyFail"),
@@ -383,6 +386,25 @@ def test_international_send(fake: FakeTencentSms) -> None:
     status = response.SendStatusSet[0]
     assert (status.Code, status.IsoCode) == ("Ok", "US")
     assert fake.sends[0].content == "Hello Al"
+
+
+def test_global_send_records_sender_id_and_ignores_a_sign_name(fake: FakeTencentSms) -> None:
+    request = send_request(["+85291234567"], ["Al"], template_id="1490005", sign_name="Not Approved Anywhere")
+    request.SenderId = "ACME"
+
+    status = client_for(fake).SendSms(request).SendStatusSet[0]
+
+    assert (status.Code, status.IsoCode) == ("Ok", "HK")
+    [sent] = fake.sends
+    assert (sent.sender_id, sent.sign_name) == ("ACME", "Not Approved Anywhere")
+    assert sent.content == sent.text == "Hello Al"  # no 【signature】 outside the mainland, and not checked
+    assert sent.fee == 1
+
+
+def test_a_mainland_template_to_a_global_number_is_refused(fake: FakeTencentSms) -> None:
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request(["+85291234567"], sign_name=None)))
+    assert error.code == "UnsupportedOperation.ChineseMainlandTemplateToGlobalPhone"
+    assert fake.sends == []
 
 
 def test_marketing_only_between_8_and_22_china_time(fake: FakeTencentSms, clock: Clock) -> None:
@@ -886,10 +908,11 @@ def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
 
     listed = {t.TemplateId: t for t in client_for(fake).DescribeSmsTemplateList(request).DescribeTemplateStatusSet}
 
-    assert set(listed) == {1490001, 1490002, 1490003, 1490004, 1490006}
+    assert set(listed) == {1490001, 1490002, 1490003, 1490004, 1490006, 1490007, 1490008}
     assert listed[1490001].TemplateContent == "Order {1}: {2}."
     assert listed[1490001].StatusCode == 0
     assert listed[1490004].StatusCode == 1
+    assert listed[1490008].StatusCode == 2  # approved, not yet in effect
     assert listed[1490003].TemplateName == "login code"
     assert listed[1490001].International == 0
 
@@ -898,6 +921,34 @@ def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
     by_id.TemplateIdSet = [1490005, 1490001]
     [international] = client_for(fake).DescribeSmsTemplateList(by_id).DescribeTemplateStatusSet
     assert (international.TemplateId, international.International) == (1490005, 1)
+
+
+@pytest.mark.parametrize("international", [0, 1])
+def test_a_template_for_both_is_listed_under_either_filter_as_3(fake: FakeTencentSms, international: int) -> None:
+    request = models.DescribeSmsTemplateListRequest()
+    request.International = international
+    request.Limit = 100
+    request.Offset = 0
+
+    listed = {
+        t.TemplateId: t.International
+        for t in client_for(fake).DescribeSmsTemplateList(request).DescribeTemplateStatusSet
+    }
+
+    assert listed[1490007] == 3
+    assert (1490005 in listed) == (international == 1)
+    assert (1490001 in listed) == (international == 0)
+
+
+def test_a_template_for_both_sends_to_mainland_and_international_numbers(fake: FakeTencentSms) -> None:
+    client = client_for(fake)
+    domestic = client.SendSms(send_request(params=["Al"], template_id="1490007")).SendStatusSet[0]
+    abroad = client.SendSms(send_request(["+14155550100"], ["Al"], template_id="1490007")).SendStatusSet[0]
+
+    assert (domestic.Code, abroad.Code, abroad.IsoCode) == ("Ok", "Ok", "US")
+    assert [s.content for s in fake.sends] == ["【Acme Shop】Hi Al", "Hi Al"]
+    error = sdk_error(lambda: client.SendSms(send_request(params=["Al"], template_id="1490007", sign_name=None)))
+    assert error.code == "FailedOperation.SignatureIncorrectOrUnapproved"  # mainland numbers still need one
 
 
 # --------------------------------------------------------------------------- delivery reports
