@@ -6,7 +6,8 @@ It speaks the wire protocol the real ``tencentcloud-sdk-python`` uses: ``POST /`
 raises on an error envelope when the content type is exactly that). Facts and error codes follow
 ``shared/docs/tencent-sms.md`` and the SDK's own ``tencentcloud.sms.v20210111.errorcodes``.
 
-Actions: ``SendSms``, ``PullSmsReplyStatus``, ``PullSmsSendStatus``, ``DescribeSmsTemplateList``.
+Actions: ``SendSms``, ``PullSmsReplyStatus``, ``PullSmsSendStatus``, ``PullSmsSendStatusByPhoneNumber``,
+``DescribeSmsTemplateList``.
 
 In tests::
 
@@ -20,24 +21,46 @@ In tests::
 As a process (prints its URL on the first line of stdout, then serves until SIGINT/SIGTERM)::
 
     python -m tests.fakes.tencent_sms --port 9000 --secret-id ID --secret-key KEY --app-id 1400006666 \
-        --template '1490001=Order {1}: {2}.' --signature 'Acme Shop'
+        --template '1490001=Order {1}: {2}.' --signature 'Acme Shop' [--no-limits] [--account-daily-limit N] \
+        [--echo-session-context]
 
-Scriptable faults (Python API): :meth:`~FakeTencentSms.fail_number` (a per-number ``Code`` in
-``SendStatusSet``), :meth:`~FakeTencentSms.fail_requests` (a whole-request error envelope),
-:meth:`~FakeTencentSms.http_error` (HTTP 5xx -> the SDK's ``ServerNetworkError``),
-:meth:`~FakeTencentSms.slow` and :meth:`~FakeTencentSms.disconnect` (-> ``ClientNetworkError``; by default
-after the send was accepted, the ambiguous case), per-number frequency limits (:class:`FrequencyLimits`).
-Replies for ``PullSmsReplyStatus``: :meth:`~FakeTencentSms.enqueue_reply`; delivery statuses for
-``PullSmsSendStatus`` are queued per accepted send (``report_sends``); delivery-status callbacks:
-:meth:`~FakeTencentSms.delivery_report` + :meth:`~FakeTencentSms.push_delivery_reports`.
+Scriptable faults (Python API), each saying what the SDK then raises or returns:
+
+- :meth:`~FakeTencentSms.fail_number`: a per-number ``Code`` in ``SendStatusSet``;
+  :meth:`~FakeTencentSms.blacklist` (``source="customer"|"carrier"``): ``FailedOperation.PhoneNumberInBlacklist``
+  until :meth:`~FakeTencentSms.unblacklist`, the source kept in :attr:`CallRecord.blacklisted`;
+- :meth:`~FakeTencentSms.fail_requests`: a whole-request error envelope (``TencentCloudSDKException`` with its code);
+- :meth:`~FakeTencentSms.http_error`: HTTP 5xx -> ``ServerNetworkError``;
+- :meth:`~FakeTencentSms.slow` and :meth:`~FakeTencentSms.disconnect` (``reset=True``: a TCP RST, not a FIN)
+  -> ``ClientNetworkError``, by default after the send was accepted, the ambiguous case;
+- :meth:`~FakeTencentSms.refuse_connections` / :meth:`~FakeTencentSms.accept_connections` (or ``with
+  fake.refused():``): the port is closed -> ``ClientNetworkError`` (``NewConnectionError``), nothing recorded;
+- :meth:`~FakeTencentSms.garble`: HTTP 200 the SDK cannot read (``truncated`` -> ``ChunkedEncodingError``,
+  ``not_json`` and ``html`` -> ``JSONDecodeError``), by default after the send was accepted;
+- per-number frequency limits (:class:`FrequencyLimits`: Tencent's defaults, :meth:`FrequencyLimits.english_faq`)
+  and an account-wide daily cap (``account_daily_limit`` -> ``LimitExceeded.AppDailyLimit`` per number);
+- templates under review, approved but not yet in effect, rejected, or for both mainland and global numbers
+  (:class:`FakeTemplate`).
+
+Tencent's defaults the fake keeps unless told otherwise: ``SessionContext`` is echoed in ``SendSms``'s answer but
+not in delivery reports (``ext``) or pulled statuses (``SessionContext: ""``) until Tencent's support enables it
+(``echo_session_context=True``).
+
+Replies for ``PullSmsReplyStatus``: :meth:`~FakeTencentSms.enqueue_reply`. Delivery statuses: one per accepted
+send (``report_sends``), queued for ``PullSmsSendStatus`` (each handed out once) and held for
+``PullSmsSendStatusByPhoneNumber`` (nothing consumed); :meth:`~FakeTencentSms.enqueue_send_status` queues one more,
+:meth:`~FakeTencentSms.set_send_status` sets one (``SUCCESS``, ``FAIL`` or None: no status yet). Delivery-status
+callbacks: :meth:`~FakeTencentSms.delivery_report` (and :meth:`~FakeTencentSms.odd_delivery_report`, the same item
+bent the ways Tencent or a proxy might post it) + :meth:`~FakeTencentSms.push_delivery_reports`.
 
 A process also answers ``GET /_fake/sends`` (the recorded sends as JSON, with their arrival time),
 ``GET /_fake/sends/count`` (``{"count": n}``, cheap to poll) and ``GET /_fake/health``; these paths are
 not part of Tencent's API.
 
 Time: signatures are checked against the wall clock (``auth_clock``, the SDK signs with
-``time.time()``); frequency windows, marketing hours and report/reply times use ``clock`` plus
-whatever :meth:`FakeTencentSms.advance` added, so tests can move time without sleeping.
+``time.time()``); frequency windows, the account cap's China day, marketing hours, report/reply times and
+``PullSmsSendStatusByPhoneNumber``'s window use ``clock`` plus whatever :meth:`FakeTencentSms.advance` added, so
+tests can move time without sleeping.
 """
 
 from __future__ import annotations
