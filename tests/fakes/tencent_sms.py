@@ -652,7 +652,8 @@ class FakeTencentSms:
         self.account_daily_limit = account_daily_limit
         """Messages the whole application may send per calendar day (China time); None: no cap. Past it, every
         number of a ``SendSms`` answers :attr:`account_daily_limit_code` until the fake's China day changes
-        (:meth:`advance`). Tencent's console sets such caps (mainland, global, per country) and off by default."""
+        (:meth:`advance`). Tencent's console sets such caps (mainland, global, per country); the fake has none unless
+        told."""
         self.account_daily_limit_code = "LimitExceeded.AppDailyLimit"
         """The per-number ``Code`` for the cap: Tencent also answers ``LimitExceeded.AppMainlandChinaDailyLimit``,
         ``...AppGlobalDailyLimit``, ``...AppCountryOrRegionDailyLimit`` and ``LimitExceeded.DailyLimit``."""
