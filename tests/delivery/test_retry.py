@@ -182,6 +182,7 @@ def test_permanent_error_fails_at_once_with_tencents_code(tencent: Harness, fake
 def test_no_answer_after_tencent_accepted_is_marked_ambiguous_not_resent(
     tencent: Harness, fake: FakeTencentSms
 ) -> None:
+    fake.echo_session_context = True  # Tencent echoes SessionContext in reports only once support enables it
     fake.slow(2.5)  # accepted and recorded, the answer comes after our 1 s timeout
     h = tencent
     h.say("hi")
