@@ -8,7 +8,7 @@ import pytest
 
 from bot.sms import OutboundSms
 from bot.tencent.config import TencentConfig
-from bot.tencent.errors import Outcome, classify
+from bot.tencent.errors import NOT_SENT, UNREADABLE, Outcome, classify
 from bot.tencent.sender import TencentSender, e164
 from bot.tencent.session_context import SessionContexts
 from tests.fakes.tencent_sms import FakeTencentSms
@@ -151,3 +151,43 @@ def test_blacklisted_number_means_opted_out() -> None:
 def test_e164() -> None:
     assert e164("86", "13800000000") == "+8613800000000"
     assert e164("+1", "+4155550100") == "+14155550100"
+
+
+# ---------------------------------------------------------------- transport failures, as Tencent really fails
+
+
+def test_a_refused_connection_never_reached_tencent_and_is_retried(fake: FakeTencentSms) -> None:
+    sender = sender_for(fake)
+    with fake.refused():
+        result = sender.send(sms())
+    assert (result.ok, result.code) == (False, NOT_SENT)
+    assert classify(result.code).outcome is Outcome.TRANSIENT
+    assert fake.sends == []
+    assert sender.send(sms()).ok  # the same sender gets through once Tencent answers again
+
+
+def test_a_dns_failure_never_reached_tencent(fake: FakeTencentSms) -> None:
+    config = TencentConfig(
+        secret_id=SECRET_ID, secret_key=SECRET_KEY, sdk_app_id=APP_ID, endpoint="sms.invalid:80", scheme="http",
+        timeout_seconds=2,
+    )  # fmt: skip
+    result = TencentSender(config).send(sms())
+    assert (result.ok, result.code) == (False, NOT_SENT)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "closed"])
+def test_a_connection_lost_after_the_request_was_written_is_ambiguous(fake: FakeTencentSms, reset: bool) -> None:
+    fake.disconnect(reset=reset)
+    result = sender_for(fake).send(sms())
+    assert (result.ok, result.code) == (False, "ClientNetworkError")
+    assert classify(result.code).outcome is Outcome.AMBIGUOUS
+    assert len(fake.sends) == 1  # Tencent did send it: a resend would text the customer twice
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not_json", "html"])
+def test_an_unreadable_answer_is_ambiguous_not_failed(fake: FakeTencentSms, kind: str) -> None:
+    fake.garble(kind)  # type: ignore[arg-type]
+    result = sender_for(fake).send(sms())
+    assert (result.ok, result.code) == (False, UNREADABLE)
+    assert classify(result.code).outcome is Outcome.AMBIGUOUS
+    assert len(fake.sends) == 1
