@@ -17,14 +17,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from bot.config import ConfigError, Settings, load_settings
+from bot.cli.common import (
+    PathArg,
+    checked_engine,
+    config_errors,
+    read_settings,
+    refuse_rule_errors,
+    safe_url,
+    use_config,
+)
+from bot.config import Settings
 from bot.rules.loader import LoadResult, load_rules
 from bot.rules.model import Reply
 from bot.rules.schema import RuleFile, parse_duration
 from bot.rules.simulation import Step, run_file_tests, simulate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     from sqlalchemy import Connection, Engine
 
@@ -38,25 +47,6 @@ rules_app = typer.Typer(help="Check, test and describe rule files.", no_args_is_
 app.add_typer(rules_app, name="rules")
 
 
-class _State:
-    config: Path | None = None
-
-
-@contextlib.contextmanager
-def _config_errors() -> Iterator[None]:
-    """A setting that cannot work ends the command with its message and exit code 2."""
-    try:
-        yield
-    except ConfigError as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-
-def _settings() -> Settings:
-    with _config_errors():
-        return load_settings(_State.config)
-
-
 @app.callback()
 def main(
     config: Annotated[
@@ -65,16 +55,15 @@ def main(
     ] = None,
 ) -> None:
     """smsbot: a conversational SMS auto-responder for Tencent Cloud SMS."""
-    _State.config = config
+    use_config(config)
 
 
 def _load(path: Path | None, param_max_length: int | None = None) -> tuple[LoadResult, Settings]:
-    settings = _settings()
+    settings = read_settings()
     result = load_rules(path or settings.rules_dir, param_max_length=param_max_length or settings.param_max_length)
     return result, settings
 
 
-PathArg = Annotated[Path | None, typer.Argument(help="rule file or folder (default: rules_dir from settings)")]
 LimitOpt = Annotated[
     int | None,
     typer.Option("--param-max-length", min=1, help="Tencent's template variable limit (default: from settings)"),
@@ -90,7 +79,7 @@ def rules_check(
     ] = False,
 ) -> None:
     """Check rule files; print every problem as file:line:col: message. Exit 1 on errors."""
-    config = _tencent_config(_settings()) if online else None  # missing credentials: refuse before any output
+    config = _tencent_config(read_settings()) if online else None  # missing credentials: refuse before any output
     result, settings = _load(path, param_max_length)
     diagnostics = list(result.diagnostics)
     compared = ""
@@ -145,7 +134,7 @@ app.add_typer(templates_app, name="templates")
 def _tencent_config(settings: Settings) -> TencentConfig:
     from bot.tencent.config import tencent_config
 
-    with _config_errors():
+    with config_errors():
         return tencent_config(settings, purpose="templates")
 
 
@@ -167,14 +156,11 @@ def templates_sync(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of diagnostics")] = False,
 ) -> None:
     """Compare the rule files' templates: with Tencent's (DescribeSmsTemplateList). Exit 1 on any error."""
-    settings = _settings()
+    settings = read_settings()
     config = _tencent_config(settings)
     result = load_rules(path or settings.rules_dir, param_max_length=settings.param_max_length)
     if result.errors:
-        for diagnostic in sorted(result.errors):
-            typer.echo(str(diagnostic), err=True)
-        typer.echo("the rules have errors; fix them first (smsbot rules check)", err=True)
-        raise typer.Exit(1)
+        refuse_rule_errors(result.errors)
     report = _template_report(path or settings.rules_dir, config)
     warnings = len(report.differences) - report.errors
     if as_json:
@@ -264,10 +250,7 @@ def simulate_command(
         raise typer.Exit(2) from exc
     result, _ = _load(rules)
     if result.ruleset is None:
-        for diagnostic in sorted(result.errors):
-            typer.echo(str(diagnostic), err=True)
-        typer.echo("the rules have errors; fix them first (smsbot rules check)", err=True)
-        raise typer.Exit(1)
+        refuse_rule_errors(result.errors)
     steps = simulate(
         result.ruleset,
         messages,
@@ -303,15 +286,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] 
     """Apply the database migrations (creates the tables on a new database)."""
     from bot.store.db import upgrade
 
-    settings = _settings()
+    settings = read_settings()
     upgrade(settings.database_url, revision)
-    typer.echo(f"database at {revision}: {_safe_url(settings.database_url)}")
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
+    typer.echo(f"database at {revision}: {safe_url(settings.database_url)}")
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -321,20 +298,6 @@ def _setup_logging(settings: Settings) -> None:
     from bot.runtime.logs import setup_logging
 
     setup_logging(level=logging.INFO, log_format=settings.log_format, reveal_numbers=settings.log_reveal_numbers)
-
-
-def _checked_engine(settings: Settings) -> Engine:
-    """The database engine, or exit 2 naming `smsbot db upgrade` when the schema is out of date."""
-    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
-
-    engine = make_engine(settings.database_url)
-    try:
-        check_schema(engine)
-    except SchemaOutOfDate as exc:
-        engine.dispose()
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    return engine
 
 
 def _loaded_rules(settings: Settings) -> LiveRules:
@@ -373,7 +336,7 @@ def serve(
     from bot.delivery.senders import make_sender
     from bot.web.app import create_app
 
-    settings = _settings()
+    settings = read_settings()
     if pull:
         settings = settings.model_copy(update={"pull": True})
     bind_host = host or settings.host
@@ -385,14 +348,14 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
-    with _config_errors():
+    with config_errors():
         sender = make_sender(settings)
         if settings.pull:
             from bot.tencent.config import tencent_config
 
             tencent_config(settings, purpose="pull")
     _setup_logging(settings)
-    engine = _checked_engine(settings)
+    engine = checked_engine(settings)
     rules = _loaded_rules(settings)
     if no_deliver:
         settings = settings.model_copy(update={"deliver": False})
@@ -402,7 +365,7 @@ def serve(
     if settings.writer == "process":
         engine.dispose()  # the writer process opens its own; this one only checked the schema
     typer.echo(
-        f"smsbot: listening on http://{bind_host}:{bind_port} (database {_safe_url(settings.database_url)}, "
+        f"smsbot: listening on http://{bind_host}:{bind_port} (database {safe_url(settings.database_url)}, "
         f"writer {settings.writer}{f', pulling from Tencent every {settings.pull_interval:g}s' if settings.pull else ''})"
     )
     # log_config=None: uvicorn's own lines go through the root handler, so they are masked and JSON too.
@@ -429,17 +392,17 @@ def pull_command(
     from bot.runtime.pulling import PollResult, pull_into_database
     from bot.tencent.config import tencent_config
 
-    settings = _settings()
-    with _config_errors():
+    settings = read_settings()
+    with config_errors():
         tencent_config(settings, purpose="pull")
     _setup_logging(settings)
-    engine = _checked_engine(settings)
+    engine = checked_engine(settings)
     try:
         rules = _loaded_rules(settings)
         if not once:
             typer.echo(
                 f"smsbot: pulling from Tencent every {interval or settings.pull_interval:g}s into "
-                f"{_safe_url(settings.database_url)} (Ctrl-C to stop)"
+                f"{safe_url(settings.database_url)} (Ctrl-C to stop)"
             )
         puller, result = asyncio.run(
             pull_into_database(settings, engine=engine, rules=rules, once=once, interval=interval)
@@ -484,11 +447,11 @@ def worker_command(
     from bot.delivery.senders import make_sender
     from bot.store.writer import DbWriter
 
-    settings = _settings()
-    with _config_errors():
+    settings = read_settings()
+    with config_errors():
         sender = make_sender(settings)
     _setup_logging(settings)
-    engine = _checked_engine(settings)
+    engine = checked_engine(settings)
     options = delivery_options(settings)
     if concurrency:
         options["concurrency"] = concurrency
@@ -504,7 +467,7 @@ def worker_command(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, task.cancel)
         typer.echo(
-            f"smsbot worker: sending queued replies from {_safe_url(settings.database_url)} "
+            f"smsbot worker: sending queued replies from {safe_url(settings.database_url)} "
             f"({options['concurrency']} at once; Ctrl-C to stop)"
         )
         with contextlib.suppress(asyncio.CancelledError):
@@ -544,7 +507,7 @@ def _in_users_db(change: Callable[[Connection, datetime], object]) -> None:
     from bot.console.users import UserError
     from bot.store.db import WRITE_OPTIONS
 
-    engine = _checked_engine(_settings())
+    engine = checked_engine(read_settings())
     try:
         with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
             change(conn, datetime.now(UTC))
@@ -669,7 +632,7 @@ def export_command(
     """
     from bot.store.export import BadDate, ExportFilter, parse_bound
 
-    settings = _settings()
+    settings = read_settings()
     try:
         filters = ExportFilter(
             since=parse_bound(since), until=parse_bound(until, end=True), signature=signature, reveal=reveal
@@ -677,7 +640,7 @@ def export_command(
     except BadDate as exc:
         typer.echo(f"smsbot export: {exc}", err=True)
         raise typer.Exit(2) from exc
-    engine = _checked_engine(settings)
+    engine = checked_engine(settings)
     try:
         written = _export_to(engine, filters, fmt.value, output)
     except OSError as exc:
