@@ -17,20 +17,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from bot.cli import rules, templates
 from bot.cli.common import (
-    PathArg,
     checked_engine,
     config_errors,
     read_settings,
-    refuse_rule_errors,
     safe_url,
     use_config,
 )
 from bot.config import Settings
-from bot.rules.loader import LoadResult, load_rules
-from bot.rules.model import Reply
-from bot.rules.schema import RuleFile, parse_duration
-from bot.rules.simulation import Step, run_file_tests, simulate
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -39,12 +34,8 @@ if TYPE_CHECKING:
 
     from bot.runtime.live_rules import LiveRules
     from bot.store.export import ExportFilter
-    from bot.tencent.config import TencentConfig
-    from bot.tencent.templates import SyncReport
 
 app = typer.Typer(help="smsbot: a conversational SMS auto-responder for Tencent Cloud SMS.", no_args_is_help=True)
-rules_app = typer.Typer(help="Check, test and describe rule files.", no_args_is_help=True)
-app.add_typer(rules_app, name="rules")
 
 
 @app.callback()
@@ -58,221 +49,9 @@ def main(
     use_config(config)
 
 
-def _load(path: Path | None, param_max_length: int | None = None) -> tuple[LoadResult, Settings]:
-    settings = read_settings()
-    result = load_rules(path or settings.rules_dir, param_max_length=param_max_length or settings.param_max_length)
-    return result, settings
-
-
-LimitOpt = Annotated[
-    int | None,
-    typer.Option("--param-max-length", min=1, help="Tencent's template variable limit (default: from settings)"),
-]
-
-
-@rules_app.command("check")
-def rules_check(
-    path: PathArg = None,
-    param_max_length: LimitOpt = None,
-    online: Annotated[
-        bool, typer.Option("--online", help="also compare the templates with Tencent's (smsbot templates sync)")
-    ] = False,
-) -> None:
-    """Check rule files; print every problem as file:line:col: message. Exit 1 on errors."""
-    config = _tencent_config(read_settings()) if online else None  # missing credentials: refuse before any output
-    result, settings = _load(path, param_max_length)
-    diagnostics = list(result.diagnostics)
-    compared = ""
-    if config is not None:
-        report = _template_report(path or settings.rules_dir, config)
-        diagnostics.extend(d.diagnostic() for d in report.differences)
-        compared = f"; {len(report.rule_templates)} template(s) compared with Tencent"
-    for diagnostic in sorted(diagnostics):
-        typer.echo(str(diagnostic))
-    errors = sum(1 for d in diagnostics if d.is_error)
-    warnings = len(diagnostics) - errors
-    typer.echo(f"{len(result.files)} file(s) checked: {errors} error(s), {warnings} warning(s){compared}", err=True)
-    raise typer.Exit(1 if errors else 0)
-
-
-@rules_app.command("test")
-def rules_test(path: PathArg = None, param_max_length: LimitOpt = None) -> None:
-    """Run the tests: of every rule file. Exit 1 on any failure."""
-    result, _ = _load(path, param_max_length)
-    if result.ruleset is None:
-        for diagnostic in sorted(result.errors):
-            typer.echo(str(diagnostic))
-        typer.echo("the rules have errors; run 'smsbot rules check' for details", err=True)
-        raise typer.Exit(1)
-    passed = failed = 0
-    for compiled in result.ruleset.files:
-        for outcome in run_file_tests(compiled):
-            if outcome.passed:
-                passed += 1
-                typer.echo(f"ok    {outcome.path}:{outcome.line}: {outcome.name}")
-            else:
-                failed += 1
-                typer.echo(f"FAIL  {outcome.path}:{outcome.line}: {outcome.name}")
-                for failure in outcome.failures:
-                    typer.echo(f"      {failure}")
-    typer.echo(f"rule tests: {passed} ok, {failed} failing")
-    raise typer.Exit(1 if failed else 0)
-
-
-@rules_app.command("schema")
-def rules_schema() -> None:
-    """Print the JSON Schema of rule files, for editors that validate YAML as you type."""
-    schema: dict[str, Any] = {"$schema": "https://json-schema.org/draft/2020-12/schema"}
-    schema.update(RuleFile.model_json_schema())
-    typer.echo(json.dumps(schema, indent=2, ensure_ascii=False))
-
-
-templates_app = typer.Typer(help="Compare the rule files' templates with Tencent's.", no_args_is_help=True)
-app.add_typer(templates_app, name="templates")
-
-
-def _tencent_config(settings: Settings) -> TencentConfig:
-    from bot.tencent.config import tencent_config
-
-    with config_errors():
-        return tencent_config(settings, purpose="templates")
-
-
-def _template_report(root: Path, config: TencentConfig) -> SyncReport:
-    """Tencent's templates against the rule files'; exit 2 when Tencent cannot be asked (no comparison ran)."""
-    from bot.tencent.templates import TemplateFetchError, collect_rule_templates, fetch_templates, sync_report
-
-    try:
-        tencent = fetch_templates(config)
-    except TemplateFetchError as exc:
-        typer.echo(f"smsbot: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    return sync_report(collect_rule_templates(root), tencent)
-
-
-@templates_app.command("sync")
-def templates_sync(
-    path: PathArg = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of diagnostics")] = False,
-) -> None:
-    """Compare the rule files' templates: with Tencent's (DescribeSmsTemplateList). Exit 1 on any error."""
-    settings = read_settings()
-    config = _tencent_config(settings)
-    result = load_rules(path or settings.rules_dir, param_max_length=settings.param_max_length)
-    if result.errors:
-        refuse_rule_errors(result.errors)
-    report = _template_report(path or settings.rules_dir, config)
-    warnings = len(report.differences) - report.errors
-    if as_json:
-        document = {
-            "templates_checked": len(report.rule_templates),
-            "tencent_templates": len(report.tencent_templates),
-            "errors": report.errors,
-            "warnings": warnings,
-            "differences": [
-                {
-                    "file": d.path,
-                    "line": d.line,
-                    "col": d.col,
-                    "template": d.template,
-                    "template_id": d.template_id,
-                    "kind": d.kind,
-                    "severity": d.severity,
-                    "message": d.message,
-                }
-                for d in report.differences
-            ],
-            "unused": [
-                {"template_id": t.id, "name": t.name, "status": t.status, "international": t.international}
-                for t in report.unused
-            ],
-        }
-        typer.echo(json.dumps(document, ensure_ascii=False))
-    else:
-        for difference in report.differences:
-            typer.echo(str(difference.diagnostic()))
-        for t in report.unused:
-            where = "international" if t.international else "domestic"
-            typer.echo(f"info: template {t.id}: {t.name!r} ({t.status}, {where}) is not used by any rule file")
-    typer.echo(
-        f"{len(report.rule_templates)} template(s) compared with {len(report.tencent_templates)} at Tencent: "
-        f"{report.errors} error(s), {warnings} warning(s), {len(report.unused)} unused at Tencent",
-        err=True,
-    )
-    raise typer.Exit(1 if report.errors else 0)
-
-
-def _reply_json(reply: Reply) -> dict[str, Any]:
-    return {
-        "template": reply.template,
-        "template_id": reply.template_id,
-        "params": list(reply.params),
-        "text": reply.text,
-    }
-
-
-def _print_step(step: Step) -> None:
-    d = step.decision
-    local = step.at.astimezone()
-    typer.echo(f"[{local:%H:%M:%S}] > {step.text}")
-    for reply in d.replies:
-        sms = f"{reply.segments} SMS, {reply.length} chars {reply.encoding}"
-        typer.echo(f"           < {reply.text}")
-        typer.echo(f"             ({reply.template} #{reply.template_id} params={list(reply.params)} {sms})")
-    if not d.replies:
-        why = "opted out" if d.opted_out else ("no rule matched" if d.rule is None else "no reply")
-        typer.echo(f"           (silent: {why})")
-    notes = [f"rule {d.rule}" if d.rule else "no rule", f"state {d.state_before or '-'} -> {d.state}"]
-    if d.expired:
-        notes.append("previous state expired")
-    if d.opt_change:
-        notes.append(d.opt_change.replace("_", "-"))
-    typer.echo("             " + ", ".join(notes))
-    for error in d.errors:
-        typer.echo(f"             error: {error}")
-
-
-@app.command("simulate")
-def simulate_command(
-    messages: Annotated[list[str], typer.Argument(help="the customer's messages, in order")],
-    sign: Annotated[str, typer.Option("--sign", help="the SMS signature the customer replies to")],
-    rules: Annotated[Path | None, typer.Option("--rules", help="rule file or folder (default: rules_dir)")] = None,
-    mobile: Annotated[str, typer.Option("--from", help="the customer's number")] = "13800000000",
-    nationcode: Annotated[str, typer.Option("--nationcode", help="country code")] = "86",
-    gap: Annotated[str, typer.Option("--gap", help="simulated time between messages, e.g. 31m")] = "1s",
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per message")] = False,
-) -> None:
-    """Feed MESSAGES to one fresh conversation and show what the bot would answer. Nothing is stored or sent."""
-    try:
-        step_gap = parse_duration(gap)
-    except ValueError as exc:
-        typer.echo(f"smsbot: --gap: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    result, _ = _load(rules)
-    if result.ruleset is None:
-        refuse_rule_errors(result.errors)
-    steps = simulate(
-        result.ruleset,
-        messages,
-        sign=sign,
-        start=datetime.now(UTC),
-        gap=step_gap,
-        nationcode=nationcode,
-        mobile=mobile,
-    )
-    for step in steps:
-        if as_json:
-            d = step.decision
-            line = {
-                "text": step.text,
-                "rule": d.rule,
-                "state": d.state,
-                "replies": [_reply_json(r) for r in d.replies],
-                "opted_out": d.opted_out,
-            }
-            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
-        else:
-            _print_step(step)
+app.command("simulate")(rules.simulate_command)
+app.add_typer(rules.app, name="rules")
+app.add_typer(templates.app, name="templates")
 
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
