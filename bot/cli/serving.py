@@ -1,11 +1,11 @@
 """``smsbot serve``, ``pull`` and ``worker``: the long-running processes a deployment is made of.
 
-They start up in the same order, so the shared steps live here once: refuse settings that cannot
-work (missing credentials, a public address without a callback token) before anything is logged,
-then set up logging, then check the database schema, then (serve and pull, which answer messages)
-load the rules. A process that would fail on its first message fails at start instead. uvicorn,
-FastAPI, SQLAlchemy and Tencent's SDK are imported inside the commands, so the rest of ``smsbot``
-starts without them.
+They start up the same way, in the same order: refuse settings that cannot work (missing
+credentials, a public address without a callback token) before anything is logged, then set up
+logging, check the database schema and (serve and pull, which answer messages) load the rules, so
+a process that would fail on its first message fails at start instead. uvicorn, FastAPI,
+SQLAlchemy and Tencent's SDK are imported inside the commands, so the rest of ``smsbot`` starts
+without them.
 """
 
 from __future__ import annotations
