@@ -26,12 +26,12 @@ from fastapi import Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import Connection, func, insert, or_, select, update
 
+from bot.console.display import wants_reveal
 from bot.console.ops_shared import (
     Page,
     known_signatures,
     listing_context,
     page_number,
-    wants_reveal,
 )
 from bot.console.users import audit
 from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime

@@ -1,8 +1,9 @@
 """Small pieces the ops pages (opt-outs, deliveries, simulator, export) share.
 
 Kept apart from ``bot.console.web`` because they are policy, not machinery:
-who may see a full phone number, how a typed number is matched, and how the
-pages page through long lists.
+how a typed number is matched, and how the pages page through long lists.
+Who may see a full number is ``bot.console.display.wants_reveal``, the same
+for every page.
 """
 
 from __future__ import annotations
@@ -16,28 +17,18 @@ from urllib.parse import urlencode
 from fastapi import Request
 from sqlalchemy import ColumnElement, Connection, and_, select
 
-from bot.console.users import ConsoleUser
-from bot.numbers import mask_number
+from bot.console.display import show_number
 from bot.store.models import contacts, conversations
 
 PAGE_SIZE = 50
 _DIGITS = re.compile(r"\D")
 
 
-def wants_reveal(request: Request, user: ConsoleUser) -> bool:
-    """Full numbers only for an admin who asked (``?reveal=1``): a viewer's request is silently ignored.
-
-    Ignored rather than refused so a shared link with ``reveal=1`` still
-    works for a viewer, just masked.
-    """
-    return user.is_admin and request.query_params.get("reveal") in ("1", "true", "yes", "on")
-
-
 def number_shower(reveal: bool) -> Callable[[str, str], str]:
     """How a page prints ``(nationcode, mobile)``: ``+86 138****0000`` unless revealed."""
 
     def show(nationcode: str, mobile: str) -> str:
-        return f"+{nationcode} {mobile if reveal else mask_number(mobile)}"
+        return show_number(nationcode, mobile, reveal=reveal)
 
     return show
 

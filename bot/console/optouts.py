@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import Connection, and_, func, insert, select, true, update
 from sqlalchemy.exc import IntegrityError
 
+from bot.console.display import wants_reveal
 from bot.console.ops_shared import (
     Page,
     digits,
@@ -25,7 +26,6 @@ from bot.console.ops_shared import (
     listing_context,
     number_filter,
     page_number,
-    wants_reveal,
 )
 from bot.console.users import ConsoleUser, audit
 from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime
