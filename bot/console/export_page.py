@@ -13,11 +13,11 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from bot.console.display import wants_reveal
-from bot.console.ops_shared import known_signatures
 from bot.console.users import audit
 from bot.console.web import PREFIX, ConsoleRouter, CurrentUser, engine, now, render
 from bot.store.db import WRITE_OPTIONS
 from bot.store.export import BadDate, ExportFilter, ExportFormat, export_chunks, media_type, parse_bound
+from bot.store.queries import known_signatures
 
 router = ConsoleRouter(prefix=PREFIX)
 

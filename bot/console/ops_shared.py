@@ -1,9 +1,9 @@
-"""Small pieces the ops pages (opt-outs, deliveries, simulator, export) share.
+"""Small pieces the ops pages (opt-outs, deliveries) share: typed numbers, paging and the list context.
 
 Kept apart from ``bot.console.web`` because they are policy, not machinery:
-how a typed number is matched, and how the pages page through long lists.
-Who may see a full number is ``bot.console.display.wants_reveal``, the same
-for every page.
+how a typed number is read and how the pages page through long lists. Who
+may see a full number is ``bot.console.display.wants_reveal``, the same for
+every page.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import Request
-from sqlalchemy import ColumnElement, Connection, and_, select
 
 from bot.console.display import show_number
-from bot.store.models import contacts, conversations
 
 PAGE_SIZE = 50
 _DIGITS = re.compile(r"\D")
@@ -35,28 +33,6 @@ def number_shower(reveal: bool) -> Callable[[str, str], str]:
 
 def digits(value: str) -> str:
     return _DIGITS.sub("", value)
-
-
-def number_filter(value: str) -> ColumnElement[bool] | None:
-    """The contacts matching what someone typed: the last 4 digits, a full number, or +nationcode+number.
-
-    Four digits or fewer is a suffix search (what the masked form shows);
-    more is an exact number, with or without its country code in front,
-    so a number copied from anywhere finds its contact.
-    """
-    wanted = digits(value)
-    if not wanted:
-        return None
-    if len(wanted) <= 4:
-        return contacts.c.mobile.endswith(wanted, autoescape=True)
-    return (contacts.c.mobile == wanted) | ((contacts.c.nationcode + contacts.c.mobile) == wanted)
-
-
-def known_signatures(conn: Connection, extra: list[str] | None = None) -> list[str]:
-    """Signatures to offer in a filter: those with conversations, plus ``extra`` (e.g. the rule files')."""
-    found = {str(s) for s in conn.execute(select(conversations.c.signature).distinct()).scalars()}
-    found.update(s for s in (extra or []) if s and s != "*")
-    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -94,13 +70,6 @@ def query_without(request: Request, *names: str, **values: Any) -> str:
     params = {k: v for k, v in request.query_params.items() if k not in names and k not in values}
     params.update({k: str(v) for k, v in values.items() if v is not None})
     return urlencode(params)
-
-
-def all_of(*conditions: ColumnElement[bool] | None) -> ColumnElement[bool] | None:
-    present = [c for c in conditions if c is not None]
-    if not present:
-        return None
-    return and_(*present)
 
 
 def listing_context(request: Request, page: Page, reveal: bool, done: Mapping[str, str]) -> dict[str, Any]:
