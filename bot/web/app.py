@@ -1,8 +1,8 @@
 """The FastAPI application: Tencent's callbacks and health checks.
 
-Routes stay thin: they check the request, hand the work to the database
-writer (which commits it with others in one transaction) and answer only
-after that commit.
+Routes stay thin: they check the request, hand the work to the pipeline
+(``bot/runtime/pipeline.py``: whichever writer commits it, with others, in
+one transaction) and answer only after that commit.
 """
 
 from __future__ import annotations
