@@ -165,7 +165,7 @@ def stop_app(client: TestClient, app: FastAPI, *, timeout: float = 10.0) -> None
     ``test_delivery_task_honours_a_cancel_that_arrives_with_a_wake_up``), which
     would hang the whole test session here.
     """
-    app.state.runtime.writer.on_commit = None
+    app.state.runtime.pipeline.writer.on_commit = None
     with contextlib.suppress(Exception):  # the portal is gone: the app already stopped
         assert client.portal is not None
         client.portal.call(_stop_deliverer)

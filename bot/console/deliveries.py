@@ -110,11 +110,7 @@ def retry(
         return render(
             request, "error.html", {"status": exc.status_code, "message": str(exc)}, status_code=exc.status_code
         )
-    state = runtime(request)
-    if state.deliverer is not None:  # the delivery loop runs here
-        state.deliverer.wake()
-    elif state.process_writer is not None:  # it runs in the writer process
-        state.process_writer.wake_delivery()
+    runtime(request).pipeline.wake_delivery()  # wherever the delivery loop runs, if it runs
     return RedirectResponse(f"{PREFIX}/deliveries?done=retried", status_code=303)
 
 

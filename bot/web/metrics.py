@@ -40,8 +40,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from bot.config import Settings
-from bot.runtime.live_rules import LiveRules
-from bot.runtime.writer_process import ProcessWriter
+from bot.runtime.pipeline import Pipeline
 from bot.store.queries import REPLY_STATUSES, limit_statement_time, outbox_backlog, replies_by_status
 
 log = logging.getLogger("smsbot.metrics")
@@ -164,16 +163,11 @@ class AppMetrics:
         for result in ("success", "failure"):
             self.rule_loads.labels(result)
         self._children: dict[tuple[str, str], Any] = {}
-        self._rules_status = rules_status
         self.database = _DatabaseCollector(engine, clock)
         self.registry.register(self.database)
         self.registry.register(_RulesCollector(rules_status))
 
     # ---------------------------------------------------------------- events
-
-    def on_rules_reload(self) -> None:
-        """For ``LiveRules.watch`` (thread mode): count the attempt that just ended."""
-        self.rules_loaded(self._rules_status())
 
     def rules_loaded(self, status: RulesStatus) -> None:
         """Count one rules load attempt from its status (``last_reload_error`` set: it failed)."""
@@ -243,32 +237,14 @@ class AppMetrics:
         return Response(body, media_type=CONTENT_TYPE)
 
 
-def live_rules_status(rules: LiveRules) -> RulesStatus:
-    """The rules status of an in-process ``LiveRules``, in the shape the writer process sends it."""
-    ruleset = rules.ruleset
-    return {
-        "version": ruleset.version if ruleset else None,
-        "loaded_at": rules.loaded_at.isoformat() if rules.loaded_at else None,
-        "last_reload_error": rules.last_error or None,
-    }
-
-
 def build_metrics(
     settings: Settings,
     *,
     engine: Engine,
     clock: Callable[[], datetime],
-    rules: LiveRules,
-    process_writer: ProcessWriter | None,
+    pipeline: Pipeline,
 ) -> AppMetrics:
-    """The metrics of one app, wired to where its rules live (this process, or the writer process)."""
-    if process_writer is not None:
-        writer = process_writer
-        metrics = AppMetrics(settings, engine=engine, clock=clock, rules_status=lambda: writer.rules_status)
-        # Every ("rules", status) message is one load attempt of the writer process, its start included.
-        writer.on_rules_status = metrics.rules_loaded
-        return metrics
-    metrics = AppMetrics(settings, engine=engine, clock=clock, rules_status=lambda: live_rules_status(rules))
-    if rules.ruleset is not None:  # loaded before the app was built
-        metrics.rules_loaded(live_rules_status(rules))
+    """The metrics of one app, wired to wherever its rules live (this process, or the writer process)."""
+    metrics = AppMetrics(settings, engine=engine, clock=clock, rules_status=pipeline.rules_status)
+    pipeline.on_rules_loaded(metrics.rules_loaded)
     return metrics
