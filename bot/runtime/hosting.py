@@ -9,15 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
 
 from sqlalchemy import Engine
 
 from bot.config import Settings
 from bot.runtime.live_rules import LiveRules
-from bot.runtime.pipeline import Pipeline, build_pipeline
+from bot.runtime.pipeline import Pipeline, PipelineOptions, build_pipeline
 from bot.runtime.pulling import Puller, make_puller
-from bot.sms import SmsSender
 
 
 @dataclass
@@ -35,26 +33,7 @@ class Runtime:
     """Set when ``settings.pull``: pulls Tencent's queues into the same pipeline as the routes."""
 
 
-def build_runtime(
-    settings: Settings,
-    *,
-    engine: Engine,
-    rules: LiveRules,
-    sender: SmsSender | None,
-    clock: Callable[[], datetime],
-    deliver: bool,
-    watch_rules: bool,
-    writer_mode: Literal["thread", "process"],
-) -> Runtime:
-    pipeline = build_pipeline(
-        settings,
-        engine=engine,
-        rules=rules,
-        sender=sender,
-        clock=clock,
-        deliver=deliver,
-        watch_rules=watch_rules,
-        writer_mode=writer_mode,
-    )
-    puller = make_puller(settings, pipeline, clock=clock) if settings.pull else None
-    return Runtime(settings=settings, engine=engine, rules=rules, clock=clock, pipeline=pipeline, puller=puller)
+def build_runtime(settings: Settings, *, engine: Engine, rules: LiveRules, options: PipelineOptions) -> Runtime:
+    pipeline = build_pipeline(settings, engine=engine, rules=rules, options=options)
+    puller = make_puller(settings, pipeline, clock=options.clock) if settings.pull else None
+    return Runtime(settings=settings, engine=engine, rules=rules, clock=options.clock, pipeline=pipeline, puller=puller)

@@ -24,7 +24,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import Engine, text
@@ -90,20 +91,22 @@ def inbound_policy(settings: Settings) -> Policy:
     return Policy(loop_limit=settings.loop_limit, loop_window=settings.loop_window)
 
 
-def build_pipeline(
-    settings: Settings,
-    *,
-    engine: Engine,
-    rules: LiveRules,
-    sender: SmsSender | None,
-    clock: Callable[[], datetime],
-    deliver: bool,
-    watch_rules: bool,
-    writer_mode: Literal["thread", "process"],
-) -> Pipeline:
-    """The pipeline ``create_app`` asked for (see ``create_app`` for what each argument means in each mode)."""
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How ``create_app`` wants its pipeline run (see ``create_app`` for each option in each mode)."""
+
+    sender: SmsSender | None = None
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    deliver: bool = True
+    watch_rules: bool = True
+    writer_mode: Literal["thread", "process"] = "thread"
+
+
+def build_pipeline(settings: Settings, *, engine: Engine, rules: LiveRules, options: PipelineOptions) -> Pipeline:
+    """The one place that picks a mode: the pipeline ``options`` ask for."""
     policy = inbound_policy(settings)
-    if writer_mode == "process":
+    sender, clock, deliver, watch_rules = options.sender, options.clock, options.deliver, options.watch_rules
+    if options.writer_mode == "process":
         return ProcessPipeline(
             ProcessWriter(
                 WriterConfig(

@@ -23,7 +23,7 @@ from bot.config import Settings
 from bot.console import install as install_console
 from bot.runtime.hosting import Runtime, build_runtime
 from bot.runtime.live_rules import LiveRules
-from bot.runtime.pipeline import Pipeline
+from bot.runtime.pipeline import Pipeline, PipelineOptions
 from bot.runtime.pulling import pulling
 from bot.sms import SmsSender
 from bot.tencent.callbacks import (
@@ -117,16 +117,10 @@ def create_app(
     its own (``bot/runtime/writer_process.py``); ``sender`` must then be picklable
     (None: the console sender) and ``clock`` only stamps validation.
     """
-    runtime = build_runtime(
-        settings,
-        engine=engine,
-        rules=rules,
-        sender=sender,
-        clock=clock,
-        deliver=deliver,
-        watch_rules=watch_rules,
-        writer_mode=writer_mode,
+    options = PipelineOptions(
+        sender=sender, clock=clock, deliver=deliver, watch_rules=watch_rules, writer_mode=writer_mode
     )
+    runtime = build_runtime(settings, engine=engine, rules=rules, options=options)
     app = FastAPI(
         title="smsbot",
         summary="Conversational SMS auto-responder for Tencent Cloud SMS",
