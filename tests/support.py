@@ -165,7 +165,7 @@ def stop_app(client: TestClient, app: FastAPI, *, timeout: float = 10.0) -> None
     ``test_delivery_task_honours_a_cancel_that_arrives_with_a_wake_up``), which
     would hang the whole test session here.
     """
-    app.state.runtime.writer.on_commit = None
+    app.state.runtime.pipeline.writer.on_commit = None
     with contextlib.suppress(Exception):  # the portal is gone: the app already stopped
         assert client.portal is not None
         client.portal.call(_stop_deliverer)
@@ -392,9 +392,18 @@ class Server:
 
 @contextlib.contextmanager
 def serve_process(
-    db_url: str, tmp_path: Path, *, rules: Path | None = None, env: dict[str, str] | None = None
+    db_url: str,
+    tmp_path: Path,
+    *,
+    rules: Path | None = None,
+    env: dict[str, str] | None = None,
+    smsbot: Path = SMSBOT,
 ) -> Iterator[Server]:
-    """A real ``smsbot serve`` (writer process, console sender) on a loopback port, ready; stopped after."""
+    """A real ``smsbot serve`` (writer process, console sender) on a loopback port, ready; stopped after.
+
+    ``smsbot`` is the command to run: by default the one beside this interpreter (the checkout's),
+    ``tests/test_wheel.py`` passes the one a wheel installed elsewhere.
+    """
     port = free_port()
     rules = rules or copy_rules(tmp_path / "rules")
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SMSBOT_")}
@@ -408,7 +417,7 @@ def serve_process(
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(SMSBOT), "serve", "--port", str(port)],
+            [str(smsbot), "serve", "--port", str(port)],
             cwd=tmp_path,
             env=environment,
             stdout=out,

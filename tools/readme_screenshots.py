@@ -112,7 +112,7 @@ def main() -> None:
                     wait_until(lambda: outbox_empty(engine), timeout=30, what="this reply to be sent")
                     clock.advance(timedelta(seconds=rng.randint(20, 90)))
             clock.now = end - timedelta(hours=47 - hour)
-    wait_until(lambda: not app.state.runtime.deliverer._tasks, timeout=30, what="the replies to be sent")
+    wait_until(lambda: not app.state.runtime.pipeline.deliverer._tasks, timeout=30, what="the replies to be sent")
 
     OUT.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:

@@ -12,7 +12,7 @@ How to add a page (the whole interface; everything lives in ``bot.console.web``)
     @router.get("/conversations", response_class=HTMLResponse)
     def conversations(request: Request, user: CurrentUser) -> Response:      # any signed-in user
         with engine(request).connect() as conn:
-            ...
+            rows = conversation_page(conn, filters=..., ...)   # from bot.console.queries.conversations
         return render(request, "conversations.html", {"rows": rows})
 
     @router.post("/opt-outs/add")
@@ -35,6 +35,14 @@ then add the module's ``router`` to ``PAGES`` below.
   ``engine(request).connect().execution_options(**WRITE_OPTIONS)`` from
   ``bot.store.db`` and ``conn.begin()``); ``now(request)``, the app's
   injectable clock. Write routes as plain ``def`` (FastAPI's thread pool).
+- **SQL**: never in a route. A page's own queries live in
+  ``bot/console/queries/<page>.py``: typed functions taking the connection
+  and keyword arguments (the route owns the transaction). What several
+  pages, the export or ``/metrics`` read (reply status sets, the contacts
+  join, the number and time filters, the signature list) is in
+  ``bot.store.queries``, so it is written once.
+- **Phone numbers**: masked unless ``bot.console.display.wants_reveal``
+  (an admin asking with ``?reveal=1``); printed by ``display.show_number``.
 - **Audit**: ``bot.console.users.audit(conn, actor=user.name, action=...,
   target=..., detail={...}, now=...)`` in the transaction making the change.
 - **Rendering**: ``render(request, "page.html", context, status_code=200)``

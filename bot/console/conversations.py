@@ -17,7 +17,6 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import ColumnElement, Connection, and_, exists, func, or_, select
 from sqlalchemy.engine import RowMapping
 
 from bot.console.display import (
@@ -29,8 +28,16 @@ from bot.console.display import (
     show_number,
     wants_reveal,
 )
+from bot.console.queries.conversations import (
+    ConversationFilter,
+    Cursor,
+    conversation_page,
+    conversation_with_number,
+    count_conversations,
+    newest_messages,
+    opt_out_history,
+)
 from bot.console.web import PREFIX, ConsoleRouter, CurrentUser, engine, render
-from bot.store.models import contacts, conversations, messages, opt_out_events
 
 router = ConsoleRouter(prefix=PREFIX)
 
@@ -69,6 +76,18 @@ class ListFilters:
             "reveal": "1" if self.reveal else "",
         }
 
+    def query(self) -> ConversationFilter:
+        """The filters as the query reads them: digits only, opted-out as a flag, no links or errors."""
+        return ConversationFilter(
+            signature=self.signature,
+            number_digits=_NUMBER_NOISE.sub("", self.number),
+            state=self.state,
+            opted_out=None if not self.opted_out else self.opted_out == "yes",
+            text=self.q,
+            since=self.dates.since,
+            until=self.dates.until,
+        )
+
 
 def _filters(request: Request, user: CurrentUser) -> ListFilters:
     query = request.query_params
@@ -92,54 +111,11 @@ def _filters(request: Request, user: CurrentUser) -> ListFilters:
     return found
 
 
-def _number_condition(raw: str) -> ColumnElement[bool]:
-    """Up to 4 digits: the number ends with them; more: the whole number, with or without its country code.
-
-    ``+86 138 0000 0000``, ``8613800000000`` and ``13800000000`` all find the
-    same contact. Every reading of a whole number is a (nationcode, mobile)
-    pair, so the lookup is a few probes of ``uq_contacts_number`` rather than
-    a scan: digits alone are read as a Chinese number (86, where nearly all of
-    Tencent's domestic SMS go), and as a country code of 1 to 3 digits
-    followed by the mobile. A suffix cannot use a b-tree, so the last-4 search
-    scans ``contacts`` (one row per number: tens of milliseconds at 100k).
-    """
-    digits = _NUMBER_NOISE.sub("", raw)
-    if len(digits) <= 4:
-        return contacts.c.mobile.endswith(digits, autoescape=True)
-    readings = [("86", digits)] + [(digits[:k], digits[k:]) for k in (1, 2, 3) if len(digits) - k >= 5]
-    return or_(*(and_(contacts.c.nationcode == code, contacts.c.mobile == mobile) for code, mobile in readings))
-
-
-def _conditions(f: ListFilters) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
-    if f.signature:
-        where.append(conversations.c.signature == f.signature)
-    if f.number:
-        where.append(conversations.c.contact_id.in_(select(contacts.c.id).where(_number_condition(f.number))))
-    if f.state:
-        where.append(conversations.c.state == f.state)
-    if f.opted_out:
-        where.append(conversations.c.opted_out.is_(f.opted_out == "yes"))
-    if f.dates.since is not None:
-        where.append(conversations.c.updated_at >= f.dates.since)
-    if f.dates.until is not None:
-        where.append(conversations.c.updated_at < f.dates.until)
-    if f.q:
-        # ILIKE on PostgreSQL, lower() LIKE lower() on SQLite; autoescape makes % and _ literal.
-        where.append(
-            exists().where(
-                messages.c.conversation_id == conversations.c.id,
-                messages.c.text.icontains(f.q, autoescape=True),
-            )
-        )
-    return where
-
-
 def _cursor(updated_at: datetime, conversation_id: int) -> str:
     return f"{(updated_at - _EPOCH) // timedelta(microseconds=1)}_{conversation_id}"
 
 
-def _parse_cursor(raw: str | None) -> tuple[datetime, int] | None:
+def _parse_cursor(raw: str | None) -> Cursor | None:
     found = _CURSOR.match(raw or "")
     if found is None:
         return None
@@ -149,56 +125,16 @@ def _parse_cursor(raw: str | None) -> tuple[datetime, int] | None:
         return None
 
 
-def _page(
-    conn: Connection, where: list[ColumnElement[bool]], before: str | None, after: str | None
-) -> tuple[list[RowMapping], bool, bool]:
-    """One page of rows, newest first, and whether there are newer / older pages."""
-    latest = (
-        select(messages.c.text, messages.c.direction)
-        .where(messages.c.conversation_id == conversations.c.id)
-        .order_by(messages.c.created_at.desc(), messages.c.id.desc())
-        .limit(1)
-    )
-    stmt = (
-        select(
-            conversations.c.id,
-            conversations.c.signature,
-            conversations.c.state,
-            conversations.c.opted_out,
-            conversations.c.created_at,
-            conversations.c.updated_at,
-            contacts.c.nationcode,
-            contacts.c.mobile,
-            latest.with_only_columns(messages.c.text).scalar_subquery().label("last_text"),
-            latest.with_only_columns(messages.c.direction).scalar_subquery().label("last_direction"),
-        )
-        .join(contacts, contacts.c.id == conversations.c.contact_id)
-        .where(*where)
-    )
-    at, key = conversations.c.updated_at, conversations.c.id
-    newer_cursor, older_cursor = _parse_cursor(after), _parse_cursor(before)
-    if newer_cursor is not None:
-        t, i = newer_cursor
-        stmt = stmt.where(at >= t, or_(at > t, key > i)).order_by(at.asc(), key.asc()).limit(PAGE_SIZE + 1)
-        rows = list(conn.execute(stmt).mappings())
-        has_newer = len(rows) > PAGE_SIZE
-        return list(reversed(rows[:PAGE_SIZE])), has_newer, True
-    if older_cursor is not None:
-        t, i = older_cursor
-        stmt = stmt.where(at <= t, or_(at < t, key < i))
-    stmt = stmt.order_by(at.desc(), key.desc()).limit(PAGE_SIZE + 1)
-    rows = list(conn.execute(stmt).mappings())
-    return rows[:PAGE_SIZE], older_cursor is not None, len(rows) > PAGE_SIZE
-
-
 @router.get("/conversations", response_class=HTMLResponse, include_in_schema=False)
 def conversation_list(request: Request, user: CurrentUser) -> Response:
     f = _filters(request, user)
-    where = _conditions(f)
+    filters = f.query()
+    after = _parse_cursor(request.query_params.get("after"))
+    before = _parse_cursor(request.query_params.get("before"))
     with engine(request).connect() as conn:
-        total = int(conn.execute(select(func.count()).select_from(conversations).where(*where)).scalar_one())
-        rows, has_newer, has_older = _page(
-            conn, where, request.query_params.get("before"), request.query_params.get("after")
+        total = count_conversations(conn, filters=filters)
+        rows, has_newer, has_older = conversation_page(
+            conn, filters=filters, size=PAGE_SIZE, after=after, before=before
         )
     path = PREFIX + "/conversations"
     params = f.params()
@@ -267,17 +203,7 @@ def conversation_thread(request: Request, user: CurrentUser, conversation_id: st
     reveal = wants_reveal(request, user)
     key = int(conversation_id) if conversation_id.isdigit() and len(conversation_id) < 19 else None
     with engine(request).connect() as conn:
-        convo = None
-        if key is not None:
-            convo = (
-                conn.execute(
-                    select(conversations, contacts.c.nationcode, contacts.c.mobile)
-                    .join(contacts, contacts.c.id == conversations.c.contact_id)
-                    .where(conversations.c.id == key)
-                )
-                .mappings()
-                .first()
-            )
+        convo = conversation_with_number(conn, conversation_id=key) if key is not None else None
         if convo is None:
             return render(
                 request,
@@ -285,19 +211,8 @@ def conversation_thread(request: Request, user: CurrentUser, conversation_id: st
                 {"status": 404, "message": f"there is no conversation {conversation_id!r}"},
                 status_code=404,
             )
-        newest = list(
-            conn.execute(
-                select(messages)
-                .where(messages.c.conversation_id == key)
-                .order_by(messages.c.created_at.desc(), messages.c.id.desc())
-                .limit(THREAD_LIMIT + 1)
-            ).mappings()
-        )
-        events = list(
-            conn.execute(
-                select(opt_out_events).where(opt_out_events.c.conversation_id == key).order_by(opt_out_events.c.id)
-            ).mappings()
-        )
+        newest = newest_messages(conn, conversation_id=convo["id"], limit=THREAD_LIMIT + 1)
+        events = opt_out_history(conn, conversation_id=convo["id"])
     truncated = len(newest) > THREAD_LIMIT
     shown = newest[:THREAD_LIMIT]
     if truncated and shown:

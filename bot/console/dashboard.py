@@ -21,21 +21,17 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import BigInteger, ColumnElement, Connection, Integer, and_, case, cast, func, select
-from sqlalchemy.sql.elements import ColumnElement as Expr
+from sqlalchemy import Connection
 
 from bot.console.display import DISPLAY_OFFSET_SECONDS, DISPLAY_TZ, DISPLAY_TZ_LABEL
+from bot.console.queries.dashboard import TRAFFIC, Buckets, opt_outs, top_keywords, traffic
 from bot.console.web import PREFIX, ConsoleRouter, CurrentUser, engine, now, render
-from bot.store.models import messages, opt_out_events
 
 router = ConsoleRouter(prefix=PREFIX)
 
 HOURS = 48
 DAYS = 30
 TOP_KEYWORDS = 15
-NOT_SENT = ("suppressed", "looping")
-"""Replies the bot decided not to send: not "out" traffic."""
-FAILED = ("failed", "error")
 
 WIDTH, HEIGHT = 900, 230
 LEFT, RIGHT, TOP, BOTTOM = 48, 12, 14, 42
@@ -63,49 +59,21 @@ class Window:
     def start_of(self, bucket: int) -> datetime:
         return datetime.fromtimestamp(bucket * self.seconds - self.offset, UTC)
 
+    def buckets(self) -> Buckets:
+        return Buckets(self.seconds, self.offset, self.since)
+
     def label(self, bucket: int) -> str:
         moment = self.start_of(bucket).astimezone(DISPLAY_TZ)
         return moment.strftime("%m-%d %H:00") if self.seconds < 86400 else moment.strftime("%m-%d")
 
 
-def _bucket(conn: Connection, column: Any, window: Window) -> ColumnElement[Any]:
-    """The bucket number of ``column`` (a UTC timestamp), computed by the database."""
-    if conn.dialect.name == "postgresql":
-        epoch: Expr[Any] = func.extract("epoch", column)
-        return cast(func.floor((epoch + window.offset) / window.seconds), BigInteger)
-    seconds = cast(func.strftime("%s", column), Integer)
-    return (seconds + window.offset) // window.seconds  # SQLAlchemy 2: ``/`` would be true division
-
-
 def _counts(conn: Connection, window: Window) -> list[dict[str, Any]]:
     """One row per bucket (zeros included): in, out, failed, unmatched, opt-outs and the unmatched rate."""
-    bucket = _bucket(conn, messages.c.created_at, window).label("bucket")
-    inbound = messages.c.direction == "in"
-    outbound = messages.c.direction == "out"
-    stmt = (
-        select(
-            bucket,
-            func.sum(case((inbound, 1), else_=0)).label("inbound"),
-            func.sum(case((and_(outbound, messages.c.status.not_in(NOT_SENT)), 1), else_=0)).label("outbound"),
-            func.sum(case((and_(outbound, messages.c.status.in_(FAILED)), 1), else_=0)).label("failed"),
-            func.sum(case((and_(inbound, messages.c.unmatched.is_(True)), 1), else_=0)).label("unmatched"),
-        )
-        .where(messages.c.created_at >= window.since)
-        .group_by(bucket)
-    )
-    by_bucket: dict[int, dict[str, int]] = {}
-    for row in conn.execute(stmt).mappings():
-        by_bucket[int(row["bucket"])] = {k: int(row[k] or 0) for k in ("inbound", "outbound", "failed", "unmatched")}
-    event_bucket = _bucket(conn, opt_out_events.c.created_at, window).label("bucket")
-    opt_outs = conn.execute(
-        select(event_bucket, func.count())
-        .where(opt_out_events.c.event == "opt_out", opt_out_events.c.created_at >= window.since)
-        .group_by(event_bucket)
-    ).all()
-    opt_out_by_bucket = {int(b): int(n) for b, n in opt_outs}
+    by_bucket = traffic(conn, buckets=window.buckets())
+    opt_out_by_bucket = opt_outs(conn, buckets=window.buckets())
     result = []
     for number in range(window.first, window.first + window.count):
-        counts = by_bucket.get(number, {"inbound": 0, "outbound": 0, "failed": 0, "unmatched": 0})
+        counts = by_bucket.get(number, dict.fromkeys(TRAFFIC, 0))
         rate = 100.0 * counts["unmatched"] / counts["inbound"] if counts["inbound"] else None
         result.append(
             {
@@ -211,24 +179,6 @@ def _charts(rows: list[dict[str, Any]], unit: str) -> list[dict[str, Any]]:
     ]
 
 
-def _top_keywords(conn: Connection, since: datetime) -> list[dict[str, Any]]:
-    hits = func.count().label("hits")
-    stmt = (
-        select(messages.c.normalized_text, hits, func.max(messages.c.rule).label("rule"))
-        .where(
-            messages.c.direction == "in",
-            messages.c.created_at >= since,
-            messages.c.unmatched.is_(False),
-            messages.c.rule.is_not(None),
-            messages.c.normalized_text.is_not(None),
-        )
-        .group_by(messages.c.normalized_text)
-        .order_by(hits.desc(), messages.c.normalized_text)
-        .limit(TOP_KEYWORDS)
-    )
-    return [dict(row) for row in conn.execute(stmt).mappings()]
-
-
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
 def dashboard(request: Request, _user: CurrentUser) -> Response:
     at = now(request)
@@ -237,7 +187,7 @@ def dashboard(request: Request, _user: CurrentUser) -> Response:
     with engine(request).connect() as conn:
         hours = _counts(conn, hourly)
         days = _counts(conn, daily)
-        keywords = _top_keywords(conn, daily.since)
+        keywords = top_keywords(conn, since=daily.since, limit=TOP_KEYWORDS)
     views = [
         {
             "id": "hourly",

@@ -24,25 +24,26 @@ from typing import Annotated
 
 from fastapi import Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import Connection, func, insert, or_, select, update
+from sqlalchemy import Connection
 
-from bot.console.ops_shared import (
-    Page,
-    known_signatures,
-    listing_context,
-    page_number,
-    wants_reveal,
+from bot.console.display import wants_reveal
+from bot.console.ops_shared import Page, listing_context, page_number
+from bot.console.queries.deliveries import (
+    DeliveryFilter,
+    count_deliveries,
+    delivery_page,
+    failure_codes,
+    requeue,
+    retry_facts,
 )
 from bot.console.users import audit
 from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime
 from bot.store.db import WRITE_OPTIONS
-from bot.store.models import contacts, conversations, messages, outbox
+from bot.store.queries import RETRYABLE, known_signatures
 
 router = ConsoleRouter(prefix=PREFIX)
 
-FAILED_STATUSES = ("failed", "ambiguous", "error")
-"""Message statuses of a send that did not (surely) reach the customer: the ones an admin may retry."""
-STATUS_FILTERS = (*FAILED_STATUSES, "pending")
+STATUS_FILTERS = (*RETRYABLE, "pending")
 """``pending``: in the outbox (queued, or waiting for a retry after a transient error)."""
 
 DONE = {"retried": "Put back in the outbox: the delivery loop sends it shortly."}
@@ -60,61 +61,13 @@ def deliveries(request: Request, user: CurrentUser) -> Response:
     signature = request.query_params.get("signature", "").strip()
     code = request.query_params.get("code", "").strip()
     reveal = wants_reveal(request, user)
-    joined = messages.join(contacts, contacts.c.id == messages.c.contact_id).outerjoin(
-        outbox, outbox.c.message_id == messages.c.id
-    )
-    where = [messages.c.direction == "out"]
-    if status == "pending":
-        where.append(outbox.c.id.is_not(None))
-    elif status in FAILED_STATUSES:
-        where.append(messages.c.status == status)
-    else:
+    if status != "pending" and status not in RETRYABLE:
         status = ""
-        where.append(or_(messages.c.status.in_(FAILED_STATUSES), outbox.c.id.is_not(None)))
-    if signature:
-        where.append(messages.c.signature == signature)
-    if code:
-        where.append(messages.c.error_code == code)
+    filters = DeliveryFilter(status=status, signature=signature or None, code=code or None)
     with engine(request).connect() as conn:
-        total = int(conn.execute(select(func.count()).select_from(joined).where(*where)).scalar_one())
-        page = Page(page_number(request), total)
-        found = conn.execute(
-            select(
-                messages.c.id,
-                messages.c.conversation_id,
-                messages.c.signature,
-                messages.c.text,
-                messages.c.template_id,
-                messages.c.status,
-                messages.c.status_reason,
-                messages.c.error_code,
-                messages.c.error_message,
-                messages.c.rule,
-                messages.c.created_at,
-                messages.c.updated_at,
-                contacts.c.nationcode,
-                contacts.c.mobile,
-                outbox.c.id.label("outbox_id"),
-                outbox.c.attempts,
-                outbox.c.next_attempt_at,
-                outbox.c.lease_until,
-            )
-            .select_from(joined)
-            .where(*where)
-            .order_by(messages.c.created_at.desc(), messages.c.id.desc())
-            .limit(page.size)
-            .offset(page.offset)
-        ).mappings()
-        rows = [dict(r) for r in found]
-        codes = sorted(
-            str(c)
-            for c in conn.execute(
-                select(messages.c.error_code)
-                .distinct()
-                .where(messages.c.error_code.is_not(None), messages.c.status.in_(FAILED_STATUSES))
-                .limit(200)
-            ).scalars()
-        )
+        page = Page(page_number(request), count_deliveries(conn, filters=filters))
+        rows = delivery_page(conn, filters=filters, limit=page.size, offset=page.offset)
+        codes = failure_codes(conn, limit=200)
         signatures = known_signatures(conn)
     return render(
         request,
@@ -127,7 +80,7 @@ def deliveries(request: Request, user: CurrentUser) -> Response:
             "signatures": signatures,
             "code": code,
             "codes": codes,
-            "retryable": FAILED_STATUSES,
+            "retryable": RETRYABLE,
             **listing_context(request, page, reveal, DONE),
         },
     )
@@ -157,38 +110,13 @@ def retry(
         return render(
             request, "error.html", {"status": exc.status_code, "message": str(exc)}, status_code=exc.status_code
         )
-    state = runtime(request)
-    if state.deliverer is not None:  # the delivery loop runs here
-        state.deliverer.wake()
-    elif state.process_writer is not None:  # it runs in the writer process
-        state.process_writer.wake_delivery()
+    runtime(request).pipeline.wake_delivery()  # wherever the delivery loop runs, if it runs
     return RedirectResponse(f"{PREFIX}/deliveries?done=retried", status_code=303)
 
 
 def _requeue(conn: Connection, message_id: int, *, confirmed: bool, at: datetime) -> dict[str, str | None]:
     """Check the reply may be sent again and put it back in the outbox; returns its previous outcome."""
-    row = (
-        conn.execute(
-            select(
-                messages.c.status,
-                messages.c.direction,
-                messages.c.rule_kind,
-                messages.c.template_id,
-                messages.c.error_code,
-                messages.c.error_message,
-                conversations.c.opted_out,
-                outbox.c.id.label("outbox_id"),
-            )
-            .select_from(
-                messages.outerjoin(conversations, conversations.c.id == messages.c.conversation_id).outerjoin(
-                    outbox, outbox.c.message_id == messages.c.id
-                )
-            )
-            .where(messages.c.id == message_id)
-        )
-        .mappings()
-        .first()
-    )
+    row = retry_facts(conn, message_id=message_id)
     if row is None or row["direction"] != "out":
         raise RetryRefused(404, f"there is no reply {message_id}")
     status = row["status"]
@@ -196,7 +124,7 @@ def _requeue(conn: Connection, message_id: int, *, confirmed: bool, at: datetime
         raise RetryRefused(409, f"reply {message_id} was already {status}: the customer has it, it is not sent again")
     if row["outbox_id"] is not None or status == "queued":
         raise RetryRefused(409, f"reply {message_id} is already waiting in the outbox")
-    if status not in FAILED_STATUSES:
+    if status not in RETRYABLE:
         raise RetryRefused(409, f"reply {message_id} is {status}, not a failed send: there is nothing to retry")
     if row["opted_out"] and row["rule_kind"] != "opt_out":
         raise RetryRefused(409, f"the number of reply {message_id} has opted out: it must not be sent anything")
@@ -208,17 +136,7 @@ def _requeue(conn: Connection, message_id: int, *, confirmed: bool, at: datetime
             f"reply {message_id} may already have reached the customer (Tencent never answered the send): "
             "tick the confirmation to send it again anyway",
         )
-    # Conditional on the status read above: of two admins retrying at once, one requeues it.
-    changed = conn.execute(
-        update(messages)
-        .where(messages.c.id == message_id, messages.c.status == status)
-        .values(status="queued", status_reason=f"retry requested in the console (was {status})", updated_at=at)
-    ).rowcount
-    if not changed:
+    reason = f"retry requested in the console (was {status})"
+    if not requeue(conn, message_id=message_id, status=status, reason=reason, at=at):
         raise RetryRefused(409, f"reply {message_id} changed meanwhile: reload the page")
-    conn.execute(
-        insert(outbox).values(
-            message_id=message_id, attempts=0, next_attempt_at=at, lease_until=None, leased_by=None, created_at=at
-        )
-    )
     return {"status": status, "error_code": row["error_code"], "error_message": row["error_message"]}

@@ -1,4 +1,4 @@
-"""Shared by the conversation, unmatched and dashboard pages: time zone, dates, numbers and links.
+"""Shared by the pages that show messages and numbers: time zone, dates, who sees a full number, links.
 
 Times are stored in UTC but shown in China time (UTC+8, no daylight saving):
 the customers, Tencent's delivery reports and the marketing hours are all in
@@ -82,7 +82,12 @@ def date_range(request: Request) -> DateRange:
 
 
 def wants_reveal(request: Request, user: ConsoleUser) -> bool:
-    """Full numbers only for an admin who asked (``?reveal=1``); a viewer asking still gets masked ones."""
+    """Full numbers only for an admin who asked (``?reveal=1``): a viewer's request is silently ignored.
+
+    Ignored rather than refused so a shared link with ``reveal=1`` still
+    works for a viewer, just masked. Every page decides it here, the export
+    download included, so no page can reveal more than another.
+    """
     return user.is_admin and request.query_params.get("reveal", "") in ("1", "true", "yes", "on")
 
 

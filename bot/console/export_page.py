@@ -2,8 +2,8 @@
 
 The query and the file format are ``bot.export``'s, so the download and the
 command line can never disagree. Numbers are masked unless an admin ticks
-"reveal" (a viewer's tick is ignored, not refused, like ``?reveal=1``
-elsewhere). Every download is recorded in the audit trail: an export is a
+"reveal" (``wants_reveal``, as on every page: a viewer's tick is ignored,
+not refused). Every download is recorded in the audit trail: an export is a
 file that leaves the system, and who took which range is worth knowing.
 """
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from bot.console.ops_shared import known_signatures
+from bot.console.display import wants_reveal
 from bot.console.users import audit
 from bot.console.web import PREFIX, ConsoleRouter, CurrentUser, engine, now, render
 from bot.store.db import WRITE_OPTIONS
 from bot.store.export import BadDate, ExportFilter, ExportFormat, export_chunks, media_type, parse_bound
+from bot.store.queries import known_signatures
 
 router = ConsoleRouter(prefix=PREFIX)
 
@@ -50,7 +51,7 @@ def export_download(request: Request, user: CurrentUser) -> Response:
         "format": q.get("format", "csv"),
     }
     fmt: ExportFormat = "jsonl" if values["format"] == "jsonl" else "csv"
-    reveal = user.is_admin and q.get("reveal") in ("1", "yes", "on", "true")
+    reveal = wants_reveal(request, user)
     try:
         if not values["since"] or not values["until"]:
             raise BadDate("give both dates: since and until")

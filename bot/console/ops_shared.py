@@ -1,8 +1,9 @@
-"""Small pieces the ops pages (opt-outs, deliveries, simulator, export) share.
+"""Small pieces the ops pages (opt-outs, deliveries) share: typed numbers, paging and the list context.
 
 Kept apart from ``bot.console.web`` because they are policy, not machinery:
-who may see a full phone number, how a typed number is matched, and how the
-pages page through long lists.
+how a typed number is read and how the pages page through long lists. Who
+may see a full number is ``bot.console.display.wants_reveal``, the same for
+every page.
 """
 
 from __future__ import annotations
@@ -14,58 +15,24 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import Request
-from sqlalchemy import ColumnElement, Connection, and_, select
 
-from bot.console.users import ConsoleUser
-from bot.numbers import mask_number
-from bot.store.models import contacts, conversations
+from bot.console.display import show_number
 
 PAGE_SIZE = 50
 _DIGITS = re.compile(r"\D")
-
-
-def wants_reveal(request: Request, user: ConsoleUser) -> bool:
-    """Full numbers only for an admin who asked (``?reveal=1``): a viewer's request is silently ignored.
-
-    Ignored rather than refused so a shared link with ``reveal=1`` still
-    works for a viewer, just masked.
-    """
-    return user.is_admin and request.query_params.get("reveal") in ("1", "true", "yes", "on")
 
 
 def number_shower(reveal: bool) -> Callable[[str, str], str]:
     """How a page prints ``(nationcode, mobile)``: ``+86 138****0000`` unless revealed."""
 
     def show(nationcode: str, mobile: str) -> str:
-        return f"+{nationcode} {mobile if reveal else mask_number(mobile)}"
+        return show_number(nationcode, mobile, reveal=reveal)
 
     return show
 
 
 def digits(value: str) -> str:
     return _DIGITS.sub("", value)
-
-
-def number_filter(value: str) -> ColumnElement[bool] | None:
-    """The contacts matching what someone typed: the last 4 digits, a full number, or +nationcode+number.
-
-    Four digits or fewer is a suffix search (what the masked form shows);
-    more is an exact number, with or without its country code in front,
-    so a number copied from anywhere finds its contact.
-    """
-    wanted = digits(value)
-    if not wanted:
-        return None
-    if len(wanted) <= 4:
-        return contacts.c.mobile.endswith(wanted, autoescape=True)
-    return (contacts.c.mobile == wanted) | ((contacts.c.nationcode + contacts.c.mobile) == wanted)
-
-
-def known_signatures(conn: Connection, extra: list[str] | None = None) -> list[str]:
-    """Signatures to offer in a filter: those with conversations, plus ``extra`` (e.g. the rule files')."""
-    found = {str(s) for s in conn.execute(select(conversations.c.signature).distinct()).scalars()}
-    found.update(s for s in (extra or []) if s and s != "*")
-    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -103,13 +70,6 @@ def query_without(request: Request, *names: str, **values: Any) -> str:
     params = {k: v for k, v in request.query_params.items() if k not in names and k not in values}
     params.update({k: str(v) for k, v in values.items() if v is not None})
     return urlencode(params)
-
-
-def all_of(*conditions: ColumnElement[bool] | None) -> ColumnElement[bool] | None:
-    present = [c for c in conditions if c is not None]
-    if not present:
-        return None
-    return and_(*present)
 
 
 def listing_context(request: Request, page: Page, reveal: bool, done: Mapping[str, str]) -> dict[str, Any]:

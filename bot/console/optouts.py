@@ -11,27 +11,32 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import Connection, and_, func, insert, select, true, update
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
-from bot.console.ops_shared import (
-    Page,
-    digits,
-    known_signatures,
-    listing_context,
-    number_filter,
-    page_number,
-    wants_reveal,
+from bot.console.display import wants_reveal
+from bot.console.ops_shared import Page, digits, listing_context, page_number
+from bot.console.queries.optouts import (
+    OptOutFilter,
+    clear_opt_out,
+    contact_id,
+    conversation_number,
+    conversation_of,
+    count_opted_out,
+    mark_opted_out,
+    new_opted_out_conversation,
+    opted_out_page,
+    record_event,
 )
 from bot.console.users import ConsoleUser, audit
 from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime
 from bot.numbers import mask_number
 from bot.store.db import WRITE_OPTIONS
-from bot.store.models import contacts, conversations, opt_out_events
+from bot.store.queries import known_signatures
 
 router = ConsoleRouter(prefix=PREFIX)
 
@@ -52,61 +57,16 @@ class OptOutRefused(Exception):  # noqa: N818 - named for what the admin sees
     """A hand-made change that cannot be made as asked (bad number, unknown conversation)."""
 
 
-def _last_opt_out() -> Any:
-    """The latest opt-out event of each conversation: what the page shows as "why"."""
-    latest = (
-        select(func.max(opt_out_events.c.id))
-        .where(opt_out_events.c.conversation_id == conversations.c.id, opt_out_events.c.event == "opt_out")
-        .scalar_subquery()
-    )
-    return opt_out_events.alias("last_event"), latest
-
-
 @router.get("/opt-outs", response_class=HTMLResponse, include_in_schema=False)
 def opt_outs(request: Request, user: CurrentUser) -> Response:
     number = request.query_params.get("number", "").strip()
     signature = request.query_params.get("signature", "").strip()
     reveal = wants_reveal(request, user)
-    event, latest = _last_opt_out()
-    where = [conversations.c.opted_out == true()]
-    matched = number_filter(number)
-    if matched is not None:
-        where.append(matched)
-    if signature:
-        where.append(conversations.c.signature == signature)
-    base = (
-        select(conversations.c.id)
-        .select_from(conversations.join(contacts, contacts.c.id == conversations.c.contact_id))
-        .where(*where)
-    )
+    filters = OptOutFilter(number_digits=digits(number), signature=signature)
     with engine(request).connect() as conn:
-        total = int(conn.execute(select(func.count()).select_from(base.subquery())).scalar_one())
-        page = Page(page_number(request), total)
-        found = conn.execute(
-            select(
-                conversations.c.id,
-                conversations.c.signature,
-                conversations.c.opted_out_at,
-                contacts.c.nationcode,
-                contacts.c.mobile,
-                event.c.source,
-                event.c.rule,
-                event.c.raw_text,
-                event.c.actor,
-                event.c.created_at.label("event_at"),
-            )
-            .select_from(
-                conversations.join(contacts, contacts.c.id == conversations.c.contact_id).outerjoin(
-                    event, event.c.id == latest
-                )
-            )
-            .where(*where)
-            .order_by(conversations.c.opted_out_at.desc().nulls_last(), conversations.c.id.desc())
-            .limit(page.size)
-            .offset(page.offset)
-        ).mappings()
-        rows = [dict(r) for r in found]
-        signatures = known_signatures(conn, _rule_signatures(request))
+        page = Page(page_number(request), count_opted_out(conn, filters=filters))
+        rows = opted_out_page(conn, filters=filters, limit=page.size, offset=page.offset)
+        signatures = known_signatures(conn, extra=_rule_signatures(request))
     return render(
         request,
         "optouts.html",
@@ -172,46 +132,15 @@ def _opt_out(
     conn: Connection, admin: ConsoleUser, nationcode: str, mobile: str, sign: str, reason: str | None, at: datetime
 ) -> bool:
     """Opt the number out under ``sign``; False when it already was (nothing written)."""
-    contact_id = conn.execute(
-        select(contacts.c.id).where(contacts.c.nationcode == nationcode, contacts.c.mobile == mobile)
-    ).scalar_one_or_none()
-    if contact_id is None:
-        contact_id = conn.execute(
-            insert(contacts).values(nationcode=nationcode, mobile=mobile, created_at=at).returning(contacts.c.id)
-        ).scalar_one()
-    convo = (
-        conn.execute(
-            select(conversations.c.id, conversations.c.opted_out).where(
-                conversations.c.signature == sign, conversations.c.contact_id == contact_id
-            )
-        )
-        .mappings()
-        .first()
-    )
+    contact = contact_id(conn, nationcode=nationcode, mobile=mobile, at=at)
+    convo = conversation_of(conn, signature=sign, contact_id=contact)
     if convo is not None and convo["opted_out"]:
         return False
     if convo is None:
-        convo_id = conn.execute(
-            insert(conversations)
-            .values(
-                signature=sign,
-                contact_id=contact_id,
-                state=None,
-                variables={},
-                opted_out=True,
-                opted_out_at=at,
-                created_at=at,
-                updated_at=at,
-            )
-            .returning(conversations.c.id)
-        ).scalar_one()
+        convo_id = new_opted_out_conversation(conn, signature=sign, contact_id=contact, at=at)
     else:
         convo_id = convo["id"]
-        conn.execute(
-            update(conversations)
-            .where(conversations.c.id == convo_id)
-            .values(opted_out=True, opted_out_at=at, opt_out_message_id=None, updated_at=at)
-        )
+        mark_opted_out(conn, conversation_id=convo_id, at=at)
     _event(conn, convo_id, "opt_out", admin, reason, at)
     audit(
         conn,
@@ -225,19 +154,7 @@ def _opt_out(
 
 
 def _event(conn: Connection, convo_id: int, event: str, admin: ConsoleUser, reason: str | None, at: datetime) -> None:
-    conn.execute(
-        insert(opt_out_events).values(
-            conversation_id=convo_id,
-            event=event,
-            source=SOURCE,
-            message_id=None,
-            raw_text=reason,
-            normalized_text=None,
-            rule=None,
-            actor=admin.name,
-            created_at=at,
-        )
-    )
+    record_event(conn, conversation_id=convo_id, event=event, source=SOURCE, actor=admin.name, reason=reason, at=at)
 
 
 @router.post("/opt-outs/remove", include_in_schema=False)
@@ -250,23 +167,10 @@ def remove_opt_out(
     at = now(request)
     note = reason.strip()[:500] or None
     with engine(request).connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
-        found = (
-            conn.execute(
-                select(conversations.c.signature, contacts.c.nationcode, contacts.c.mobile)
-                .select_from(conversations.join(contacts, contacts.c.id == conversations.c.contact_id))
-                .where(conversations.c.id == conversation_id)
-            )
-            .mappings()
-            .first()
-        )
+        found = conversation_number(conn, conversation_id=conversation_id)
         if found is None:
             return render(request, "error.html", {"status": 404, "message": "no such conversation"}, status_code=404)
-        # Conditional on the flag, so two admins removing the same opt-out write one event, not two.
-        changed = conn.execute(
-            update(conversations)
-            .where(and_(conversations.c.id == conversation_id, conversations.c.opted_out == true()))
-            .values(opted_out=False, opted_out_at=None, opt_out_message_id=None, updated_at=at)
-        ).rowcount
+        changed = clear_opt_out(conn, conversation_id=conversation_id, at=at)
         if changed:
             _event(conn, conversation_id, "opt_in", admin, note, at)
             audit(

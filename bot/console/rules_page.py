@@ -91,18 +91,18 @@ def _refresh(request: Request, copy: ConsoleRules, wanted: str | None) -> None:
 
 def rules_view(request: Request) -> RulesView:
     """The live rules' status, and the ruleset for the simulator (see the module docstring)."""
-    rt = runtime(request)
-    if rt.process_writer is None:
-        live = rt.rules
+    pipeline = runtime(request).pipeline
+    live = pipeline.live_rules
+    if live is not None:  # the rules answering customers are this process's own
         return RulesView(
-            mode="thread",
+            mode=pipeline.mode,
             ruleset=live.ruleset,
             version=live.ruleset.version if live.ruleset else None,
             loaded_at=live.loaded_at.isoformat() if live.loaded_at else None,
             last_error=list(live.last_error),
             file_names=[f.name for f in live.ruleset.files] if live.ruleset else [],
         )
-    status: dict[str, Any] = dict(rt.process_writer.rules_status)
+    status: dict[str, Any] = dict(pipeline.rules_status())
     wanted = status.get("version")
     copy = _copy(request)
     _refresh(request, copy, wanted)
@@ -116,7 +116,7 @@ def rules_view(request: Request) -> RulesView:
     elif ruleset is None:
         note = "the simulator could not load the rules: " + "; ".join(copy.errors or ["no rules yet"])
     return RulesView(
-        mode="process",
+        mode=pipeline.mode,
         ruleset=ruleset,
         version=wanted,
         loaded_at=status.get("loaded_at"),

@@ -11,11 +11,10 @@ from datetime import timedelta
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import ColumnElement, func, select
 
 from bot.console.display import DISPLAY_TZ, DISPLAY_TZ_LABEL, DateRange, date_range, fmt_time, link
+from bot.console.queries.unmatched import unmatched_groups, unmatched_totals
 from bot.console.web import PREFIX, ConsoleRouter, CurrentUser, engine, now, render
-from bot.store.models import messages
 
 router = ConsoleRouter(prefix=PREFIX)
 
@@ -35,32 +34,10 @@ def unmatched(request: Request, _user: CurrentUser) -> Response:
     if defaulted:
         today = now(request).astimezone(DISPLAY_TZ).date()
         dates = DateRange(today - timedelta(days=DEFAULT_DAYS - 1), None)
-    where: list[ColumnElement[bool]] = [messages.c.unmatched.is_(True), messages.c.direction == "in"]
-    if signature:
-        where.append(messages.c.signature == signature)
-    if dates.since is not None:
-        where.append(messages.c.created_at >= dates.since)
-    if dates.until is not None:
-        where.append(messages.c.created_at < dates.until)
-    text = func.coalesce(messages.c.normalized_text, "")
-    hits = func.count().label("hits")
-    grouped = (
-        select(
-            text.label("normalized_text"),
-            hits,
-            func.count(func.distinct(messages.c.conversation_id)).label("conversations"),
-            func.max(messages.c.created_at).label("last_seen"),
-            func.min(messages.c.text).label("example"),
-        )
-        .where(*where)
-        .group_by(text)
-        .order_by(hits.desc(), text)
-    )
+    sign = signature or None
     with engine(request).connect() as conn:
-        totals = conn.execute(
-            select(func.count(), func.count(func.distinct(text))).select_from(messages).where(*where)
-        ).one()
-        rows = list(conn.execute(grouped.limit(GROUP_LIMIT)).mappings())
+        total_messages, total_groups = unmatched_totals(conn, signature=sign, since=dates.since, until=dates.until)
+        rows = unmatched_groups(conn, signature=sign, since=dates.since, until=dates.until, limit=GROUP_LIMIT)
     params = {
         "signature": signature,
         "from": dates.start.isoformat() if dates.start else "",
@@ -79,8 +56,8 @@ def unmatched(request: Request, _user: CurrentUser) -> Response:
         "unmatched.html",
         {
             "groups": groups,
-            "total_messages": int(totals[0]),
-            "total_groups": int(totals[1]),
+            "total_messages": total_messages,
+            "total_groups": total_groups,
             "limit": GROUP_LIMIT,
             "signature": signature,
             "dates": dates,

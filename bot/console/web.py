@@ -30,7 +30,7 @@ from bot.config import Settings
 from bot.console.users import ConsoleUser, password_fingerprint, session_user
 
 if TYPE_CHECKING:
-    from bot.web.app import Runtime
+    from bot.runtime.hosting import Runtime
 
 log = logging.getLogger("smsbot.console")
 

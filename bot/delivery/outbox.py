@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection
 
@@ -85,6 +85,33 @@ class Settlement:
     sent_at: datetime | None = None
 
 
+class _Details(NamedTuple):
+    """One row of ``_DETAILS``, in its select order: what a claim needs to know about a due reply."""
+
+    message_id: int
+    sign: str
+    template_id: str | None
+    params: Any
+    text: str
+    rule_kind: str | None
+    nationcode: str
+    mobile: str
+    opted_out: Any
+    conversation_id: int
+    marketing: Any
+    contact_id: int
+
+
+@dataclass
+class _Claim:
+    """What one claim decided for each due row, before any of it is written."""
+
+    claimed: list[OutboundSms] = field(default_factory=list)
+    suppressed: list[Settlement] = field(default_factory=list)
+    deferred: dict[datetime, list[int]] = field(default_factory=dict)
+    """Outbox ids by the time they may go (marketing hours, frequency limits)."""
+
+
 def claim_due(
     conn: Connection,
     *,
@@ -112,70 +139,99 @@ def claim_due(
     due = db.rows(_DUE + (" FOR UPDATE SKIP LOCKED" if db.postgres else ""), (db.ts(now), db.ts(now), limit))
     if not due:
         return []
-    outbox_of = {int(message_id): int(outbox_id) for outbox_id, message_id, _, _ in due}
-    details: dict[int, Any] = {}
-    for chunk in chunks(sorted(outbox_of)):
-        where, params = db.in_list("m.id", chunk)
-        for row in db.rows(_DETAILS.format(where=where), params):
-            details[int(row[0])] = row
-    history = _history(db, {int(row[11]) for row in details.values()}, now, limits)
-    first_of: dict[int, tuple[datetime, int]] = {}  # each number's first row in this claim (the queue order)
-    for outbox_id, message_id, _, next_attempt_at in due:
-        at = db.read_ts(next_attempt_at)
-        assert at is not None  # NOT NULL
-        first_of.setdefault(int(details[int(message_id)][11]), (at, int(outbox_id)))
-    elsewhere = _numbers_taken_elsewhere(db, first_of, [int(row[0]) for row in due], now)
-    claimed: list[OutboundSms] = []
-    suppressed: list[Settlement] = []
-    deferred: dict[datetime, list[int]] = {}
-    for outbox_id, message_id, attempts, _ in due:
-        row = details[int(message_id)]
-        _, sign, template_id, params, text, rule_kind, nationcode, mobile, opted_out, convo, marketing, contact = row
-        if opted_out and rule_kind != "opt_out":
-            suppressed.append(Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending"))
-            continue
-        if (nationcode, mobile) in busy:
-            if left_for_busy is not None:
-                left_for_busy.append(int(outbox_id))
-            continue
-        if int(contact) in elsewhere:  # another worker is sending to this number: its turn comes after
-            continue
-        if marketing and not marketing_hours(now):
-            # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
-            deferred.setdefault(next_marketing_opening(now), []).append(int(outbox_id))
-            continue
-        sent_before = history.setdefault(int(contact), [])
-        allowed_at = earliest_send(sent_before, text, now, limits) if limits.enabled else None
-        if allowed_at is not None:
-            deferred.setdefault(allowed_at, []).append(int(outbox_id))
-            continue
-        sent_before.append(Sent(now, text))  # the next reply to this number in the batch counts this one
-        claimed.append(
-            OutboundSms(
-                outbox_id=outbox_id,
-                message_id=message_id,
-                nationcode=nationcode,
-                mobile=mobile,
-                sign=sign,
-                template_id=template_id or "",
-                params=tuple(db.read_json(params) or ()),
-                text=text,
-                attempts=int(attempts or 0),
-                conversation_id=int(convo),
-            )
-        )
-    settle(conn, suppressed, now)
-    for at, ids in deferred.items():
+    details = _details(db, due)
+    history = _history(db, {int(d.contact_id) for d in details.values()}, now, limits)
+    elsewhere = _numbers_taken_elsewhere(db, _first_of(db, due, details), [int(row[0]) for row in due], now)
+    claim = _decide_claim(
+        db, due, details, history, elsewhere, now=now, busy=busy, limits=limits, left_for_busy=left_for_busy
+    )
+    settle(conn, claim.suppressed, now)
+    for at, ids in claim.deferred.items():
         for chunk in chunks(ids):
             where, params = db.in_list("id", chunk)
             db.execute(f"UPDATE outbox SET next_attempt_at = ? WHERE {where}", [db.ts(at), *params])
     if take_lease:  # (not when the caller settles these rows in this same transaction)
-        for chunk in chunks([sms.outbox_id for sms in claimed]):
+        for chunk in chunks([sms.outbox_id for sms in claim.claimed]):
             where, params = db.in_list("id", chunk)
             db.execute(
                 f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + lease), owner, *params]
             )
-    return claimed
+    return claim.claimed
+
+
+def _details(db: DriverSql, due: Sequence[Any]) -> dict[int, _Details]:
+    """The due rows' messages, numbers and conversations, by message id (by primary key, see ``_DETAILS``)."""
+    details: dict[int, _Details] = {}
+    for chunk in chunks(sorted({int(message_id) for _, message_id, _, _ in due})):
+        where, params = db.in_list("m.id", chunk)
+        for row in db.rows(_DETAILS.format(where=where), params):
+            found = _Details._make(row)
+            details[int(found.message_id)] = found
+    return details
+
+
+def _first_of(db: DriverSql, due: Sequence[Any], details: dict[int, _Details]) -> dict[int, tuple[datetime, int]]:
+    """Each number's (contact id's) first row in this claim, as ``(next_attempt_at, outbox id)``: the queue order."""
+    first_of: dict[int, tuple[datetime, int]] = {}
+    for outbox_id, message_id, _, next_attempt_at in due:
+        at = db.read_ts(next_attempt_at)
+        assert at is not None  # NOT NULL
+        first_of.setdefault(int(details[int(message_id)].contact_id), (at, int(outbox_id)))
+    return first_of
+
+
+def _decide_claim(
+    db: DriverSql,
+    due: Sequence[Any],
+    details: dict[int, _Details],
+    history: dict[int, list[Sent]],
+    elsewhere: set[int],
+    *,
+    now: datetime,
+    busy: Set[Number],
+    limits: FrequencyLimits,
+    left_for_busy: list[int] | None,
+) -> _Claim:
+    """Which due rows go now and which are suppressed, deferred or left for later (see ``claim_due``); no SQL."""
+    claim = _Claim()
+    for outbox_id, message_id, attempts, _ in due:
+        d = details[int(message_id)]
+        if d.opted_out and d.rule_kind != "opt_out":
+            claim.suppressed.append(
+                Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending")
+            )
+            continue
+        if (d.nationcode, d.mobile) in busy:
+            if left_for_busy is not None:
+                left_for_busy.append(int(outbox_id))
+            continue
+        if int(d.contact_id) in elsewhere:  # another worker is sending to this number: its turn comes after
+            continue
+        if d.marketing and not marketing_hours(now):
+            # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
+            claim.deferred.setdefault(next_marketing_opening(now), []).append(int(outbox_id))
+            continue
+        sent_before = history.setdefault(int(d.contact_id), [])
+        allowed_at = earliest_send(sent_before, d.text, now, limits) if limits.enabled else None
+        if allowed_at is not None:
+            claim.deferred.setdefault(allowed_at, []).append(int(outbox_id))
+            continue
+        sent_before.append(Sent(now, d.text))  # the next reply to this number in the batch counts this one
+        claim.claimed.append(
+            OutboundSms(
+                outbox_id=outbox_id,
+                message_id=message_id,
+                nationcode=d.nationcode,
+                mobile=d.mobile,
+                sign=d.sign,
+                template_id=d.template_id or "",
+                params=tuple(db.read_json(d.params) or ()),
+                text=d.text,
+                attempts=int(attempts or 0),
+                conversation_id=int(d.conversation_id),
+            )
+        )
+    return claim
 
 
 def _numbers_taken_elsewhere(

@@ -21,15 +21,18 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
-from sqlalchemy import Connection
+from sqlalchemy import Column, Connection
+from sqlalchemy.types import JSON, BigInteger, Boolean, DateTime, Integer, String, TypeDecorator, TypeEngine
 
 from bot.rules.engine import decide
 from bot.rules.model import Conversation as EngineConversation
 from bot.rules.model import Decision, InboundMessage, Reply, Ruleset
 from bot.sms import Inbound
 from bot.store.driver_sql import PREPARE, DriverSql, chunks
+from bot.store.models import conversations, messages, opt_out_events
 
 log = logging.getLogger("smsbot.service")
 
@@ -210,17 +213,54 @@ def handle_batch(
         return []
     db = DriverSql(conn)
     keys = [m.dedupe_key for m in batch]
-    since = now - policy.loop_window
-    spare_ids: list[int] = []
-    if db.postgres:
-        ids, convos, seen, counts, spare_ids = _read_postgres(db, batch, keys, now, since)
-    else:
-        ids = contact_ids(db, {(m.nationcode, m.mobile) for m in batch}, now)
-        convos = lock_conversations(db, {(m.sign, ids[(m.nationcode, m.mobile)]) for m in batch}, now)
-        seen = _known_keys(db, keys)
-        counts = _recent_reply_counts(db, sorted(c.id for c in convos.values()), since)
-
+    ids, convos, seen, counts, spare_ids = _read_batch(db, batch, keys, now, now - policy.loop_window)
     results: list[InboundResult | None] = [None] * len(batch)
+    pending = _decide_batch(ruleset, batch, keys, ids, convos, seen, counts, results, now, policy)
+    replies = [(p, reply, status, reason) for p in pending for reply, status, reason in p.reply_statuses]
+    id_by_index, out_ids = _take_ids(db, pending, len(replies), spare_ids)
+    _write_batch(db, pending, replies, out_ids, id_by_index, convos, keys, now)
+    for out_id, (_, _, status, reason) in zip(out_ids, replies, strict=True):
+        if status != "queued":
+            log.warning("reply %s not queued (%s): %s", out_id, status, reason)
+
+    for p in pending:
+        queued = sum(1 for _, status, _ in p.reply_statuses if status == "queued")
+        results[p.index] = InboundResult(id_by_index[p.index], duplicate=False, queued=queued, decision=p.decision)
+    return [r for r in results if r is not None]
+
+
+_PendingReply = tuple[_Pending, Reply, str, str | None]
+"""A reply of the batch: the message it answers, the reply, its status and why (when not queued)."""
+
+
+def _read_batch(db: DriverSql, batch: Sequence[Inbound], keys: Sequence[str], now: datetime, since: datetime) -> _Read:
+    """Everything the decisions need, read with the conversations locked (and, on PostgreSQL, message ids)."""
+    if db.postgres:
+        return _read_postgres(db, batch, keys, now, since)
+    ids = contact_ids(db, {(m.nationcode, m.mobile) for m in batch}, now)
+    convos = lock_conversations(db, {(m.sign, ids[(m.nationcode, m.mobile)]) for m in batch}, now)
+    seen = _known_keys(db, keys)
+    counts = _recent_reply_counts(db, sorted(c.id for c in convos.values()), since)
+    return ids, convos, seen, counts, []
+
+
+def _decide_batch(
+    ruleset: Ruleset | None,
+    batch: Sequence[Inbound],
+    keys: Sequence[str],
+    ids: dict[tuple[str, str], int],
+    convos: dict[tuple[str, int], _Convo],
+    seen: set[str],
+    counts: dict[tuple[int, str], int],
+    results: list[InboundResult | None],
+    now: datetime,
+    policy: Policy,
+) -> list[_Pending]:
+    """Decide each new message in order, against its conversation as the previous one left it; no SQL.
+
+    Duplicates get their result in ``results`` at once; ``convos`` and ``counts``
+    are updated as each decision lands, so a later message of the batch sees them.
+    """
     pending: list[_Pending] = []
     for index, (message, key) in enumerate(zip(batch, keys, strict=True)):
         if key in seen:
@@ -238,18 +278,39 @@ def handle_batch(
                     counts[(convo.id, reply.text)] = counts.get((convo.id, reply.text), 0) + 1
                 item.reply_statuses.append((reply, status, reason))
         pending.append(item)
+    return pending
 
-    # Ids in conversation order (a message, then its replies); on PostgreSQL mostly taken by the read.
-    replies = [(p, reply, status, reason) for p in pending for reply, status, reason in p.reply_statuses]
-    wanted_ids = len(pending) + len(replies)
+
+def _take_ids(
+    db: DriverSql, pending: Sequence[_Pending], reply_count: int, spare_ids: list[int]
+) -> tuple[dict[int, int], list[int]]:
+    """Ids in conversation order (a message, then its replies); on PostgreSQL mostly taken by the read.
+
+    Returns the inbound messages' ids by batch index, and the replies' ids in order.
+    """
+    wanted_ids = len(pending) + reply_count
     if len(spare_ids) < wanted_ids:  # more replies than the read's round trip took ids for
-        spare_ids += db.allocate_ids("messages", wanted_ids - len(spare_ids))
+        spare_ids = spare_ids + db.allocate_ids("messages", wanted_ids - len(spare_ids))
     fresh = iter(spare_ids)
     id_by_index: dict[int, int] = {}
     out_ids: list[int] = []
     for p in pending:
         id_by_index[p.index] = next(fresh)
         out_ids.extend(next(fresh) for _ in p.reply_statuses)
+    return id_by_index, out_ids
+
+
+def _write_batch(
+    db: DriverSql,
+    pending: Sequence[_Pending],
+    replies: Sequence[_PendingReply],
+    out_ids: Sequence[int],
+    id_by_index: dict[int, int],
+    convos: dict[tuple[str, int], _Convo],
+    keys: Sequence[str],
+    now: datetime,
+) -> None:
+    """Every row the batch causes, one statement per table (one round trip on PostgreSQL)."""
     inbound_rows = [_inbound_row(db, p, id_by_index[p.index], keys[p.index], now) for p in pending]
     conversation_rows = _conversation_rows(db, convos.values(), id_by_index, now)
     opt_event_rows = [
@@ -262,23 +323,15 @@ def handle_batch(
     outbox_ids = [out_id for out_id, (_, _, status, _) in zip(out_ids, replies, strict=True) if status == "queued"]
     if db.postgres:
         _write_postgres(db, inbound_rows + outbound_rows, conversation_rows, opt_event_rows, outbox_ids, now)
-    else:
-        db.executemany(_INSERT_MESSAGE, inbound_rows)
-        db.executemany(_UPDATE_CONVERSATION, conversation_rows)
-        db.executemany(_INSERT_OPT_EVENT, opt_event_rows)
-        db.executemany(_INSERT_MESSAGE, outbound_rows)
-        db.executemany(
-            "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at) VALUES (?, 0, ?, ?)",
-            [(out_id, db.ts(now), db.ts(now)) for out_id in outbox_ids],
-        )
-    for out_id, (_, _, status, reason) in zip(out_ids, replies, strict=True):
-        if status != "queued":
-            log.warning("reply %s not queued (%s): %s", out_id, status, reason)
-
-    for p in pending:
-        queued = sum(1 for _, status, _ in p.reply_statuses if status == "queued")
-        results[p.index] = InboundResult(id_by_index[p.index], duplicate=False, queued=queued, decision=p.decision)
-    return [r for r in results if r is not None]
+        return
+    db.executemany(_INSERT_MESSAGE, inbound_rows)
+    db.executemany(_UPDATE_CONVERSATION, conversation_rows)
+    db.executemany(_INSERT_OPT_EVENT, opt_event_rows)
+    db.executemany(_INSERT_MESSAGE, outbound_rows)
+    db.executemany(
+        "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at) VALUES (?, 0, ?, ?)",
+        [(out_id, db.ts(now), db.ts(now)) for out_id in outbox_ids],
+    )
 
 
 def _decide(ruleset: Ruleset | None, convo: _Convo, message: Inbound, now: datetime) -> Decision | None:
@@ -313,12 +366,14 @@ def _reply_status(
     return "queued", None
 
 
-_MESSAGE_COLUMNS = (
-    "id, direction, dedupe_key, conversation_id, contact_id, signature, text, normalized_text, provider_time,"
-    " in_reply_to_id, rule, rule_kind, unmatched, state_before, state_after, template_name, template_id, params,"
-    " segments, status, status_reason, error_message, marketing, created_at, updated_at"
-)
-_INSERT_MESSAGE = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({', '.join('?' * 25)})"
+_SET_LATER = frozenset({"provider_serial", "error_code", "delivered_at", "sent_at"})
+"""Columns of ``messages`` a new row leaves NULL: sending and delivery reports fill them in."""
+_MESSAGE_WRITTEN = [column for column in messages.columns if column.name not in _SET_LATER]
+"""The columns a new message row is written with, in the model's order: the order of the tuples
+``_inbound_row`` and ``_outbound_row`` build (a column added to the model is written too, so they
+need a value for it, or ``_SET_LATER`` its name; the check below says so at import)."""
+_MESSAGE_COLUMNS = ", ".join(column.name for column in _MESSAGE_WRITTEN)
+_INSERT_MESSAGE = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({', '.join('?' * len(_MESSAGE_WRITTEN))})"
 _INSERT_OPT_EVENT = (
     "INSERT INTO opt_out_events (conversation_id, event, source, message_id, raw_text, normalized_text, rule,"
     " actor, created_at) VALUES (?, ?, 'keyword', ?, ?, ?, ?, NULL, ?)"
@@ -399,6 +454,32 @@ def _outbound_row(
         db.ts(now),
         db.ts(now),
     )
+
+
+def _check_message_rows() -> None:
+    """Both row builders give one value per column of ``_MESSAGE_WRITTEN`` (run once, at import).
+
+    A column added to ``messages`` joins ``_MESSAGE_WRITTEN`` by itself; without
+    this check the first callback would find out, on SQLite with a count of
+    bindings, on PostgreSQL perhaps not at all (a missing JSON element is NULL).
+    """
+    db = SimpleNamespace(ts=lambda v: v, bool=lambda v: v, json=lambda v: v)
+    message = SimpleNamespace(sign="", text="", time=0)
+    p = SimpleNamespace(decision=None, convo=SimpleNamespace(id=0), contact_id=0, message=message, state_before=None)
+    rows = {"_inbound_row": _inbound_row(cast(Any, db), cast(Any, p), 0, "", _EPOCH)}
+    p.decision = SimpleNamespace(rule=None, rule_kind=None, state=None)
+    reply = SimpleNamespace(text="", template=None, template_id=None, params=(), segments=1, marketing=False)
+    rows["_outbound_row"] = _outbound_row(cast(Any, db), cast(Any, p), 0, 0, cast(Any, reply), "queued", None, _EPOCH)
+    for builder, row in rows.items():
+        if len(row) != len(_MESSAGE_WRITTEN):
+            raise AssertionError(
+                f"{builder} gives {len(row)} values for the {len(_MESSAGE_WRITTEN)} columns of messages it writes"
+                " (in the model's order): give the new column its value there, or add its name to _SET_LATER"
+            )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_check_message_rows()
 
 
 def _opt_event_row(db: DriverSql, p: _Pending, inbound_id: int, now: datetime) -> tuple[Any, ...]:
@@ -613,31 +694,54 @@ def _read_pipeline(
     return contacts, convos, seen, counts, message_ids
 
 
-def _positional(names_and_types: str) -> tuple[list[str], str]:
-    """Column names, and the select list reading them from ``jsonb_array_elements(...) AS r`` by position.
+_CAST_TYPES: tuple[tuple[type[TypeEngine[Any]], str], ...] = (
+    (Boolean, "boolean"),
+    (BigInteger, "bigint"),  # before Integer, its base class
+    (Integer, "integer"),
+    (String, "text"),  # Text too; and not varchar(n): a cast to it would cut a value too long, storing it refuses
+    (DateTime, "timestamptz"),
+    (JSON, "json"),
+)
+
+
+def _cast_type(column: Column[Any]) -> str:
+    """The PostgreSQL type a value read out of the JSON rows is cast to before it is stored in ``column``."""
+    kind = column.type
+    if isinstance(kind, TypeDecorator):  # UtcDateTime
+        kind = kind.impl_instance
+    for sa_type, name in _CAST_TYPES:
+        if isinstance(kind, sa_type):
+            return name
+    raise TypeError(f"no PostgreSQL cast known for {column.table.name}.{column.name}'s type {column.type!r}")
+
+
+def _positional(columns: Sequence[Column[Any]]) -> str:
+    """The select list reading ``columns`` from ``jsonb_array_elements(...) AS r`` by position.
 
     Columns of type json arrive as their JSON text (a string), so they are
     stored exactly as written, like the statement-by-statement path stores them.
     """
-    pairs = [item.split() for item in names_and_types.split(", ")]
-    select = ", ".join(f"(r->>{i})::{kind} AS {name}" for i, (name, kind) in enumerate(pairs))
-    return [name for name, _ in pairs], select
+    return ", ".join(f"(r->>{i})::{_cast_type(column)} AS {column.name}" for i, column in enumerate(columns))
 
 
-_MESSAGE_NAMES, _MESSAGE_SELECT = _positional(
-    "id bigint, direction text, dedupe_key text, conversation_id bigint, contact_id bigint, signature text, text text,"
-    " normalized_text text, provider_time timestamptz, in_reply_to_id bigint, rule text, rule_kind text,"
-    " unmatched boolean, state_before text, state_after text, template_name text, template_id text, params json,"
-    " segments integer, status text, status_reason text, error_message text, marketing boolean,"
-    " created_at timestamptz, updated_at timestamptz"
-)
-assert ", ".join(_MESSAGE_NAMES) == _MESSAGE_COLUMNS
 _PG_INSERT_MESSAGES = (
-    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) SELECT {_MESSAGE_SELECT} FROM jsonb_array_elements(%s::jsonb) AS r"
+    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) SELECT {_positional(_MESSAGE_WRITTEN)}"
+    " FROM jsonb_array_elements(%s::jsonb) AS r"
 )
-_, _CONVERSATION_SELECT = _positional(
-    "state text, variables json, expires_at timestamptz, opted_out boolean, opted_out_at timestamptz,"
-    " opt_out_message_id bigint, updated_at timestamptz, id bigint"
+_CONVERSATION_SELECT = _positional(
+    [
+        conversations.c[name]
+        for name in (
+            "state",
+            "variables",
+            "expires_at",
+            "opted_out",
+            "opted_out_at",
+            "opt_out_message_id",
+            "updated_at",
+            "id",
+        )
+    ]
 )
 _PG_UPDATE_CONVERSATIONS = (
     "UPDATE conversations AS v SET state = x.state, variables = x.variables, expires_at = x.expires_at,"
@@ -647,9 +751,11 @@ _PG_UPDATE_CONVERSATIONS = (
 )
 """``v.id = ANY(...)`` repeats the ids as an array the planner can count: joined on the JSON rows
 alone it hashed the whole table, however few rows the batch changed."""
-_, _OPT_EVENT_SELECT = _positional(
-    "conversation_id bigint, event text, message_id bigint, raw_text text, normalized_text text, rule text,"
-    " created_at timestamptz"
+_OPT_EVENT_SELECT = _positional(
+    [
+        opt_out_events.c[name]
+        for name in ("conversation_id", "event", "message_id", "raw_text", "normalized_text", "rule", "created_at")
+    ]
 )
 _PG_INSERT_OPT_EVENTS = (
     "INSERT INTO opt_out_events (conversation_id, event, source, message_id, raw_text, normalized_text, rule,"

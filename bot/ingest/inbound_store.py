@@ -4,6 +4,10 @@ Both writer modes commit callbacks the same way: one ``handle_batch`` per
 merged batch, the delivery loop woken after a commit only when it queued
 replies (waking it after its own claims would make it spin), and one warning
 per signature that no rules answer.
+
+It sees the rules and the delivery loop only through ``RulesSource`` and
+``Wakeable``: what hosts them (``bot/runtime``, ``bot/delivery``) sits above
+this package, which stays importable without them.
 """
 
 from __future__ import annotations
@@ -11,23 +15,36 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy import Connection
 
-from bot.delivery.deliverer import Deliverer
 from bot.ingest.batch import InboundResult, Policy, handle_batch
-from bot.runtime.live_rules import LiveRules
+from bot.rules.model import Ruleset
 from bot.sms import Inbound
 
 log = logging.getLogger("smsbot.inbound")
 
 
+class RulesSource(Protocol):
+    """The rules now live (``LiveRules``): read at every batch, since a reload replaces them."""
+
+    @property
+    def ruleset(self) -> Ruleset | None: ...
+
+
+class Wakeable(Protocol):
+    """The delivery loop (``Deliverer``), woken from the writer's thread."""
+
+    def wake(self) -> None: ...
+
+
 class InboundStore:
-    def __init__(self, *, rules: LiveRules, policy: Policy, clock: Callable[[], datetime]) -> None:
+    def __init__(self, *, rules: RulesSource, policy: Policy, clock: Callable[[], datetime]) -> None:
         self.rules = rules
         self.policy = policy
         self.clock = clock
-        self.deliverer: Deliverer | None = None
+        self.deliverer: Wakeable | None = None
         """Set once built (it needs the writer, which needs ``after_commit``)."""
         self.queued_since_commit = False
         self.warned_signatures: set[str] = set()

@@ -14,7 +14,7 @@ unknown variables and estimate how long a rendered parameter can get.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,9 +160,14 @@ def max_rendered_length(
     """An upper bound on the rendered length, or None when it cannot be bounded."""
     if expr.ast is None:
         return len(expr.source)
+    return _sum_max(expr.ast.body, group_widths, signature)
+
+
+def _sum_max(parts: Iterable[nodes.Node], widths: Mapping[str, int | None], signature: str | None) -> int | None:
+    """The bound of pieces rendered one after another: the sum of theirs, unbounded if any one is."""
     total = 0
-    for node in expr.ast.body:
-        part = _node_max(node, group_widths, signature)
+    for node in parts:
+        part = _node_max(node, widths, signature)
         if part is None:
             return None
         total += part
@@ -170,14 +175,8 @@ def max_rendered_length(
 
 
 def _node_max(node: nodes.Node, widths: Mapping[str, int | None], signature: str | None) -> int | None:
-    if isinstance(node, nodes.Output):
-        total = 0
-        for child in node.nodes:
-            part = _node_max(child, widths, signature)
-            if part is None:
-                return None
-            total += part
-        return total
+    if isinstance(node, nodes.Output | nodes.Concat):
+        return _sum_max(node.nodes, widths, signature)
     if isinstance(node, nodes.TemplateData):
         return len(node.data)
     if isinstance(node, nodes.Const):
@@ -203,14 +202,6 @@ def _node_max(node: nodes.Node, widths: Mapping[str, int | None], signature: str
         a = _node_max(node.expr1, widths, signature)
         b = _node_max(node.expr2, widths, signature) if node.expr2 is not None else 0
         return None if a is None or b is None else max(a, b)
-    if isinstance(node, nodes.Concat):
-        total = 0
-        for child in node.nodes:
-            part = _node_max(child, widths, signature)
-            if part is None:
-                return None
-            total += part
-        return total
     return None
 
 

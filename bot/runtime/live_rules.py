@@ -14,11 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bot.rules.loader import load_rules
 from bot.rules.model import Ruleset
 
 log = logging.getLogger("smsbot.rules")
+
+RulesStatus = dict[str, Any]
+"""What ``/readyz``, ``/metrics`` and the console show of the live rules; plain data, so the writer
+process can send it over its pipe: ``version``, ``files``, ``loaded_at``, ``last_reload_error``."""
 
 
 class RulesInvalid(Exception):  # noqa: N818 - named for what the user sees
@@ -55,6 +60,15 @@ class LiveRules:
         self.reloads += 1
         log.info("rules loaded: version %s, %d file(s)", result.ruleset.version, len(result.ruleset.files))
         return result.ruleset
+
+    def status(self) -> RulesStatus:
+        ruleset = self.ruleset
+        return {
+            "version": ruleset.version if ruleset else None,
+            "files": [f.name for f in ruleset.files] if ruleset else [],
+            "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,
+            "last_reload_error": self.last_error or None,
+        }
 
     async def watch(self, on_reload: Callable[[], None] | None = None) -> None:
         """Reload whenever a file under ``path`` changes; ``on_reload`` runs after every attempt."""

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.config import Settings
-from bot.runtime.sinks import PullSink, WriterSink
+from bot.runtime.pipeline import PullSink, ThreadPipeline, inbound_policy
 from bot.sms import Inbound
 from bot.tencent.callbacks import StatusReport
 from bot.tencent.config import tencent_config
@@ -236,7 +236,7 @@ class Puller:
                 log.info("pulled %d repl(ies): %d stored, %d duplicate(s)", len(results), stored, len(results) - stored)
                 held.replies.clear()
             if held.reports:
-                outcome = await self.sink.apply(list(held.reports))
+                outcome = await self.sink.apply_reports(list(held.reports))
                 self.counts.reports_applied += outcome.updated
                 self.counts.unknown_reports += len(outcome.unknown)
                 log.info(
@@ -351,37 +351,27 @@ async def pull_into_database(
     """
     import signal
 
-    from bot.ingest.batch import Policy
-    from bot.ingest.inbound_store import InboundStore
-    from bot.store.writer import DbWriter
-
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731 - one line, typed
-    inbound = InboundStore(
-        rules=rules, policy=Policy(loop_limit=settings.loop_limit, loop_window=settings.loop_window), clock=clock
-    )
-    writer = DbWriter(engine, on_commit=inbound.after_commit)
-    puller = make_puller(settings, WriterSink(writer, inbound, clock), interval=interval, clock=clock)
+    pipeline = ThreadPipeline(
+        engine, rules, policy=inbound_policy(settings), clock=clock, watch_rules=watch_rules and not once
+    )  # no delivery loop: see above
+    puller = make_puller(settings, pipeline, interval=interval, clock=clock)
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
             loop.add_signal_handler(signum, puller.stop)
             handled.append(signum)
-    writer.start()
-    watcher = asyncio.create_task(rules.watch(), name="smsbot-rules-watch") if watch_rules and not once else None
+    await pipeline.start()
     try:
         if once:
             return puller, await puller.drain()
         await puller.run()
         return puller, None
     finally:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
+        await pipeline.stop()
         for signum in handled:
             loop.remove_signal_handler(signum)
-        await asyncio.to_thread(writer.stop)
 
 
 @contextlib.asynccontextmanager

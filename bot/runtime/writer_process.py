@@ -106,16 +106,6 @@ def writer_main(conn: PipeEnd, config: WriterConfig) -> None:
     _Child(conn, config).run()
 
 
-def _rules_status(rules: Any) -> dict[str, Any]:
-    ruleset = rules.ruleset
-    return {
-        "version": ruleset.version if ruleset else None,
-        "files": [f.name for f in ruleset.files] if ruleset else [],
-        "loaded_at": rules.loaded_at.isoformat() if rules.loaded_at else None,
-        "last_reload_error": rules.last_error or None,
-    }
-
-
 class _Child:
     def __init__(self, conn: PipeEnd, config: WriterConfig) -> None:
         from bot.delivery.deliverer import Deliverer
@@ -168,7 +158,7 @@ class _Child:
 
     def _send_rules(self) -> None:
         with contextlib.suppress(OSError):  # the HTTP process is gone; the main loop notices
-            self.send(("rules", _rules_status(self.rules)))
+            self.send(("rules", self.rules.status()))
 
     # ---------------------------------------------------------------- batch handlers (writer main thread)
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Engine, RowMapping, Select, func, select
+from sqlalchemy import ColumnElement, Engine, RowMapping, Select, func, select
 
 from bot.numbers import mask_number, mask_phone_numbers
-from bot.store.models import contacts, messages
+from bot.store.models import messages
+from bot.store.queries import NUMBER, message_filter, messages_with_numbers
 
 ExportFormat = Literal["csv", "jsonl"]
 BATCH_ROWS = 1000
@@ -114,28 +115,24 @@ def parse_bound(value: str, *, end: bool = False) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def _where(filters: ExportFilter) -> list[ColumnElement[bool]]:
+    """One filter for the file and for ``count_rows``, so a progress bar counts the rows the file gets."""
+    return message_filter(since=filters.since, until=filters.until, signature=filters.signature)
+
+
 def _query(filters: ExportFilter) -> Select[Any]:
     cols = [c for c in messages.c if c.name in COLUMNS]
-    query = (
-        select(*cols, contacts.c.nationcode, contacts.c.mobile)
-        .join(contacts, contacts.c.id == messages.c.contact_id)
-        .where(messages.c.created_at >= filters.since, messages.c.created_at < filters.until)
+    return (
+        select(*cols, *NUMBER)
+        .select_from(messages_with_numbers())
+        .where(*_where(filters))
         .order_by(messages.c.created_at, messages.c.id)
     )
-    if filters.signature is not None:
-        query = query.where(messages.c.signature == filters.signature)
-    return query
 
 
 def count_rows(engine: Engine, filters: ExportFilter) -> int:
     """How many rows ``export_chunks`` will yield (an index range count: cheap enough for a progress bar)."""
-    query = (
-        select(func.count())
-        .select_from(messages)
-        .where(messages.c.created_at >= filters.since, messages.c.created_at < filters.until)
-    )
-    if filters.signature is not None:
-        query = query.where(messages.c.signature == filters.signature)
+    query = select(func.count()).select_from(messages).where(*_where(filters))
     with engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
 

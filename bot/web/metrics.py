@@ -37,18 +37,16 @@ from fastapi import Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 
 from bot.config import Settings
-from bot.runtime.live_rules import LiveRules
-from bot.runtime.writer_process import ProcessWriter
-from bot.store.models import messages, outbox
+from bot.runtime.pipeline import Pipeline
+from bot.store.queries import REPLY_STATUSES, limit_statement_time, outbox_backlog, replies_by_status
 
 log = logging.getLogger("smsbot.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REPLY_WINDOW = timedelta(hours=24)
-REPLY_STATUSES = frozenset({"queued", "sent", "delivered", "failed", "suppressed", "looping", "error"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1"})
 STATUS_RESULTS = {200: "ok", 400: "bad_request", 401: "unauthorized", 413: "too_large", 503: "unavailable"}
@@ -103,19 +101,11 @@ class _DatabaseCollector(Collector):
     def _read(self) -> tuple[dict[str, int], int, float]:
         now = self.clock()
         with self.engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET LOCAL statement_timeout = 5000")
-            replies = {
-                str(status): int(count)
-                for status, count in conn.execute(
-                    select(messages.c.status, func.count())
-                    .where(messages.c.created_at >= now - REPLY_WINDOW, messages.c.direction == "out")
-                    .group_by(messages.c.status)
-                )
-            }
-            depth, oldest_at = conn.execute(select(func.count(), func.min(outbox.c.created_at))).one()
+            limit_statement_time(conn, milliseconds=5000)
+            replies = replies_by_status(conn, since=now - REPLY_WINDOW)
+            depth, oldest_at = outbox_backlog(conn)
         oldest = 0.0 if oldest_at is None else max(0.0, (now - oldest_at).total_seconds())
-        return replies, int(depth), oldest
+        return replies, depth, oldest
 
 
 class _RulesCollector(Collector):
@@ -173,16 +163,11 @@ class AppMetrics:
         for result in ("success", "failure"):
             self.rule_loads.labels(result)
         self._children: dict[tuple[str, str], Any] = {}
-        self._rules_status = rules_status
         self.database = _DatabaseCollector(engine, clock)
         self.registry.register(self.database)
         self.registry.register(_RulesCollector(rules_status))
 
     # ---------------------------------------------------------------- events
-
-    def on_rules_reload(self) -> None:
-        """For ``LiveRules.watch`` (thread mode): count the attempt that just ended."""
-        self.rules_loaded(self._rules_status())
 
     def rules_loaded(self, status: RulesStatus) -> None:
         """Count one rules load attempt from its status (``last_reload_error`` set: it failed)."""
@@ -252,32 +237,14 @@ class AppMetrics:
         return Response(body, media_type=CONTENT_TYPE)
 
 
-def live_rules_status(rules: LiveRules) -> RulesStatus:
-    """The rules status of an in-process ``LiveRules``, in the shape the writer process sends it."""
-    ruleset = rules.ruleset
-    return {
-        "version": ruleset.version if ruleset else None,
-        "loaded_at": rules.loaded_at.isoformat() if rules.loaded_at else None,
-        "last_reload_error": rules.last_error or None,
-    }
-
-
 def build_metrics(
     settings: Settings,
     *,
     engine: Engine,
     clock: Callable[[], datetime],
-    rules: LiveRules,
-    process_writer: ProcessWriter | None,
+    pipeline: Pipeline,
 ) -> AppMetrics:
-    """The metrics of one app, wired to where its rules live (this process, or the writer process)."""
-    if process_writer is not None:
-        writer = process_writer
-        metrics = AppMetrics(settings, engine=engine, clock=clock, rules_status=lambda: writer.rules_status)
-        # Every ("rules", status) message is one load attempt of the writer process, its start included.
-        writer.on_rules_status = metrics.rules_loaded
-        return metrics
-    metrics = AppMetrics(settings, engine=engine, clock=clock, rules_status=lambda: live_rules_status(rules))
-    if rules.ruleset is not None:  # loaded before the app was built
-        metrics.rules_loaded(live_rules_status(rules))
+    """The metrics of one app, wired to wherever its rules live (this process, or the writer process)."""
+    metrics = AppMetrics(settings, engine=engine, clock=clock, rules_status=pipeline.rules_status)
+    pipeline.on_rules_loaded(metrics.rules_loaded)
     return metrics

@@ -278,7 +278,7 @@ def test_serve_can_leave_sending_to_workers(make_app: Callable[..., Harness], db
 def test_worker_is_woken_by_its_own_writer(make_app: Callable[..., Harness], db_url: str) -> None:
     """Inside serve the loop is woken by the commit that queued a reply: no poll interval on the hot path."""
     h = make_app(db_url)
-    deliverer = h.app.state.runtime.deliverer
+    deliverer = h.app.state.runtime.pipeline.deliverer
     deliverer.poll_seconds = 30.0
     h.say("hi")  # the loop may be asleep for 30 s: only the wake-up can send this in time
     wait_until(lambda: len(h.sender.sent) == 1, timeout=5, what="the reply to be sent")

@@ -262,10 +262,13 @@ def test_tencent_errors_are_logged_and_retried_without_losing_anything(
     assert "PullSmsReplyStatus failed: AuthFailure.SignatureFailure" in errors
     assert "PullSmsSendStatus failed" in errors
     assert h.client.get("/healthz").status_code == 200
+    # A round may be between pulling a page and storing it (held > 0 for a moment): what matters is that
+    # the puller recovers with nothing left held, not which instant /readyz is read at.
     pull = wait_until(
-        lambda: (p := h.client.get("/readyz").json()["pull"])["last_error"] is None and p, what="recovery"
+        lambda: (p := h.client.get("/readyz").json()["pull"])["last_error"] is None and p["held"] == 0 and p,
+        what="recovery with nothing held",
     )
-    assert pull["held"] == 0
+    assert (pull["last_error"], pull["held"]) == (None, 0)
 
 
 def test_a_pulled_reply_the_callback_would_refuse_is_logged_in_full_and_the_rest_stored(

@@ -501,7 +501,7 @@ def test_idle_delivery_loop_does_not_spin(harness: Harness) -> None:
     h = harness
     h.say("hi")
     h.wait_settled()
-    writer = h.app.state.runtime.writer
+    writer = h.app.state.runtime.pipeline.writer
     stop = threading.Event()
     before = writer.batches
     stop.wait(0.5)  # a measuring window, not a wait for something
@@ -543,7 +543,7 @@ def test_delivery_task_honours_a_cancel_that_arrives_with_a_wake_up(harness: Har
     h = harness
     h.say("hi")
     h.wait_settled()
-    deliverer = h.app.state.runtime.deliverer
+    deliverer = h.app.state.runtime.pipeline.deliverer
 
     async def wake_then_cancel() -> bool:
         [task] = [t for t in asyncio.all_tasks() if t.get_name() == "smsbot-deliverer"]

@@ -1,0 +1,212 @@
+"""``smsbot serve``, ``pull`` and ``worker``: the long-running processes a deployment is made of.
+
+They start up the same way, in the same order: refuse settings that cannot work (missing
+credentials, a public address without a callback token) before anything is logged, then set up
+logging, check the database schema and (serve and pull, which answer messages) load the rules, so
+a process that would fail on its first message fails at start instead. uvicorn, FastAPI,
+SQLAlchemy and Tencent's SDK are imported inside the commands, so the rest of ``smsbot`` starts
+without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from bot.cli.common import checked_engine, config_errors, read_settings, safe_url
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+    from bot.runtime.live_rules import LiveRules
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _setup_logging(settings: Settings) -> None:
+    """serve, worker and pull log the same way: ``log_format``, numbers masked unless ``log_reveal_numbers``."""
+    import logging
+
+    from bot.runtime.logs import setup_logging
+
+    setup_logging(level=logging.INFO, log_format=settings.log_format, reveal_numbers=settings.log_reveal_numbers)
+
+
+def _loaded_rules(settings: Settings) -> LiveRules:
+    """The rules, loaded, or exit 1 with every problem."""
+    from bot.runtime.live_rules import LiveRules, RulesInvalid
+
+    rules = LiveRules(settings.rules_dir, settings.param_max_length)
+    try:
+        rules.load()
+    except RulesInvalid as exc:
+        typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    return rules
+
+
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="address to bind (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="port (default 8000)")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="allow a non-loopback address without a callback token")
+    ] = False,
+    pull: Annotated[
+        bool,
+        typer.Option("--pull", help="also pull replies and delivery statuses from Tencent (default: SMSBOT_PULL)"),
+    ] = False,
+    no_deliver: Annotated[
+        bool,
+        typer.Option("--no-deliver", help="only store and queue: `smsbot worker` processes send (SMSBOT_DELIVER)"),
+    ] = False,
+) -> None:
+    """Run the callback server and the delivery loop (in a writer process unless SMSBOT_WRITER=thread)."""
+
+    import uvicorn
+
+    from bot.delivery.senders import make_sender
+    from bot.web.app import create_app
+
+    settings = read_settings()
+    if pull:
+        settings = settings.model_copy(update={"pull": True})
+    bind_host = host or settings.host
+    bind_port = port or settings.port
+    if bind_host not in _LOOPBACK and settings.callback_token is None and not insecure:
+        typer.echo(
+            f"smsbot: refusing to listen on {bind_host} without a callback token: set SMSBOT_CALLBACK_TOKEN "
+            "(Tencent then calls /sms/callback?token=...) or pass --insecure",
+            err=True,
+        )
+        raise typer.Exit(2)
+    with config_errors():
+        sender = make_sender(settings)
+        if settings.pull:
+            from bot.tencent.config import tencent_config
+
+            tencent_config(settings, purpose="pull")
+    _setup_logging(settings)
+    engine = checked_engine(settings)
+    rules = _loaded_rules(settings)
+    if no_deliver:
+        settings = settings.model_copy(update={"deliver": False})
+    application = create_app(
+        settings, engine=engine, rules=rules, sender=sender, writer_mode=settings.writer, deliver=settings.deliver
+    )
+    if settings.writer == "process":
+        engine.dispose()  # the writer process opens its own; this one only checked the schema
+    typer.echo(
+        f"smsbot: listening on http://{bind_host}:{bind_port} (database {safe_url(settings.database_url)}, "
+        f"writer {settings.writer}{f', pulling from Tencent every {settings.pull_interval:g}s' if settings.pull else ''})"
+    )
+    # log_config=None: uvicorn's own lines go through the root handler, so they are masked and JSON too.
+    uvicorn.run(application, host=bind_host, port=bind_port, log_level="info", access_log=False, log_config=None)
+
+
+def pull_command(
+    once: Annotated[
+        bool, typer.Option("--once", help="pull until Tencent has nothing more, print the counts and exit")
+    ] = False,
+    interval: Annotated[
+        float | None,
+        typer.Option("--interval", min=0.1, help="seconds between pulls (default: pull_interval, 10)"),
+    ] = None,
+) -> None:
+    """Pull replies and delivery statuses from Tencent into the database (for servers Tencent cannot call).
+
+    Replies are stored and answered exactly as by the callback, and only queued:
+    whoever runs smsbot serve (or smsbot worker) sends them. Exit 1 when --once could not finish.
+    """
+    import asyncio
+
+    from bot.runtime.pulling import PollResult, pull_into_database
+    from bot.tencent.config import tencent_config
+
+    settings = read_settings()
+    with config_errors():
+        tencent_config(settings, purpose="pull")
+    _setup_logging(settings)
+    engine = checked_engine(settings)
+    try:
+        rules = _loaded_rules(settings)
+        if not once:
+            typer.echo(
+                f"smsbot: pulling from Tencent every {interval or settings.pull_interval:g}s into "
+                f"{safe_url(settings.database_url)} (Ctrl-C to stop)"
+            )
+        puller, result = asyncio.run(
+            pull_into_database(settings, engine=engine, rules=rules, once=once, interval=interval)
+        )
+    finally:
+        engine.dispose()
+    typer.echo(f"smsbot pull: {puller.counts.summary()}")
+    if puller.held:
+        typer.echo(
+            f"smsbot: {puller.held} pulled item(s) could not be stored; they are kept in {settings.pull_unstored_file}",
+            err=True,
+        )
+    if result is not None and result is not PollResult.DONE:
+        typer.echo(f"smsbot: {puller.last_error}", err=True)
+        raise typer.Exit(1)
+    if puller.held:
+        raise typer.Exit(1)
+
+
+def worker_command(
+    once: Annotated[
+        bool, typer.Option("--once", help="send what is due now, wait for the outcomes, print the count and exit")
+    ] = False,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", min=1, max=64, help="numbers sent to at once (default: send_concurrency, 8)"),
+    ] = None,
+) -> None:
+    """Send queued replies from the database: run several for more throughput (PostgreSQL), beside serve.
+
+    Workers share the outbox safely: each claims due rows with a lease (``FOR
+    UPDATE SKIP LOCKED`` on PostgreSQL), so no reply is sent twice and a crashed
+    worker's rows are taken over when their lease ends. A worker sees new
+    replies within a second (it polls); ``serve`` wakes its own delivery loop
+    at once.
+    """
+    import asyncio
+    import signal
+
+    from bot.delivery.deliverer import Deliverer, delivery_options
+    from bot.delivery.senders import make_sender
+    from bot.store.writer import DbWriter
+
+    settings = read_settings()
+    with config_errors():
+        sender = make_sender(settings)
+    _setup_logging(settings)
+    engine = checked_engine(settings)
+    options = delivery_options(settings)
+    if concurrency:
+        options["concurrency"] = concurrency
+    writer = DbWriter(engine)
+    writer.start()
+    deliverer = Deliverer(writer, sender, **options)
+
+    async def main() -> int:
+        if once:
+            return await deliverer.drain()
+        task = asyncio.create_task(deliverer.run_forever())
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        typer.echo(
+            f"smsbot worker: sending queued replies from {safe_url(settings.database_url)} "
+            f"({options['concurrency']} at once; Ctrl-C to stop)"
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return deliverer.sent
+
+    try:
+        sent = asyncio.run(main())
+    finally:
+        writer.stop()
+        engine.dispose()
+    typer.echo(f"smsbot worker: {sent} repl{'y' if sent == 1 else 'ies'} handled")
