@@ -47,6 +47,7 @@ def plan_for(
         now=now,
         policy=policy,
         rng=rng,
+        send_by=sms.send_by,
     )
 
 

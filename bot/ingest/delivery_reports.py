@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, and_, select
 
 from bot.numbers import parse_china_time
 from bot.store.models import messages
+from bot.store.reports import Outcome, keep_pending, mark_reported
 from bot.tencent.callbacks import StatusReport
 from bot.tencent.session_context import SessionContexts
 
@@ -39,26 +39,26 @@ def apply_reports(
     unknown: list[str] = []
     for report in reports:
         message_id = _find(conn, report, contexts)
+        outcome = _outcome(report)
         if message_id is None:
+            # Perhaps the send's own answer is not recorded yet: kept, and applied when it is.
             unknown.append(report.sid)
-            log.info("delivery report for an unknown send %s", report.sid)
+            keep_pending(conn, report.sid, outcome, now=now)
+            log.info("delivery report for a send we do not know (yet) %s: kept for when it is recorded", report.sid)
             continue
-        delivered = report.report_status == "SUCCESS"
-        values: dict[str, Any] = {
-            "status": "delivered" if delivered else "failed",
-            "status_reason": None,  # e.g. an ambiguous send's "may have gone out": now we know
-            "delivered_at": parse_china_time(report.user_receive_time)
-            if delivered and report.user_receive_time
-            else None,
-            "error_code": None if delivered else (report.errmsg or "FAIL"),
-            "error_message": None if delivered else (report.description or "the handset did not receive it"),
-            "updated_at": now,
-        }
-        if report.sid:
-            values["provider_serial"] = report.sid
-        conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
+        mark_reported(conn, message_id, outcome, serial=report.sid, now=now)
         updated += 1
     return ReportOutcome(updated, unknown)
+
+
+def _outcome(report: StatusReport) -> Outcome:
+    delivered = report.report_status == "SUCCESS"
+    return Outcome(
+        delivered=delivered,
+        delivered_at=parse_china_time(report.user_receive_time) if delivered and report.user_receive_time else None,
+        error_code=None if delivered else (report.errmsg or "FAIL"),
+        error_message=None if delivered else (report.description or "the handset did not receive it"),
+    )
 
 
 def _find(conn: Connection, report: StatusReport, contexts: SessionContexts | None) -> int | None:

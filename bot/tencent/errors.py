@@ -62,6 +62,8 @@ NOT_SENT = "ClientNetworkError.NotSent"
 UNREADABLE = "ClientNetworkError.UnreadableAnswer"
 """Ours: Tencent answered, but not with JSON we can read (truncated, HTML): it may have sent."""
 CARRIER_OR_CUSTOMER_BLACKLIST = "FailedOperation.PhoneNumberInBlacklist"
+PER_COUNTRY_LIMITS = frozenset({"LimitExceeded.AppCountryOrRegionDailyLimit"})
+"""Account caps that block only the country of the number that met them."""
 
 _T = ErrorClass(Outcome.TRANSIENT)
 _T_CAPPED = ErrorClass(Outcome.TRANSIENT, max_attempts=3)

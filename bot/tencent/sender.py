@@ -57,7 +57,10 @@ class TencentSender:
         request.PhoneNumberSet = [e164(sms.nationcode, sms.mobile)]
         request.SmsSdkAppId = self.config.sdk_app_id
         request.TemplateId = sms.template_id
-        request.SignName = self.config.sign_names.get(sms.sign, sms.sign)
+        if sms.nationcode.lstrip("+") == "86":
+            request.SignName = self.config.sign_names.get(sms.sign, sms.sign)
+        elif sms.sender_id:  # abroad: no signature, and a SenderId where the country needs one
+            request.SenderId = sms.sender_id
         request.TemplateParamSet = list(sms.params)
         if self._contexts is not None:  # matches delivery reports and pulls to our message, and only ours
             request.SessionContext = self._contexts.context_for(sms.message_id)

@@ -27,10 +27,10 @@ class SessionContexts:
     def __init__(self, key: bytes) -> None:
         if not key:
             raise ValueError("a SessionContext key must not be empty")
-        self._key = key
+        self.key = key
 
     def _tag(self, message_id: int) -> str:
-        return hmac.new(self._key, f"{PREFIX}:{message_id}".encode(), hashlib.sha256).hexdigest()[:_TAG_HEX]
+        return hmac.new(self.key, f"{PREFIX}:{message_id}".encode(), hashlib.sha256).hexdigest()[:_TAG_HEX]
 
     def context_for(self, message_id: int) -> str:
         """The SessionContext to send with reply ``message_id``."""

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, select
 
+from bot.delivery.outbox import Settlement, settle
 from bot.ingest.batch import handle_batch
 from bot.ingest.delivery_reports import apply_reports
 from bot.rules.loader import load_rules
 from bot.sms import Inbound
 from bot.store.db import WRITE_OPTIONS
-from bot.store.models import messages
+from bot.store.models import messages, pending_reports
 from bot.tencent.callbacks import BadReport, parse_status_callback, read_status_callback
 from bot.tencent.session_context import SessionContexts
 from tests.support import REPO, delivery_report
@@ -174,3 +175,27 @@ def test_odd_items_in_a_batch_never_stop_the_good_ones_being_applied(
 def test_a_single_object_is_accepted_too() -> None:
     [parsed] = parse_status_callback(json.dumps(delivery_report("5000:9")).encode())
     assert (parsed.sid, parsed.report_status) == ("5000:9", "SUCCESS")
+
+
+def test_a_report_that_overtakes_the_sends_own_answer_is_applied_when_the_send_is_recorded(engine: Engine) -> None:
+    """Tencent's report can arrive before our record of the send commits: it must not be lost as unknown."""
+    out_id = one_reply(engine, None)
+    with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+        conn.execute(messages.update().where(messages.c.id == out_id).values(status="queued"))
+    assert apply(engine, [delivery_report("5000:early", "FAIL")]) == (0, ["5000:early"])
+    assert reply_row(engine, out_id)["status"] == "queued"
+    with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+        settle(conn, [Settlement(0, out_id, "sent", serial="5000:early", sent_at=NOW)], NOW)
+    row = reply_row(engine, out_id)
+    assert (row["status"], row["provider_serial"], row["error_code"]) == ("failed", "5000:early", "MK:0001")
+    with engine.connect() as conn:
+        assert conn.execute(select(pending_reports)).all() == []  # taken, not kept forever
+
+
+def test_reports_kept_for_unknown_serials_are_pruned_after_a_few_days(engine: Engine) -> None:
+    apply(engine, [delivery_report("5000:never")])
+    later = NOW + timedelta(days=4)
+    with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+        apply_reports(conn, parse_status_callback(json.dumps([delivery_report("5000:other")]).encode()), now=later)
+    with engine.connect() as conn:
+        assert [r.sid for r in conn.execute(select(pending_reports))] == ["5000:other"]

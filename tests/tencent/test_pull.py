@@ -29,6 +29,7 @@ from bot.sms import Inbound
 from bot.store.db import make_engine
 from bot.store.models import messages, outbox
 from bot.tencent.callbacks import parse_reply_callback
+from bot.tencent.config import session_contexts
 from bot.tencent.pull import PulledItemRefused, china_time, reply_to_inbound, send_status_to_report
 from bot.web.app import create_app
 from tests.fakes.tencent_sms import FakeTencentSms
@@ -202,7 +203,9 @@ def test_a_pulled_reply_is_stored_and_answered_like_a_callback(
     assert answer_pull["text"] == answer_callback["text"]
     assert answer_pull["status"] in ("sent", "delivered")
     sent_to = {s.phone_number: s for s in fake.sends}
-    assert sent_to[CUSTOMER].session_context == str(answer_pull["id"])
+    contexts = session_contexts(tencent_settings(fake))
+    assert contexts is not None
+    assert contexts.message_id(sent_to[CUSTOMER].session_context) == answer_pull["id"]
     assert sent_to[CUSTOMER].template_id == sent_to["+8613900000000"].template_id == "1490001"
     assert puller(h).counts.replies_stored == 1
 
