@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from bot.config import Settings
+from bot.console.display import opt_out_source
 from bot.console.users import ConsoleUser, password_fingerprint, session_user
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ templates = Environment(
     lstrip_blocks=True,
 )
 """The console's Jinja2 environment: autoescaping is on for every template, so customer text is always escaped."""
+templates.filters["opt_out_source"] = opt_out_source
 
 
 class LoginRequired(Exception):  # noqa: N818 - named for the answer it becomes
