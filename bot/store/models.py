@@ -223,7 +223,7 @@ class OptOutEvent(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"))
     event: Mapped[str] = mapped_column(String(16))  # "opt_out" | "opt_in"
-    source: Mapped[str] = mapped_column(String(16))  # "keyword" | "ops" | "provider"
+    source: Mapped[str] = mapped_column(String(16))  # "keyword" | "console" (an admin) | "provider" (a blacklist)
     message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
     raw_text: Mapped[str | None] = mapped_column(Text)
     normalized_text: Mapped[str | None] = mapped_column(Text)
