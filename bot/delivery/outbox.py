@@ -67,7 +67,8 @@ _HISTORY = (
 
 AMBIGUOUS_REASON = (
     "no answer from Tencent: the SMS may have gone out, so it is not resent; its delivery report (by "
-    "SessionContext) settles it; without one, check Tencent's console before sending again"
+    "SessionContext) or a check with Tencent a few minutes later (PullSmsSendStatusByPhoneNumber) settles it; "
+    "without either, check Tencent's console before sending again"
 )
 
 Number = tuple[str, str]
