@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import RowMapping
+from sqlalchemy import RowMapping, insert, update
 
 from bot.config import Settings
 from bot.delivery.deliverer import Deliverer, delivery_options
@@ -48,6 +48,7 @@ from tests.support import (
     rows,
     tencent_settings,
     wait_until,
+    writing,
 )
 
 TEMPLATES = {
@@ -257,6 +258,32 @@ def test_a_send_tencent_has_no_status_for_is_checked_a_few_times_then_left_to_op
         later(h)
     assert len(lookups(fake)) == 3  # bounded: no more calls for it
     assert len(fake.sends) == 1
+
+
+def test_a_resent_reply_that_is_ambiguous_again_gets_checks_of_its_own(
+    start: Callable[..., Harness], fake: FakeTencentSms
+) -> None:
+    h = start(ambiguous_check_max=1)
+    reply = ambiguous(h, fake)
+    fake.set_send_status(fake.sends[0], None)
+    later(h, CHECK_AFTER)
+    assert reply_row(h, reply)["checks"] == 1  # used up: left to ops
+    with writing(h.engine) as conn:  # an admin resends it, as the console's retry does (checks untouched)
+        conn.execute(
+            update(messages).where(messages.c.id == reply["id"]).values(status="queued", status_reason="resent")
+        )
+        conn.execute(
+            insert(outbox).values(message_id=reply["id"], attempts=0, next_attempt_at=h.clock(), created_at=h.clock())
+        )
+    fake.disconnect(after_processing=True)
+    h.app.state.runtime.pipeline.wake_delivery()
+    wait_until(lambda: len(fake.sends) == 2 and h.count(outbox) == 0, timeout=10, what="the resend")
+    again = reply_row(h, reply)
+    assert (again["status"], again["checks"], again["checked_at"]) == ("ambiguous", None, None)
+
+    later(h, CHECK_AFTER)
+
+    assert reply_row(h, reply)["provider_serial"] == fake.sends[1].serial_no  # the resend, delivered
 
 
 def test_young_sends_wait_and_a_round_checks_at_most_its_batch(
