@@ -117,7 +117,6 @@ class AmbiguousReply:
     phone_number: str
     """E.164, as Tencent wants it."""
     sent_at: datetime
-    checks: int
 
     @property
     def window(self) -> tuple[datetime, datetime]:
@@ -207,7 +206,7 @@ def claim_ambiguous(
     """
     earliest = now - TENCENT_LOOKBACK + LOOKBACK_MARGIN + WINDOW_BEFORE
     query = (
-        select(messages.c.id, messages.c.contact_id, messages.c.sent_at, messages.c.checks)
+        select(messages.c.id, messages.c.contact_id, messages.c.sent_at)
         .add_columns(contacts.c.nationcode, contacts.c.mobile)
         .join_from(messages, contacts, contacts.c.id == messages.c.contact_id)
         .where(
@@ -225,7 +224,7 @@ def claim_ambiguous(
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(of=messages, skip_locked=True)
     due = [
-        AmbiguousReply(int(row.id), int(row.contact_id), e164(row.nationcode, row.mobile), row.sent_at, row.checks or 0)
+        AmbiguousReply(int(row.id), int(row.contact_id), e164(row.nationcode, row.mobile), row.sent_at)
         for row in conn.execute(query)
     ]
     if due:
