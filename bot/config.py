@@ -136,6 +136,30 @@ class Settings(BaseSettings):
         description="a reply that cannot go out within this time of the customer's message (frequency limits, "
         "quiet hours, retries) is recorded as expired, never sent late; a rule file may set its own",
     )
+    ambiguous_check_interval: Duration = Field(
+        default=timedelta(minutes=5),
+        description="with sender tencent, how often the delivery loop asks Tencent "
+        "(PullSmsSendStatusByPhoneNumber) about ambiguous sends, those SendSms gave no readable answer for; "
+        "each is asked at most once per interval",
+    )
+    ambiguous_check_after: Duration = Field(
+        default=timedelta(minutes=5),
+        description="an ambiguous send is first asked about once it is this old: its delivery report "
+        "usually settles it by then, with no call to Tencent",
+    )
+    ambiguous_check_max: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="times Tencent is asked about one ambiguous send before it is left to ops (with a reason "
+        "saying so); 0: never ask, only delivery reports settle them",
+    )
+    ambiguous_check_batch: int = Field(
+        default=20,
+        ge=1,
+        le=100,
+        description="ambiguous sends asked about per interval by one delivery loop (one Tencent call each)",
+    )
     host: str = Field(default="127.0.0.1", description="address smsbot serve binds to")
     console_secret: SecretStr | None = Field(
         default=None,

@@ -67,7 +67,8 @@ _HISTORY = (
 
 AMBIGUOUS_REASON = (
     "no answer from Tencent: the SMS may have gone out, so it is not resent; its delivery report (by "
-    "SessionContext) settles it; without one, check Tencent's console before sending again"
+    "SessionContext) or a check with Tencent a few minutes later (PullSmsSendStatusByPhoneNumber) settles it; "
+    "without either, check Tencent's console before sending again"
 )
 
 Number = tuple[str, str]
@@ -448,6 +449,12 @@ def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Ret
         ],
         now,
     )
+    ambiguous = [sms.message_id for sms, p in finals if p.status == "ambiguous"]
+    for chunk in chunks(ambiguous):
+        # A new ambiguous send gets its own checks with Tencent (bot/delivery/reconcile.py), also when
+        # an admin resent a reply whose earlier send used them up.
+        where, params = db.in_list("id", chunk)
+        db.execute(f"UPDATE messages SET checks = NULL, checked_at = NULL WHERE {where}", params)
     retries = [(sms, p) for sms, p in plans if isinstance(p, Retry)]
     db.executemany(
         "UPDATE outbox SET attempts = ?, next_attempt_at = ?, lease_until = NULL, leased_by = NULL WHERE id = ?",

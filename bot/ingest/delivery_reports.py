@@ -18,7 +18,7 @@ from sqlalchemy import Connection, and_, select
 
 from bot.numbers import parse_china_time
 from bot.store.models import messages
-from bot.store.reports import Outcome, keep_pending, mark_reported
+from bot.store.reports import Outcome, keep_pending, mark_reported, reported_outcome
 from bot.tencent.callbacks import StatusReport
 from bot.tencent.session_context import SessionContexts
 
@@ -53,11 +53,9 @@ def apply_reports(
 
 def _outcome(report: StatusReport) -> Outcome:
     delivered = report.report_status == "SUCCESS"
-    return Outcome(
-        delivered=delivered,
-        delivered_at=parse_china_time(report.user_receive_time) if delivered and report.user_receive_time else None,
-        error_code=None if delivered else (report.errmsg or "FAIL"),
-        error_message=None if delivered else (report.description or "the handset did not receive it"),
+    received = parse_china_time(report.user_receive_time) if delivered and report.user_receive_time else None
+    return reported_outcome(
+        delivered=delivered, received_at=received, code=report.errmsg, description=report.description
     )
 
 

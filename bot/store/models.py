@@ -144,6 +144,14 @@ class Message(Base):
             sqlite_where=text("sent_at IS NOT NULL"),
             postgresql_where=text("sent_at IS NOT NULL"),
         ),
+        # The ambiguous-send check (bot/delivery/reconcile.py) looks for these every few minutes;
+        # they are a handful among millions of rows.
+        Index(
+            "ix_messages_ambiguous_sent_at",
+            "sent_at",
+            sqlite_where=text("status = 'ambiguous'"),
+            postgresql_where=text("status = 'ambiguous'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)

@@ -47,6 +47,23 @@ class Outcome:
         )
 
 
+def reported_outcome(
+    *, delivered: bool, received_at: datetime | None, code: str | None, description: str | None
+) -> Outcome:
+    """What a delivery status says, however it reached us (pushed, pulled, or looked up for an ambiguous send).
+
+    One conversion, so a reply's row reads the same whichever path settled it:
+    a failure without Tencent's code is ``FAIL``, one without a description says
+    the handset did not receive it.
+    """
+    return Outcome(
+        delivered=delivered,
+        delivered_at=received_at if delivered else None,
+        error_code=None if delivered else (code or "FAIL"),
+        error_message=None if delivered else (description or "the handset did not receive it"),
+    )
+
+
 def mark_reported(conn: Connection, message_id: int, outcome: Outcome, *, serial: str | None, now: datetime) -> None:
     values: dict[str, Any] = {
         "status": "delivered" if outcome.delivered else "failed",

@@ -88,6 +88,11 @@ def _context_key(settings: Settings) -> bytes | None:
     )
 
 
+def e164(nationcode: str, mobile: str) -> str:
+    """A number the way Tencent's API wants it (``+8613800000000``), from our nationcode and mobile."""
+    return f"+{nationcode.lstrip('+')}{mobile.lstrip('+')}"
+
+
 def sms_client(config: TencentConfig) -> Any:
     """The SDK's SmsClient for ``config``, its own retries off (the callers decide what may be repeated)."""
     from tencentcloud.common import credential  # type: ignore[import-untyped]

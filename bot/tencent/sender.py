@@ -24,7 +24,7 @@ from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type:
 from tencentcloud.sms.v20210111 import models  # type: ignore[import-untyped]
 
 from bot.sms import OutboundSms, SendResult
-from bot.tencent.config import TencentConfig, sms_client
+from bot.tencent.config import TencentConfig, e164, sms_client
 from bot.tencent.errors import NOT_SENT, UNREADABLE
 
 _NEVER_WRITTEN = (
@@ -34,10 +34,6 @@ _NEVER_WRITTEN = (
     requests.exceptions.SSLError,  # raised while the TLS handshake runs, before any byte of the request
 )
 """Transport errors that happen before the request is written: Tencent cannot have seen it."""
-
-
-def e164(nationcode: str, mobile: str) -> str:
-    return f"+{nationcode.lstrip('+')}{mobile.lstrip('+')}"
 
 
 class TencentSender:

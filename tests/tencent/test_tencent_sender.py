@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 from bot.sms import OutboundSms
-from bot.tencent.config import TencentConfig
+from bot.tencent.config import TencentConfig, e164
 from bot.tencent.errors import NOT_SENT, UNREADABLE, Outcome, classify
-from bot.tencent.sender import TencentSender, e164
+from bot.tencent.sender import TencentSender
 from bot.tencent.session_context import SessionContexts
 from tests.fakes.tencent_sms import FakeTencentSms
 
