@@ -197,3 +197,9 @@ def limit_statement_time(conn: Connection, *, milliseconds: int) -> None:
     """
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(milliseconds)}")
+
+
+def unsettled_ambiguous(conn: Connection) -> int:
+    """Every reply still ``ambiguous``, whatever its age (a partial index holds exactly these rows)."""
+    stmt = select(func.count()).select_from(messages).where(messages.c.status == "ambiguous")
+    return int(conn.execute(stmt).scalar_one())

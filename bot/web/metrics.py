@@ -49,6 +49,7 @@ from bot.store.queries import (
     limit_statement_time,
     outbox_backlog,
     replies_by_status,
+    unsettled_ambiguous,
 )
 from bot.tencent.errors import EXACT, PER_COUNTRY_LIMITS, Outcome
 
@@ -86,6 +87,7 @@ class _Scrape(NamedTuple):
     oldest: float
     caps: list[AccountCap]
     now: datetime
+    ambiguous: int = 0
 
 
 def _is_loopback(host: str) -> bool:
@@ -130,6 +132,12 @@ class _DatabaseCollector(Collector):
             "age of the oldest reply in the outbox (0 when empty)",
             value=read.oldest,
         )
+        yield GaugeMetricFamily(
+            "smsbot_replies_ambiguous_unsettled",
+            "replies that may have gone out and that neither a delivery report nor the check with Tencent has "
+            "settled, however old: each waits for ops",
+            value=read.ambiguous,
+        )
         yield from _cap_metrics(read.caps, read.now)
 
     def _read(self) -> _Scrape:
@@ -139,8 +147,9 @@ class _DatabaseCollector(Collector):
             replies = replies_by_status(conn, since=now - REPLY_WINDOW)
             depth, oldest_at = outbox_backlog(conn)
             caps = account_caps(conn)
+            ambiguous = unsettled_ambiguous(conn)
         oldest = 0.0 if oldest_at is None else max(0.0, (now - oldest_at).total_seconds())
-        return _Scrape(replies, depth, oldest, caps, now)
+        return _Scrape(replies, depth, oldest, caps, now, ambiguous)
 
 
 def _cap_metrics(caps: list[AccountCap], now: datetime) -> Iterator[Metric]:

@@ -120,6 +120,23 @@ def test_expired_and_ambiguous_replies_are_reported_even_before_the_first(local:
     assert value(samples, "smsbot_replies", status="sent") == 1
 
 
+def test_ambiguous_replies_waiting_for_ops_are_counted_however_old(local: Harness) -> None:
+    """smsbot_replies counts the last 24 hours; an ambiguous reply left to ops must not drop out of sight."""
+    h = local
+    assert value(scrape(h), "smsbot_replies_ambiguous_unsettled") == 0
+    h.say("hi")
+    [reply] = h.wait_settled()
+    with writing(h.engine) as conn:
+        conn.execute(update(messages).where(messages.c.id == reply["id"]).values(status="ambiguous"))
+    h.clock.advance(timedelta(days=3))
+    samples = scrape(h)
+    assert value(samples, "smsbot_replies", status="ambiguous") == 0  # out of the 24-hour window
+    assert value(samples, "smsbot_replies_ambiguous_unsettled") == 1
+    with writing(h.engine) as conn:  # settled at last (a late report, the check, or ops)
+        conn.execute(update(messages).where(messages.c.id == reply["id"]).values(status="delivered"))
+    assert value(scrape(h), "smsbot_replies_ambiguous_unsettled") == 0
+
+
 def _cap(h: Harness, code: str, nationcode: str, until: datetime) -> None:
     with writing(h.engine) as conn:
         conn.execute(
