@@ -26,7 +26,14 @@ from bot.rules.schema import Duration
 CONFIG_ENV = "SMSBOT_CONFIG"
 DEFAULT_CONFIG_NAME = "config.yaml"
 _PATH_SETTINGS = ("rules_dir", "pull_unstored_file")
-SECRET_SETTINGS = ("callback_token", "tencent_secret_id", "tencent_secret_key", "console_secret", "metrics_token")
+SECRET_SETTINGS = (
+    "callback_token",
+    "tencent_secret_id",
+    "tencent_secret_key",
+    "console_secret",
+    "metrics_token",
+    "session_context_secret",
+)
 
 
 class ConfigError(Exception):
@@ -74,6 +81,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("TENCENTCLOUD_SECRET_KEY", "tencent_secret_key"),
         description="environment only: TENCENTCLOUD_SECRET_KEY (the SDK's own name)",
     )
+    session_context_secret: SecretStr | None = Field(
+        default=None,
+        description="environment only: the key of the marker smsbot puts in each send's SessionContext, so only "
+        "our own delivery reports match our replies; unset: derived from TENCENTCLOUD_SECRET_KEY",
+    )
     writer: Literal["thread", "process"] = Field(
         default="process",
         description="where smsbot serve commits callbacks and delivers replies: 'process' (a writer process "
@@ -104,14 +116,49 @@ class Settings(BaseSettings):
     )
     frequency_same_content: Duration | None = Field(
         default=timedelta(seconds=30),
-        description="hold a reply with the same text as one sent to the number within this time (Tencent: 30s); "
-        "0s: no limit",
+        description="hold a reply with the same text as one sent to the number within this time (Tencent's "
+        "default: 30s, changeable on organisation accounts); 0s: no limit",
     )
     frequency_per_hour: int | None = Field(
-        default=None, ge=0, description="replies per number per hour (as set in Tencent's console); 0: no limit"
+        default=None,
+        ge=0,
+        description="replies per number per hour (Tencent has no default; set what its console says); 0: no limit",
     )
     frequency_per_day: int | None = Field(
-        default=10, ge=0, description="replies per number per China day (Tencent's default is 10); 0: no limit"
+        default=10,
+        ge=0,
+        description="replies per number per China calendar day; Tencent's own default is 10 in its Chinese "
+        "documentation and 2 in its English FAQ, and organisation accounts change it in the console "
+        "(set this to what yours says); 0: no limit",
+    )
+    reply_max_delay: Duration = Field(
+        default=timedelta(hours=1),
+        description="a reply that cannot go out within this time of the customer's message (frequency limits, "
+        "quiet hours, retries) is recorded as expired, never sent late; a rule file may set its own",
+    )
+    ambiguous_check_interval: Duration = Field(
+        default=timedelta(minutes=5),
+        description="with sender tencent, how often the delivery loop asks Tencent "
+        "(PullSmsSendStatusByPhoneNumber) about ambiguous sends, those SendSms gave no readable answer for; "
+        "each is asked at most once per interval",
+    )
+    ambiguous_check_after: Duration = Field(
+        default=timedelta(minutes=5),
+        description="an ambiguous send is first asked about once it is this old: its delivery report "
+        "usually settles it by then, with no call to Tencent",
+    )
+    ambiguous_check_max: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="times Tencent is asked about one ambiguous send before it is left to ops (with a reason "
+        "saying so); 0: never ask, only delivery reports settle them",
+    )
+    ambiguous_check_batch: int = Field(
+        default=20,
+        ge=1,
+        le=100,
+        description="ambiguous sends asked about per interval by one delivery loop (one Tencent call each)",
     )
     host: str = Field(default="127.0.0.1", description="address smsbot serve binds to")
     console_secret: SecretStr | None = Field(

@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol, TextIO
 
 from bot.numbers import mask_number
@@ -52,6 +53,10 @@ class OutboundSms:
     attempts: int = 0
     """Sends tried before this one."""
     conversation_id: int = 0
+    sender_id: str | None = None
+    """Tencent's SenderId, for a number outside the Chinese mainland whose country needs one."""
+    send_by: datetime | None = None
+    """The reply's deadline: a retry planned past it expires the reply instead."""
 
 
 @dataclass(frozen=True)

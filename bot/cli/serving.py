@@ -164,6 +164,9 @@ def worker_command(
 ) -> None:
     """Send queued replies from the database: run several for more throughput (PostgreSQL), beside serve.
 
+    With the Tencent sender it also asks Tencent about ambiguous sends
+    (``ambiguous_check_*``); ``--once`` does one such round after sending.
+
     Workers share the outbox safely: each claims due rows with a lease (``FOR
     UPDATE SKIP LOCKED`` on PostgreSQL), so no reply is sent twice and a crashed
     worker's rows are taken over when their lease ends. A worker sees new
@@ -191,7 +194,11 @@ def worker_command(
 
     async def main() -> int:
         if once:
-            return await deliverer.drain()
+            sent = await deliverer.drain()
+            if deliverer.reconciler is not None:  # cron's workers must settle ambiguous sends too
+                await deliverer.reconciler.check_due()
+                deliverer.reconciler.close()
+            return sent
         task = asyncio.create_task(deliverer.run_forever())
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

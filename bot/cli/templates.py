@@ -64,7 +64,7 @@ def templates_sync(
         for difference in report.differences:
             typer.echo(str(difference.diagnostic()))
         for t in report.unused:
-            where = "international" if t.international else "domestic"
+            where = "domestic and international" if t.scope == "both" else t.scope
             typer.echo(f"info: template {t.id}: {t.name!r} ({t.status}, {where}) is not used by any rule file")
     typer.echo(
         f"{len(report.rule_templates)} template(s) compared with {len(report.tencent_templates)} at Tencent: "
@@ -95,7 +95,13 @@ def _sync_document(report: SyncReport, warnings: int) -> dict[str, Any]:
             for d in report.differences
         ],
         "unused": [
-            {"template_id": t.id, "name": t.name, "status": t.status, "international": t.international}
+            {
+                "template_id": t.id,
+                "name": t.name,
+                "status": t.status,
+                "international": t.international,
+                "scope": t.scope,
+            }
             for t in report.unused
         ],
     }

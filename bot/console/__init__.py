@@ -48,7 +48,10 @@ then add the module's ``router`` to ``PAGES`` below.
 - **Rendering**: ``render(request, "page.html", context, status_code=200)``
   with templates in ``bot/console/templates`` (autoescape on: never use
   ``|safe`` on stored text). The context always has ``user``,
-  ``csrf_input``, ``csrf_token``, ``nav`` and ``current_path``.
+  ``csrf_input``, ``csrf_token``, ``nav`` and ``current_path``; for a
+  signed-in user also ``account_caps``, which ``base.html`` shows as a
+  banner on every page while a Tencent account-wide cap is in force (one
+  small query per page view).
 - **Templates**: ``{% extends "base.html" %}`` and fill ``{% block title %}``,
   ``{% block content %}``, optionally ``{% block head %}`` (extra ``<style>``)
   and ``{% block scripts %}``. Every POST form contains ``{{ csrf_input }}``;
@@ -63,6 +66,7 @@ from fastapi import APIRouter, FastAPI
 
 from bot.config import Settings
 from bot.console import (
+    account_caps,
     conversations,
     dashboard,
     deliveries,
@@ -78,6 +82,7 @@ from bot.console.web import ConsoleConfig
 PAGES: list[APIRouter] = [conversations.router, unmatched.router, dashboard.router]
 """Page routers, included before the login routes."""
 PAGES += [optouts.router, deliveries.router, rules_page.router, simulator.router, export_page.router]
+PAGES += [account_caps.router]
 
 
 def install(app: FastAPI, settings: Settings) -> None:

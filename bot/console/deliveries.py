@@ -1,4 +1,12 @@
-"""The deliveries page: replies that failed, may not have gone out, or are still waiting; admins retry them.
+"""The deliveries page: replies that failed, may not have gone out, expired or still wait; admins retry some.
+
+``ambiguous`` replies (Tencent may have sent them) are marked "needs ops":
+nothing settles them but a delivery report, the active check, or a person
+who looked in Tencent's console. ``expired`` ones (held past
+``reply_max_delay``: marketing hours, frequency limits, an account cap, a
+retry past the deadline, a queue that stood still) are listed with that
+reason and are not retryable: a reply that late confuses more than none,
+and a retry would send exactly that late reply.
 
 A retry puts the reply back in the outbox exactly as the pipeline queues a
 new one (status ``queued``, due now), so the delivery loop sends it with
@@ -31,6 +39,7 @@ from bot.console.ops_shared import Page, listing_context, page_number
 from bot.console.queries.deliveries import (
     DeliveryFilter,
     count_deliveries,
+    counts_by_status,
     delivery_page,
     failure_codes,
     requeue,
@@ -39,14 +48,20 @@ from bot.console.queries.deliveries import (
 from bot.console.users import audit
 from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime
 from bot.store.db import WRITE_OPTIONS
-from bot.store.queries import RETRYABLE, known_signatures
+from bot.store.queries import NEEDS_A_LOOK, RETRYABLE, known_signatures
 
 router = ConsoleRouter(prefix=PREFIX)
 
-STATUS_FILTERS = (*RETRYABLE, "pending")
+STATUS_FILTERS = (*NEEDS_A_LOOK, "pending")
 """``pending``: in the outbox (queued, or waiting for a retry after a transient error)."""
 
-DONE = {"retried": "Put back in the outbox: the delivery loop sends it shortly."}
+DONE = {
+    "retried": "Put back in the outbox: the delivery loop sends it shortly.",
+    "cap-lifted": (
+        "Account cap lifted: the delivery loop sends again now. If Tencent still refuses, the cap is noted again "
+        "and the banner comes back. Replies that already expired stay expired."
+    ),
+}
 
 
 class RetryRefused(Exception):  # noqa: N818 - named for what the admin sees
@@ -61,7 +76,7 @@ def deliveries(request: Request, user: CurrentUser) -> Response:
     signature = request.query_params.get("signature", "").strip()
     code = request.query_params.get("code", "").strip()
     reveal = wants_reveal(request, user)
-    if status != "pending" and status not in RETRYABLE:
+    if status != "pending" and status not in NEEDS_A_LOOK:
         status = ""
     filters = DeliveryFilter(status=status, signature=signature or None, code=code or None)
     with engine(request).connect() as conn:
@@ -69,6 +84,7 @@ def deliveries(request: Request, user: CurrentUser) -> Response:
         rows = delivery_page(conn, filters=filters, limit=page.size, offset=page.offset)
         codes = failure_codes(conn, limit=200)
         signatures = known_signatures(conn)
+        summary = counts_by_status(conn)
     return render(
         request,
         "deliveries.html",
@@ -81,6 +97,7 @@ def deliveries(request: Request, user: CurrentUser) -> Response:
             "code": code,
             "codes": codes,
             "retryable": RETRYABLE,
+            "summary": summary,
             **listing_context(request, page, reveal, DONE),
         },
     )
@@ -124,6 +141,12 @@ def _requeue(conn: Connection, message_id: int, *, confirmed: bool, at: datetime
         raise RetryRefused(409, f"reply {message_id} was already {status}: the customer has it, it is not sent again")
     if row["outbox_id"] is not None or status == "queued":
         raise RetryRefused(409, f"reply {message_id} is already waiting in the outbox")
+    if status == "expired":
+        raise RetryRefused(
+            409,
+            f"reply {message_id} expired: it could not go out within its reply_max_delay, and a reply that late "
+            "confuses more than none, so it is not sent again",
+        )
     if status not in RETRYABLE:
         raise RetryRefused(409, f"reply {message_id} is {status}, not a failed send: there is nothing to retry")
     if row["opted_out"] and row["rule_kind"] != "opt_out":

@@ -81,6 +81,29 @@ def date_range(request: Request) -> DateRange:
     return DateRange(start, end, "; ".join(problems) or None)
 
 
+OPT_OUT_SOURCES = {
+    "keyword": "the customer, by keyword",
+    "console": "an admin, in the console",
+    "ops": "an admin, in the console",
+    "provider": "Tencent's or a carrier's blacklist",
+}
+"""Who opted a number out, by ``opt_out_events.source``, as the opt-outs page and the thread say it.
+
+Three causes that look alike in a list and call for different things: the
+customer's own STOP/TD to us (respect it), an admin's change (ask them),
+and Tencent refusing the number as blacklisted (``provider``: the customer
+unsubscribed at Tencent, or a carrier blacklists it, which Tencent does not
+tell apart; the event's text says so). ``ops`` is read as the console's.
+"""
+
+
+def opt_out_source(source: str | None) -> str:
+    """``OPT_OUT_SOURCES``' words for ``source``, or the stored value itself for one it does not know."""
+    if not source:
+        return "unknown"
+    return OPT_OUT_SOURCES.get(source, source)
+
+
 def wants_reveal(request: Request, user: ConsoleUser) -> bool:
     """Full numbers only for an admin who asked (``?reveal=1``): a viewer's request is silently ignored.
 

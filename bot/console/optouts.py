@@ -45,6 +45,9 @@ _NOT_A_NUMBER = re.compile(r"[^\d\s+\-()]")
 SOURCE = "console"
 """``opt_out_events.source`` of a change made on this page."""
 
+SOURCES = ("keyword", SOURCE, "provider")
+"""The sources the list can be filtered by: the customer's keyword, an admin here, Tencent's or a carrier's blacklist."""
+
 DONE = {
     "added": "Opt-out added: no more messages go to that number under that signature.",
     "already": "That number was already opted out under that signature; nothing changed.",
@@ -61,8 +64,11 @@ class OptOutRefused(Exception):  # noqa: N818 - named for what the admin sees
 def opt_outs(request: Request, user: CurrentUser) -> Response:
     number = request.query_params.get("number", "").strip()
     signature = request.query_params.get("signature", "").strip()
+    source = request.query_params.get("source", "").strip()
+    if source not in SOURCES:
+        source = ""
     reveal = wants_reveal(request, user)
-    filters = OptOutFilter(number_digits=digits(number), signature=signature)
+    filters = OptOutFilter(number_digits=digits(number), signature=signature, source=source)
     with engine(request).connect() as conn:
         page = Page(page_number(request), count_opted_out(conn, filters=filters))
         rows = opted_out_page(conn, filters=filters, limit=page.size, offset=page.offset)
@@ -75,6 +81,8 @@ def opt_outs(request: Request, user: CurrentUser) -> Response:
             "number": number,
             "signature": signature,
             "signatures": signatures,
+            "source": source,
+            "sources": SOURCES,
             **listing_context(request, page, reveal, DONE),
         },
     )

@@ -24,10 +24,13 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from bot.config import Settings
+from bot.console.display import DISPLAY_TZ_LABEL, fmt_time, opt_out_source
 from bot.console.users import ConsoleUser, password_fingerprint, session_user
+from bot.store.queries import account_caps
 
 if TYPE_CHECKING:
     from bot.runtime.hosting import Runtime
@@ -61,6 +64,7 @@ templates = Environment(
     lstrip_blocks=True,
 )
 """The console's Jinja2 environment: autoescaping is on for every template, so customer text is always escaped."""
+templates.filters["opt_out_source"] = opt_out_source
 
 
 class LoginRequired(Exception):  # noqa: N818 - named for the answer it becomes
@@ -210,13 +214,48 @@ def csrf_input(request: Request) -> Markup:
     return Markup('<input type="hidden" name="{}" value="{}">').format(CSRF_FIELD, session(request).csrf_token)
 
 
+def account_cap_banner(request: Request) -> list[dict[str, str]]:
+    """The account-wide caps in force, as the base layout's banner shows them (one small query).
+
+    Every page asks, because while a cap holds, every reply it covers expires
+    unsent whatever page ops are looking at. A database that cannot answer
+    leaves the banner out rather than failing the page (the page's own
+    query says so if it matters); the failure is logged.
+    """
+    try:
+        with engine(request).connect() as conn:
+            caps = account_caps(conn, active_at=now(request))
+    except SQLAlchemyError as exc:
+        log.warning("console: account caps not readable for the banner: %s", exc)
+        return []
+    return [
+        {
+            "code": cap.code,
+            "nationcode": cap.nationcode,
+            "country": f"+{cap.nationcode}" if cap.nationcode else "every number",
+            "until": fmt_time(cap.until, seconds=False),
+            "since": fmt_time(cap.created_at, seconds=False),
+            "message": cap.message or "",
+        }
+        for cap in caps
+    ]
+
+
 def render(
-    request: Request, template: str, context: dict[str, Any] | None = None, *, status_code: int = 200
+    request: Request,
+    template: str,
+    context: dict[str, Any] | None = None,
+    *,
+    status_code: int = 200,
+    banner: bool = True,
 ) -> HTMLResponse:
     """A console page from ``bot/console/templates``, with what the base layout needs added to ``context``.
 
     Added: ``request``, ``user`` (None when signed out), ``csrf_token``,
-    ``csrf_input`` (the hidden field), ``nav`` and ``current_path``.
+    ``csrf_input`` (the hidden field), ``nav``, ``current_path``, and for a
+    signed-in user ``account_caps`` (``account_cap_banner``), and ``display_tz_label``.
+    ``banner=False`` skips the caps' query: for answers rendered on the event
+    loop (``ConsoleRoute``'s refusals), where a query would block it.
     """
     user = getattr(request.state, "console_user", None)
     values: dict[str, Any] = {
@@ -226,6 +265,8 @@ def render(
         "csrf_input": csrf_input(request),
         "nav": NAV,
         "current_path": request.url.path,
+        "account_caps": account_cap_banner(request) if user is not None and banner else [],
+        "display_tz_label": DISPLAY_TZ_LABEL,
         **(context or {}),
     }
     return HTMLResponse(templates.get_template(template).render(values), status_code=status_code)
@@ -242,7 +283,9 @@ def _wants_json(request: Request) -> bool:
 def _refusal(request: Request, status_code: int, message: str) -> Response:
     if _wants_json(request):
         return JSONResponse({"detail": message}, status_code=status_code)
-    return render(request, "error.html", {"status": status_code, "message": message}, status_code=status_code)
+    return render(
+        request, "error.html", {"status": status_code, "message": message}, status_code=status_code, banner=False
+    )
 
 
 async def _check_csrf(request: Request) -> bool:

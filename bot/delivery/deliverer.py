@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 from bot.config import Settings
 from bot.delivery.frequency import NO_LIMITS, FrequencyLimits
 from bot.delivery.outbox import LEASE, Number, apply_plans, claim_due
+from bot.delivery.reconcile import AmbiguousChecks, Reconciler, ambiguous_checks
 from bot.delivery.retry import Final, Retry, RetryPolicy, plan
 from bot.sms import OutboundSms, SendResult, SmsSender
 from bot.store.writer import DbWriter
@@ -47,6 +48,7 @@ def plan_for(
         now=now,
         policy=policy,
         rng=rng,
+        send_by=sms.send_by,
     )
 
 
@@ -60,11 +62,16 @@ def frequency_limits(settings: Settings) -> FrequencyLimits:
 
 
 def delivery_options(settings: Settings) -> dict[str, Any]:
-    """The ``Deliverer`` keyword arguments that come from settings (picklable, for the writer process)."""
+    """The ``Deliverer`` keyword arguments that come from settings (picklable, for the writer process).
+
+    ``ambiguous`` is how ambiguous sends are looked up at Tencent, or None
+    when the sender is not Tencent's (``bot/delivery/reconcile.py``).
+    """
     return {
         "concurrency": settings.send_concurrency,
         "send_timeout": float(settings.tencent_timeout),
         "limits": frequency_limits(settings),
+        "ambiguous": ambiguous_checks(settings),
     }
 
 
@@ -78,6 +85,10 @@ class Deliverer:
     outcome as soon as it is known, so a slow send never holds up the record
     of the others and a crash loses at most the sends in flight (their lease
     runs out and they are marked for a check, see ``bot/delivery/retry.py``).
+
+    With ``ambiguous`` (the Tencent sender), ``run_forever`` also runs the
+    ``Reconciler`` beside it: a task of its own on this loop, its SDK calls
+    on a thread of their own, so a slow check never holds up a send.
     """
 
     def __init__(
@@ -93,6 +104,7 @@ class Deliverer:
         retry_policy: RetryPolicy | None = None,
         rng: random.Random | None = None,
         limits: FrequencyLimits = NO_LIMITS,
+        ambiguous: AmbiguousChecks | None = None,
     ) -> None:
         self.writer = writer
         self.sender = sender
@@ -119,6 +131,12 @@ class Deliverer:
         self._recording = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent = 0
+        self.reconciler = (
+            Reconciler(writer, ambiguous, clock=clock, tick_seconds=min(poll_seconds, 1.0))
+            if ambiguous is not None
+            else None
+        )
+        """Settles ambiguous sends by asking Tencent (None unless the sender is Tencent's)."""
 
     def wake(self) -> None:
         """Called from any thread after a commit that queued replies."""
@@ -272,6 +290,11 @@ class Deliverer:
     async def run_forever(self) -> None:
         self._ensure_started()
         assert self._wake is not None
+        checking = (
+            asyncio.create_task(self.reconciler.run_forever(), name="smsbot-ambiguous-checks")
+            if self.reconciler is not None
+            else None
+        )
         try:
             while True:
                 try:
@@ -288,6 +311,10 @@ class Deliverer:
                         await self._wake.wait()
                 self._wake.clear()
         finally:
+            if checking is not None:
+                checking.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait({checking}, timeout=5)
             await self._finish_in_flight()
 
     async def _finish_in_flight(self) -> None:

@@ -20,9 +20,12 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection
 
 from bot.delivery.frequency import NO_LIMITS, FrequencyLimits, Sent, earliest_send
-from bot.delivery.retry import Final, Retry, marketing_hours, next_marketing_opening
+from bot.delivery.retry import DAILY_RESET, Final, Retry, marketing_hours, next_marketing_opening
+from bot.numbers import CHINA, next_china_time
 from bot.sms import OutboundSms
 from bot.store.driver_sql import PREPARE, DriverSql, chunks
+from bot.store.reports import mark_reported, take_pending
+from bot.tencent.errors import PER_COUNTRY_LIMITS, Outcome, classify
 
 log = logging.getLogger("smsbot.outbox")
 
@@ -30,7 +33,7 @@ LEASE = timedelta(seconds=60)
 
 
 _DUE = (
-    "SELECT id, message_id, attempts, next_attempt_at FROM outbox"
+    "SELECT id, message_id, attempts, next_attempt_at, send_by FROM outbox"
     " WHERE next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
     " ORDER BY next_attempt_at, id LIMIT ?"
 )
@@ -39,7 +42,7 @@ _DUE = (
 # whenever its statistics lagged behind a growing table.
 _DETAILS = (
     "SELECT m.id, m.signature, m.template_id, m.params, m.text, m.rule_kind, c.nationcode, c.mobile, v.opted_out,"
-    " v.id, m.marketing, m.contact_id"
+    " v.id, m.marketing, m.contact_id, m.sender_id"
     " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
     " WHERE {where}"
 )
@@ -64,7 +67,8 @@ _HISTORY = (
 
 AMBIGUOUS_REASON = (
     "no answer from Tencent: the SMS may have gone out, so it is not resent; its delivery report (by "
-    "SessionContext) settles it; without one, check Tencent's console before sending again"
+    "SessionContext) or a check with Tencent a few minutes later (PullSmsSendStatusByPhoneNumber) settles it; "
+    "without either, check Tencent's console before sending again"
 )
 
 Number = tuple[str, str]
@@ -100,6 +104,7 @@ class _Details(NamedTuple):
     conversation_id: int
     marketing: Any
     contact_id: int
+    sender_id: str | None
 
 
 @dataclass
@@ -109,7 +114,7 @@ class _Claim:
     claimed: list[OutboundSms] = field(default_factory=list)
     suppressed: list[Settlement] = field(default_factory=list)
     deferred: dict[datetime, list[int]] = field(default_factory=dict)
-    """Outbox ids by the time they may go (marketing hours, frequency limits)."""
+    """Outbox ids by the time they may go (marketing hours, frequency limits, an account cap)."""
 
 
 def claim_due(
@@ -143,7 +148,16 @@ def claim_due(
     history = _history(db, {int(d.contact_id) for d in details.values()}, now, limits)
     elsewhere = _numbers_taken_elsewhere(db, _first_of(db, due, details), [int(row[0]) for row in due], now)
     claim = _decide_claim(
-        db, due, details, history, elsewhere, now=now, busy=busy, limits=limits, left_for_busy=left_for_busy
+        db,
+        due,
+        details,
+        history,
+        elsewhere,
+        now=now,
+        busy=busy,
+        limits=limits,
+        left_for_busy=left_for_busy,
+        blocked=active_account_limits(db, now),
     )
     settle(conn, claim.suppressed, now)
     for at, ids in claim.deferred.items():
@@ -162,7 +176,7 @@ def claim_due(
 def _details(db: DriverSql, due: Sequence[Any]) -> dict[int, _Details]:
     """The due rows' messages, numbers and conversations, by message id (by primary key, see ``_DETAILS``)."""
     details: dict[int, _Details] = {}
-    for chunk in chunks(sorted({int(message_id) for _, message_id, _, _ in due})):
+    for chunk in chunks(sorted({int(row[1]) for row in due})):
         where, params = db.in_list("m.id", chunk)
         for row in db.rows(_DETAILS.format(where=where), params):
             found = _Details._make(row)
@@ -173,7 +187,7 @@ def _details(db: DriverSql, due: Sequence[Any]) -> dict[int, _Details]:
 def _first_of(db: DriverSql, due: Sequence[Any], details: dict[int, _Details]) -> dict[int, tuple[datetime, int]]:
     """Each number's (contact id's) first row in this claim, as ``(next_attempt_at, outbox id)``: the queue order."""
     first_of: dict[int, tuple[datetime, int]] = {}
-    for outbox_id, message_id, _, next_attempt_at in due:
+    for outbox_id, message_id, _, next_attempt_at, _ in due:
         at = db.read_ts(next_attempt_at)
         assert at is not None  # NOT NULL
         first_of.setdefault(int(details[int(message_id)].contact_id), (at, int(outbox_id)))
@@ -191,11 +205,13 @@ def _decide_claim(
     busy: Set[Number],
     limits: FrequencyLimits,
     left_for_busy: list[int] | None,
+    blocked: dict[str, datetime],
 ) -> _Claim:
     """Which due rows go now and which are suppressed, deferred or left for later (see ``claim_due``); no SQL."""
     claim = _Claim()
-    for outbox_id, message_id, attempts, _ in due:
+    for outbox_id, message_id, attempts, _, raw_send_by in due:
         d = details[int(message_id)]
+        send_by = db.read_ts(raw_send_by)
         if d.opted_out and d.rule_kind != "opt_out":
             claim.suppressed.append(
                 Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending")
@@ -207,14 +223,17 @@ def _decide_claim(
             continue
         if int(d.contact_id) in elsewhere:  # another worker is sending to this number: its turn comes after
             continue
-        if d.marketing and not marketing_hours(now):
-            # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
-            claim.deferred.setdefault(next_marketing_opening(now), []).append(int(outbox_id))
-            continue
         sent_before = history.setdefault(int(d.contact_id), [])
-        allowed_at = earliest_send(sent_before, d.text, now, limits) if limits.enabled else None
-        if allowed_at is not None:
-            claim.deferred.setdefault(allowed_at, []).append(int(outbox_id))
+        held = _held(d, sent_before, now, limits, blocked)
+        if held is not None:  # it may not go now: wait, or expire when the wait outlasts its deadline
+            at, why = held
+            if send_by is not None and at > send_by:
+                claim.suppressed.append(Settlement(outbox_id, message_id, "expired", _expired(why, at, send_by)))
+            else:
+                claim.deferred.setdefault(at, []).append(int(outbox_id))
+            continue
+        if send_by is not None and now > send_by:  # it waited in the queue (a backlog, a stopped worker)
+            claim.suppressed.append(Settlement(outbox_id, message_id, "expired", _expired(None, now, send_by)))
             continue
         sent_before.append(Sent(now, d.text))  # the next reply to this number in the batch counts this one
         claim.claimed.append(
@@ -229,9 +248,36 @@ def _decide_claim(
                 text=d.text,
                 attempts=int(attempts or 0),
                 conversation_id=int(d.conversation_id),
+                sender_id=d.sender_id,
+                send_by=send_by,
             )
         )
     return claim
+
+
+def _held(
+    d: _Details, sent_before: list[Sent], now: datetime, limits: FrequencyLimits, blocked: dict[str, datetime]
+) -> tuple[datetime, str] | None:
+    """When this reply may go and why, if not now: an account cap, marketing hours, a frequency limit."""
+    capped = max((blocked[k] for k in ("", d.nationcode) if k in blocked), default=None)
+    if capped is not None:
+        return capped, "Tencent's account-wide daily cap is reached"
+    if d.marketing and not marketing_hours(now):
+        # marketing SMS may only go out 08:00-22:00 China time: wait, do not send
+        return next_marketing_opening(now), "marketing SMS go out only 08:00-22:00 China time"
+    allowed_at = earliest_send(sent_before, d.text, now, limits) if limits.enabled else None
+    if allowed_at is not None:
+        return allowed_at, "the number's frequency limits"
+    return None
+
+
+def _expired(why: str | None, at: datetime, send_by: datetime) -> str:
+    """The status reason of a reply that could not go out in time (``reply_max_delay``)."""
+    late = at - send_by
+    if why is None:
+        return f"not sent within its reply_max_delay: it waited in the queue until {late} past its deadline"
+    when = at.astimezone(CHINA).strftime("%Y-%m-%d %H:%M")
+    return f"not sent: {why}, so it could go only at {when} China time, {late} after its deadline (reply_max_delay)"
 
 
 def _numbers_taken_elsewhere(
@@ -302,13 +348,21 @@ def _history(db: DriverSql, contacts: set[int], now: datetime, limits: Frequency
 
 
 def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -> None:
-    """Record final outcomes: one statement per table for the whole list."""
+    """Record final outcomes (one statement per table for the whole list), then reports that came first."""
     if not settlements:
         return
     db = DriverSql(conn)
     if db.postgres:
         _settle_postgres(db, settlements, now)
-        return
+    else:
+        _settle_sqlite(db, settlements, now)
+    by_serial = {s.serial: s.message_id for s in settlements if s.serial}
+    if by_serial:
+        for serial, outcome in take_pending(conn, list(by_serial)).items():
+            mark_reported(conn, by_serial[serial], outcome, serial=serial, now=now)
+
+
+def _settle_sqlite(db: DriverSql, settlements: Sequence[Settlement], now: datetime) -> None:
     db.executemany(
         # A delivery report (pushed or pulled) can arrive before the send's own outcome is committed:
         # what the handset said is kept, it is never turned back into "sent".
@@ -384,7 +438,7 @@ def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Ret
                 sms.outbox_id,
                 sms.message_id,
                 p.status,
-                AMBIGUOUS_REASON if p.status == "ambiguous" else None,
+                AMBIGUOUS_REASON if p.status == "ambiguous" else p.error if p.status == "expired" else None,
                 p.serial,
                 p.code,
                 p.error,
@@ -395,6 +449,12 @@ def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Ret
         ],
         now,
     )
+    ambiguous = [sms.message_id for sms, p in finals if p.status == "ambiguous"]
+    for chunk in chunks(ambiguous):
+        # A new ambiguous send gets its own checks with Tencent (bot/delivery/reconcile.py), also when
+        # an admin resent a reply whose earlier send used them up.
+        where, params = db.in_list("id", chunk)
+        db.execute(f"UPDATE messages SET checks = NULL, checked_at = NULL WHERE {where}", params)
     retries = [(sms, p) for sms, p in plans if isinstance(p, Retry)]
     db.executemany(
         "UPDATE outbox SET attempts = ?, next_attempt_at = ?, lease_until = NULL, leased_by = NULL WHERE id = ?",
@@ -409,16 +469,58 @@ def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Ret
             _provider_opt_out(db, sms, p, now)
         if p.error_class.alert_ops:
             log.error("reply %s failed with %s: %s (needs ops)", sms.message_id, p.code, p.error)
+    _record_account_limits(db, plans, now)
+
+
+def _record_account_limits(db: DriverSql, plans: Sequence[tuple[OutboundSms, Final | Retry]], now: datetime) -> None:
+    """An account-wide cap blocks every reply until it ends: note it, so claims hold the others and ops see it."""
+    for sms, p in plans:
+        code = p.code or ""
+        kind = classify(code)
+        if kind.outcome is not Outcome.ACCOUNT_LIMIT:
+            continue
+        until = p.at if isinstance(p, Retry) else next_china_time(now, DAILY_RESET)
+        nationcode = sms.nationcode if code in PER_COUNTRY_LIMITS else ""
+        db.execute(
+            "INSERT INTO account_limits (code, nationcode, message, until, created_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (code, nationcode) DO UPDATE SET message = excluded.message, until = excluded.until,"
+            " created_at = excluded.created_at",
+            (code, nationcode, p.error, db.ts(until), db.ts(now)),
+        )
+        log.error(
+            "Tencent's account-wide cap %s%s: no reply goes out until %s (needs ops: raise it in Tencent's console)",
+            code,
+            f" for +{nationcode}" if nationcode else "",
+            until.astimezone(CHINA).strftime("%Y-%m-%d %H:%M China time"),
+        )
+
+
+def active_account_limits(db: DriverSql, now: datetime) -> dict[str, datetime]:
+    """The caps in force: nationcode ("" for every number) -> when the last of them ends."""
+    found: dict[str, datetime] = {}
+    for nationcode, until in db.rows("SELECT nationcode, until FROM account_limits WHERE until > ?", (db.ts(now),)):
+        at = db.read_ts(until)
+        if at is not None and (nationcode not in found or at > found[nationcode]):
+            found[str(nationcode)] = at
+    return found
+
+
+PROVIDER_BLACKLIST_REASON = (
+    "Tencent refused the number as blacklisted (FailedOperation.PhoneNumberInBlacklist): the customer "
+    "unsubscribed at Tencent (TD/R to a marketing SMS) or a carrier blacklists the number; Tencent does not "
+    "say which, and it was not an opt-out keyword sent to us"
+)
+"""What an opt-out from Tencent's blacklist says, so ops can tell it from a customer's own STOP/TD to us."""
 
 
 def _provider_opt_out(db: DriverSql, sms: OutboundSms, final: Final, now: datetime) -> None:
-    """Tencent says the customer unsubscribed there: stop messaging them here too, and say why."""
+    """Tencent refuses the number as blacklisted: stop messaging it here too, and say why and whose list."""
     db.execute(
         "UPDATE conversations SET opted_out = ?, opted_out_at = ?, updated_at = ? WHERE id = ?",
         (db.bool(True), db.ts(now), db.ts(now), sms.conversation_id),
     )
     db.execute(
         "INSERT INTO opt_out_events (conversation_id, event, source, message_id, raw_text, normalized_text, rule,"
-        " actor, created_at) VALUES (?, 'opt_out', 'provider', ?, NULL, NULL, NULL, ?, ?)",
-        (sms.conversation_id, sms.message_id, f"tencent:{final.code}", db.ts(now)),
+        " actor, created_at) VALUES (?, 'opt_out', 'provider', ?, ?, NULL, NULL, ?, ?)",
+        (sms.conversation_id, sms.message_id, PROVIDER_BLACKLIST_REASON, f"tencent:{final.code}", db.ts(now)),
     )

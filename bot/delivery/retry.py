@@ -8,11 +8,12 @@ The outbox applies the plan; tests check every class with a frozen clock.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 
 from bot.numbers import CHINA, next_china_time
-from bot.tencent.errors import ErrorClass, Outcome, classify
+from bot.tencent.errors import ErrorClass, Outcome, Wait, classify
 
 MARKETING_OPENS = time(8, 0)
 
@@ -30,7 +31,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Final:
-    status: str  # sent | failed | ambiguous
+    status: str  # sent | failed | ambiguous | expired
     code: str | None
     error: str | None
     error_class: ErrorClass
@@ -57,10 +58,14 @@ def next_marketing_opening(now: datetime) -> datetime:
     return next_china_time(now, MARKETING_OPENS)
 
 
-FREQUENCY_WAITS: dict[str, timedelta] = {
-    "LimitExceeded.PhoneNumberThirtySecondLimit": timedelta(seconds=30),
-    "LimitExceeded.PhoneNumberOneHourLimit": timedelta(hours=1),
-    "LimitExceeded.DeliveryFrequencyLimit": timedelta(hours=1),
+DAILY_RESET = time(0, 5)
+"""Tencent's daily limits start again at midnight China time; five minutes' margin for its clock."""
+
+_WAITS: dict[Wait, Callable[[datetime], datetime]] = {
+    Wait.THIRTY_SECONDS: lambda now: now + timedelta(seconds=30),
+    Wait.ONE_HOUR: lambda now: now + timedelta(hours=1),
+    Wait.NEXT_DAY: lambda now: next_china_time(now, DAILY_RESET),
+    Wait.MARKETING_HOURS: lambda now: next_china_time(now, MARKETING_OPENS),
 }
 
 
@@ -74,24 +79,32 @@ def plan(
     now: datetime,
     policy: RetryPolicy,
     rng: random.Random,
+    send_by: datetime | None = None,
 ) -> Final | Retry:
-    """The next step for a reply whose ``attempts``-th send (counting this one) answered ``code``."""
+    """The next step for a reply whose ``attempts``-th send (counting this one) answered ``code``.
+
+    Nothing is retried forever: every retryable class stops after the policy's
+    attempts (or its own tighter bound), and a retry that would go out after
+    ``send_by`` (the reply's ``reply_max_delay``) expires the reply instead: a
+    late answer confuses the customer more than none.
+    """
     if ok:
         return Final("sent", None, None, classify("Ok"), serial=serial)
     kind = classify(code)
     if kind.outcome is Outcome.AMBIGUOUS:
         # Tencent may have sent it: never resend blindly; a delivery report (SessionContext) or ops settles it.
         return Final("ambiguous", code or "NoAnswer", message or "no readable answer from Tencent", kind)
-    if kind.outcome is Outcome.FREQUENCY:
-        if code == "FailedOperation.MarketingSendTimeConstraint":
-            return Retry(next_china_time(now, MARKETING_OPENS), attempts, code, message)
-        wait = FREQUENCY_WAITS.get(code)
-        at = now + wait if wait is not None else next_china_time(now, time(0, 5))  # daily limits reset at midnight
-        return Retry(at, attempts, code, message)
-    if kind.outcome is Outcome.TRANSIENT and attempts < policy.max_attempts:
-        delay = min(policy.cap, policy.base * (2 ** (attempts - 1)))
-        factor = 1 + rng.uniform(-policy.jitter, policy.jitter)
-        return Retry(now + delay * factor, attempts, code, message)
-    if kind.outcome is Outcome.TRANSIENT:
+    if not kind.retryable:
+        return Final("failed", code, message, kind)
+    limit = min(policy.max_attempts, kind.max_attempts or policy.max_attempts)
+    if attempts >= limit:
         return Final("failed", code, f"{message} (gave up after {attempts} attempts)", kind)
-    return Final("failed", code, message, kind)
+    if kind.wait is not None:
+        at = _WAITS[kind.wait](now)
+    else:
+        delay = min(policy.cap, policy.base * (2 ** (attempts - 1)))
+        at = now + delay * (1 + rng.uniform(-policy.jitter, policy.jitter))
+    if send_by is not None and at > send_by:
+        reason = f"{code}: the next try ({at.astimezone(CHINA):%Y-%m-%d %H:%M} China time) is past the reply's deadline"
+        return Final("expired", code, f"{reason}; {message}" if message else reason, kind)
+    return Retry(at, attempts, code, message)

@@ -47,6 +47,8 @@ class Policy:
 
     loop_limit: int = 20
     loop_window: timedelta = timedelta(minutes=5)
+    reply_max_delay: timedelta = timedelta(hours=1)
+    """How long a queued reply may wait to go out (a rule file may say otherwise): past it, it expires."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ def handle_batch(
     pending = _decide_batch(ruleset, batch, keys, ids, convos, seen, counts, results, now, policy)
     replies = [(p, reply, status, reason) for p in pending for reply, status, reason in p.reply_statuses]
     id_by_index, out_ids = _take_ids(db, pending, len(replies), spare_ids)
-    _write_batch(db, pending, replies, out_ids, id_by_index, convos, keys, now)
+    _write_batch(db, pending, replies, out_ids, id_by_index, convos, keys, now, policy.reply_max_delay)
     for out_id, (_, _, status, reason) in zip(out_ids, replies, strict=True):
         if status != "queued":
             log.warning("reply %s not queued (%s): %s", out_id, status, reason)
@@ -309,6 +311,7 @@ def _write_batch(
     convos: dict[tuple[str, int], _Convo],
     keys: Sequence[str],
     now: datetime,
+    max_delay: timedelta,
 ) -> None:
     """Every row the batch causes, one statement per table (one round trip on PostgreSQL)."""
     inbound_rows = [_inbound_row(db, p, id_by_index[p.index], keys[p.index], now) for p in pending]
@@ -320,17 +323,21 @@ def _write_batch(
         _outbound_row(db, p, out_id, id_by_index[p.index], reply, status, reason, now)
         for out_id, (p, reply, status, reason) in zip(out_ids, replies, strict=True)
     ]
-    outbox_ids = [out_id for out_id, (_, _, status, _) in zip(out_ids, replies, strict=True) if status == "queued"]
+    outbox_rows = [
+        (out_id, db.ts(now + (p.decision.reply_max_delay if p.decision and p.decision.reply_max_delay else max_delay)))
+        for out_id, (p, _, status, _) in zip(out_ids, replies, strict=True)
+        if status == "queued"
+    ]
     if db.postgres:
-        _write_postgres(db, inbound_rows + outbound_rows, conversation_rows, opt_event_rows, outbox_ids, now)
+        _write_postgres(db, inbound_rows + outbound_rows, conversation_rows, opt_event_rows, outbox_rows, now)
         return
     db.executemany(_INSERT_MESSAGE, inbound_rows)
     db.executemany(_UPDATE_CONVERSATION, conversation_rows)
     db.executemany(_INSERT_OPT_EVENT, opt_event_rows)
     db.executemany(_INSERT_MESSAGE, outbound_rows)
     db.executemany(
-        "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at) VALUES (?, 0, ?, ?)",
-        [(out_id, db.ts(now), db.ts(now)) for out_id in outbox_ids],
+        "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at, send_by) VALUES (?, 0, ?, ?, ?)",
+        [(out_id, db.ts(now), db.ts(now), send_by) for out_id, send_by in outbox_rows],
     )
 
 
@@ -361,12 +368,14 @@ def _reply_status(
 ) -> tuple[str, str | None]:
     if decision.opted_out and decision.opt_change != "opt_out":
         return "suppressed", "the number has opted out"
+    if reply.refused is not None:
+        return "failed", reply.refused
     if counts.get((conversation_id, reply.text), 0) >= policy.loop_limit:
         return "looping", f"more than {policy.loop_limit} identical replies within {policy.loop_window}"
     return "queued", None
 
 
-_SET_LATER = frozenset({"provider_serial", "error_code", "delivered_at", "sent_at"})
+_SET_LATER = frozenset({"provider_serial", "error_code", "delivered_at", "sent_at", "checks", "checked_at"})
 """Columns of ``messages`` a new row leaves NULL: sending and delivery reports fill them in."""
 _MESSAGE_WRITTEN = [column for column in messages.columns if column.name not in _SET_LATER]
 """The columns a new message row is written with, in the model's order: the order of the tuples
@@ -412,6 +421,7 @@ def _inbound_row(db: DriverSql, p: _Pending, message_id: int, key: str, now: dat
         db.bool(False),
         db.ts(now),
         db.ts(now),
+        None,
     )
 
 
@@ -453,6 +463,7 @@ def _outbound_row(
         db.bool(reply.marketing),
         db.ts(now),
         db.ts(now),
+        reply.sender_id,
     )
 
 
@@ -468,7 +479,9 @@ def _check_message_rows() -> None:
     p = SimpleNamespace(decision=None, convo=SimpleNamespace(id=0), contact_id=0, message=message, state_before=None)
     rows = {"_inbound_row": _inbound_row(cast(Any, db), cast(Any, p), 0, "", _EPOCH)}
     p.decision = SimpleNamespace(rule=None, rule_kind=None, state=None)
-    reply = SimpleNamespace(text="", template=None, template_id=None, params=(), segments=1, marketing=False)
+    reply = SimpleNamespace(
+        text="", template=None, template_id=None, params=(), segments=1, marketing=False, sender_id=None
+    )
     rows["_outbound_row"] = _outbound_row(cast(Any, db), cast(Any, p), 0, 0, cast(Any, reply), "queued", None, _EPOCH)
     for builder, row in rows.items():
         if len(row) != len(_MESSAGE_WRITTEN):
@@ -763,8 +776,8 @@ _PG_INSERT_OPT_EVENTS = (
     f" x.rule, NULL, x.created_at FROM (SELECT {_OPT_EVENT_SELECT} FROM jsonb_array_elements(%s::jsonb) AS r) x"
 )
 _PG_INSERT_OUTBOX = (
-    "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at)"
-    " SELECT id::bigint, 0, %s, %s FROM json_array_elements_text(%s::json) AS k(id)"
+    "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at, send_by)"
+    " SELECT (r->>0)::bigint, 0, %s, %s, (r->>1)::timestamptz FROM jsonb_array_elements(%s::jsonb) AS r"
 )
 
 
@@ -773,7 +786,7 @@ def _write_postgres(
     message_rows: Sequence[Sequence[Any]],
     conversation_rows: Sequence[Sequence[Any]],
     opt_event_rows: Sequence[Sequence[Any]],
-    outbox_ids: Sequence[int],
+    outbox_rows: Sequence[tuple[int, Any]],
     now: datetime,
 ) -> None:
     """Everything the batch writes, one statement per table, in one round trip (errors surface at its end)."""
@@ -788,5 +801,5 @@ def _write_postgres(
             )
         if opt_event_rows:
             cursor.execute(_PG_INSERT_OPT_EVENTS, (_json_rows(opt_event_rows),))
-        if outbox_ids:
-            cursor.execute(_PG_INSERT_OUTBOX, (now, now, json.dumps(list(outbox_ids))))
+        if outbox_rows:
+            cursor.execute(_PG_INSERT_OUTBOX, (now, now, _json_rows(outbox_rows)))

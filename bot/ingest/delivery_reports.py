@@ -1,8 +1,11 @@
 """Tencent's delivery reports (pushed to ``/sms/status`` or pulled) applied to our replies.
 
-Each report names the send by ``sid`` (SendSms's SerialNo) and, when we set
-one, ``ext`` (our SessionContext: the message id). A report for a send we do
-not know is logged, not refused: refusing would only make Tencent retry.
+Each report names the send by ``sid`` (SendSms's SerialNo), which is matched
+first; ``ext`` (our SessionContext, echoed only where Tencent support turned
+that on) counts only when it carries our own marker
+(``bot/tencent/session_context.py``), so another system's context on a shared
+SmsSdkAppId never marks our reply. A report for a send we do not know is
+logged, not refused: refusing would only make Tencent retry.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, and_, select
 
 from bot.numbers import parse_china_time
 from bot.store.models import messages
+from bot.store.reports import Outcome, keep_pending, mark_reported, reported_outcome
 from bot.tencent.callbacks import StatusReport
+from bot.tencent.session_context import SessionContexts
 
 log = logging.getLogger("smsbot.reports")
 
@@ -27,39 +31,40 @@ class ReportOutcome:
     unknown: list[str]
 
 
-def apply_reports(conn: Connection, reports: list[StatusReport], *, now: datetime) -> ReportOutcome:
+def apply_reports(
+    conn: Connection, reports: list[StatusReport], *, now: datetime, contexts: SessionContexts | None = None
+) -> ReportOutcome:
     """Mark each reported reply delivered or failed; returns what matched and what did not."""
     updated = 0
     unknown: list[str] = []
     for report in reports:
-        message_id = _find(conn, report)
+        message_id = _find(conn, report, contexts)
+        outcome = _outcome(report)
         if message_id is None:
+            # Perhaps the send's own answer is not recorded yet: kept, and applied when it is.
             unknown.append(report.sid)
-            log.info("delivery report for an unknown send %s", report.sid)
+            keep_pending(conn, report.sid, outcome, now=now)
+            log.info("delivery report for a send we do not know (yet) %s: kept for when it is recorded", report.sid)
             continue
-        delivered = report.report_status == "SUCCESS"
-        values: dict[str, Any] = {
-            "status": "delivered" if delivered else "failed",
-            "status_reason": None,  # e.g. an ambiguous send's "may have gone out": now we know
-            "delivered_at": parse_china_time(report.user_receive_time)
-            if delivered and report.user_receive_time
-            else None,
-            "error_code": None if delivered else (report.errmsg or "FAIL"),
-            "error_message": None if delivered else (report.description or "the handset did not receive it"),
-            "updated_at": now,
-        }
-        if report.sid:
-            values["provider_serial"] = report.sid
-        conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
+        mark_reported(conn, message_id, outcome, serial=report.sid, now=now)
         updated += 1
     return ReportOutcome(updated, unknown)
 
 
-def _find(conn: Connection, report: StatusReport) -> int | None:
+def _outcome(report: StatusReport) -> Outcome:
+    delivered = report.report_status == "SUCCESS"
+    received = parse_china_time(report.user_receive_time) if delivered and report.user_receive_time else None
+    return reported_outcome(
+        delivered=delivered, received_at=received, code=report.errmsg, description=report.description
+    )
+
+
+def _find(conn: Connection, report: StatusReport, contexts: SessionContexts | None) -> int | None:
     outbound = messages.c.direction == "out"
     found = conn.execute(
         select(messages.c.id).where(and_(outbound, messages.c.provider_serial == report.sid)).limit(1)
     ).scalar()
-    if found is None and report.ext and report.ext.isdigit():
-        found = conn.execute(select(messages.c.id).where(and_(outbound, messages.c.id == int(report.ext)))).scalar()
+    ours = contexts.message_id(report.ext) if found is None and contexts is not None else None
+    if ours is not None:
+        found = conn.execute(select(messages.c.id).where(and_(outbound, messages.c.id == ours))).scalar()
     return None if found is None else int(found)

@@ -296,6 +296,8 @@ class _Builder:
             templates=types.MappingProxyType(self.templates),
             tests=tuple(spec.tests),
             test_lines=tuple(self.line(("tests", i)) for i in range(len(spec.tests))),
+            sender_id=spec.sender_id,
+            reply_max_delay=spec.reply_max_delay,
         )
 
     def _templates(self) -> None:
@@ -315,8 +317,33 @@ class _Builder:
                     "error",
                     f"template '{tname}': id {tspec.id!r} must be digits (Tencent template ids are numbers)",
                 )
-            self.templates[tname] = CompiledTemplate(tname, tspec.id, tspec.text, len(numbers), tspec.marketing)
+            if tspec.intl_id is not None and not tspec.intl_id.isdigit():
+                self.report(
+                    where + ("intl_id",),
+                    "error",
+                    f"template '{tname}': intl_id {tspec.intl_id!r} must be digits (Tencent template ids are numbers)",
+                )
+            elif tspec.intl_id is None and self._international:
+                self.report(
+                    where,
+                    "warning",
+                    f"template '{tname}' has no intl_id: this signature answers numbers outside the Chinese mainland "
+                    "(international, sender_id or another template's intl_id say so), and a reply with it to "
+                    "such a number is recorded as failed (Tencent refuses mainland templates abroad)",
+                    key=True,
+                )
+            self.templates[tname] = CompiledTemplate(
+                tname, tspec.id, tspec.text, len(numbers), tspec.marketing, intl_id=tspec.intl_id
+            )
             self._template_cost(tname, tspec.text)
+
+    @property
+    def _international(self) -> bool:
+        """Whether the file says it answers numbers outside the Chinese mainland."""
+        spec = self.spec
+        if spec.international is not None:
+            return spec.international
+        return spec.sender_id is not None or any(t.intl_id is not None for t in spec.templates.values())
 
     def _template_cost(self, tname: str, text: str) -> None:
         """Warn when the fixed part of a template alone already costs more than one SMS."""

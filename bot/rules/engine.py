@@ -148,7 +148,7 @@ def _apply(
         except Exception as exc:  # a rule's template must never crash the pipeline
             errors.append(f"{action.ref}: params of reply {action.reply.name!r}: {_describe(exc)}")
         else:
-            replies = (_reply(action, params, message),)
+            replies = (_reply(action, params, message, rules.sender_id),)
 
     return Decision(
         rule=action.ref,
@@ -165,11 +165,12 @@ def _apply(
         normalized_text=text.normalized,
         rules_file=rules.name,
         errors=tuple(errors),
+        reply_max_delay=rules.reply_max_delay,
     )
 
 
 @lru_cache(maxsize=4096)
-def _preview(template_text: str, params: tuple[str, ...], billed_prefix: str) -> tuple[str, SmsLength]:
+def _preview(template_text: str, params: tuple[str, ...], billed_prefix: str, nationcode: str) -> tuple[str, SmsLength]:
     """The text the customer sees and what it costs; replies repeat, so this is cached."""
 
     def fill(m: re.Match[str]) -> str:
@@ -177,25 +178,43 @@ def _preview(template_text: str, params: tuple[str, ...], billed_prefix: str) ->
         return params[n - 1] if 0 < n <= len(params) else m.group(0)
 
     text = _PLACEHOLDER_RE.sub(fill, template_text) if params or "{" in template_text else template_text
-    return text, sms_length(billed_prefix + text)
+    return text, sms_length(billed_prefix + text, nationcode=nationcode)
 
 
-def _reply(action: CompiledAction, params: tuple[str, ...], message: InboundMessage) -> Reply:
+def _reply(action: CompiledAction, params: tuple[str, ...], message: InboundMessage, sender_id: str | None) -> Reply:
     template = action.reply
     assert template is not None
-    sign = message.sign.strip().removeprefix("【").removesuffix("】")
-    prefix = f"【{sign}】" if message.nationcode in ("86", "+86") else ""
-    text, size = _preview(template.text, params, prefix)
+    if is_mainland(message.nationcode):
+        sign = message.sign.strip().removeprefix("【").removesuffix("】")
+        text, size = _preview(template.text, params, f"【{sign}】", "86")
+        template_id, refused = template.id, None
+    else:
+        # Abroad Tencent sends no signature and takes only international templates.
+        text, size = _preview(template.text, params, "", message.nationcode.lstrip("+"))
+        template_id = template.intl_id or template.id
+        refused = (
+            None
+            if template.intl_id
+            else f"template '{template.name}' has no intl_id: Tencent refuses mainland templates to numbers "
+            f"outside the Chinese mainland (+{message.nationcode.lstrip('+')}); give it the id of an approved "
+            "international template"
+        )
     return Reply(
         template=template.name,
-        template_id=template.id,
+        template_id=template_id,
         params=params,
         text=text,
         length=size.length,
         segments=size.segments,
         encoding=size.encoding,
         marketing=template.marketing,
+        refused=refused,
+        sender_id=None if is_mainland(message.nationcode) else sender_id,
     )
+
+
+def is_mainland(nationcode: str) -> bool:
+    return nationcode.lstrip("+") == "86"
 
 
 def _describe(exc: Exception) -> str:

@@ -67,11 +67,13 @@ class RuleIndex:
     def find(self, text: NormalizedText) -> Hit | None:
         """The first rule in file order that matches ``text``."""
         best: tuple[int, str] | None = self._exact.get(text.normalized)
-        first = self._first.get(text.first_word)
-        if first is not None and (best is None or first[0] < best[0]):
-            best = first
-        if self._contains is not None and text.normalized:
-            for _end, value in self._contains.iter(text.normalized):
+        for word in (text.first_word, text.emoji_first_word) if text.emoji_first_word else (text.first_word,):
+            first = self._first.get(word)
+            if first is not None and (best is None or first[0] < best[0]):
+                best = first
+        searched = text.with_emoji or text.normalized
+        if self._contains is not None and searched:
+            for _end, value in self._contains.iter(searched):
                 if best is None or value[0] < best[0]:
                     best = value
         for index, pattern in self._regexes:

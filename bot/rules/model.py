@@ -66,6 +66,10 @@ class Reply:
     segments: int
     encoding: Encoding
     marketing: bool = False
+    refused: str | None = None
+    """Why this reply cannot be sent at all (say, no international template for this number): recorded as failed."""
+    sender_id: str | None = None
+    """Tencent's SenderId for a number outside the Chinese mainland (the rule file's ``sender_id``)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class Decision:
     """The rule file that answered this signature, or None when no file does."""
     errors: tuple[str, ...] = ()
     """Rendering problems; the reply they affected is not sent."""
+    reply_max_delay: timedelta | None = None
+    """The answering file's ``reply_max_delay`` (None: the setting's)."""
 
     def conversation(self) -> Conversation:
         """The conversation as it stands after this decision."""
@@ -107,6 +113,8 @@ class CompiledTemplate:
     text: str
     placeholders: int
     marketing: bool
+    intl_id: str | None = None
+    """The international twin's id, for numbers outside the Chinese mainland."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,9 @@ class CompiledFile:
     templates: Mapping[str, CompiledTemplate]
     tests: tuple[RuleTest, ...]
     test_lines: tuple[int, ...]
+    sender_id: str | None = None
+    reply_max_delay: timedelta | None = None
+    """This file's override of the ``reply_max_delay`` setting."""
 
 
 @lru_cache(maxsize=1024)

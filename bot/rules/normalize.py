@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,11 +30,7 @@ def _is_edge_junk(ch: str) -> bool:
 
 
 def _strip_edges(text: str) -> str:
-    start, end = 0, len(text)
-    while start < end and _is_edge_junk(text[start]):
-        start += 1
-    while end > start and _is_edge_junk(text[end - 1]):
-        end -= 1
+    start, end = _strip(text, _is_edge_junk)
     return text[start:end]
 
 
@@ -60,10 +57,60 @@ def trim(text: str) -> str:
     return _SPACE_RE.sub(" ", unicodedata.normalize("NFKC", clean(text))).strip()
 
 
-def normalize(text: str) -> str:
-    """The comparison form: NFKC, case-folded, edge punctuation/whitespace gone, spaces collapsed."""
+_DROPPED = {
+    **dict.fromkeys(range(0xFE00, 0xFE10)),  # variation selectors: ❤️ and ❤ are one heart
+    **dict.fromkeys(range(0x1F3FB, 0x1F400)),  # skin tones: 👍🏽 is a 👍
+}
+"""Emoji modifiers that change how a symbol looks, not what the customer says."""
+
+
+@lru_cache(maxsize=4096)
+def _is_edge_space(ch: str) -> bool:
+    """What is ignored at the edges even of a message made only of emoji: everything but the symbols."""
+    return _is_edge_junk(ch) and unicodedata.category(ch) != "So"
+
+
+def _strip(text: str, junk: Callable[[str], bool]) -> tuple[int, int]:
+    start, end = 0, len(text)
+    while start < end and junk(text[start]):
+        start += 1
+    while end > start and junk(text[end - 1]):
+        end -= 1
+    return start, end
+
+
+def _strip_wide(text: str) -> str:
+    start, end = _strip(text, _is_edge_space)
+    return text[start:end]
+
+
+def _forms(text: str) -> tuple[str, str]:
+    """The comparison form, and the same with the emoji at its edges kept (what ``contains`` searches).
+
+    Emoji and other pictographs (Unicode category So) at the edges are
+    decoration of a worded message (``STOP 😡`` is ``stop``), but a message
+    made only of them is a word like any other (``👍``): then the comparison
+    form is the pictographs themselves, spaces collapsed, so a run without
+    spaces is one word (``😀👍`` is not ``👍``).
+    """
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
-    return _SPACE_RE.sub(" ", _strip_edges(folded)).strip()
+    if not folded.isascii() and max(folded) >= "\ufe00":  # (C-speed checks: this runs for every message)
+        folded = folded.translate(_DROPPED)
+    start, end = _strip(folded, _is_edge_junk)
+    wide_start, wide_end = _strip(folded, _is_edge_space)
+    words = _SPACE_RE.sub(" ", folded[start:end]).strip()
+    if (wide_start, wide_end) == (start, end):
+        return words, words
+    wide = _SPACE_RE.sub(" ", folded[wide_start:wide_end]).strip()
+    return words or wide, wide
+
+
+def normalize(text: str) -> str:
+    """The comparison form: NFKC, case-folded, emoji modifiers and edge punctuation/whitespace gone, spaces collapsed.
+
+    A message made only of emoji keeps them (see ``_forms``).
+    """
+    return _forms(text)[0]
 
 
 @dataclass(frozen=True)
@@ -76,17 +123,28 @@ class NormalizedText:
     """``trimmed`` with surrounding punctuation removed too (a second chance for regexes)."""
     normalized: str
     first_word: str
+    with_emoji: str = ""
+    """``normalized`` with the emoji at its edges kept: ``contains`` finds 👍 in ``thanks 👍``."""
+    emoji_first_word: str = ""
+    """The first word when emoji count as words (``👍`` in ``👍 thanks``), if it differs from ``first_word``."""
 
     @classmethod
     def of(cls, text: str) -> NormalizedText:
         trimmed = trim(text)
-        normalized = normalize(text)
+        normalized, with_emoji = _forms(text)
         # ``normalized`` is already NFKC and case-folded: only the word's own edges need trimming.
-        first = _strip_edges(normalized.split(" ", 1)[0]) if normalized else ""
+        head = normalized.split(" ", 1)[0]
+        first = _strip_edges(head) or _strip_wide(head)  # the second: a message made only of emoji
+        emoji_first = ""
+        if with_emoji is not normalized and with_emoji:
+            candidate = _strip_wide(with_emoji.split(" ", 1)[0])
+            emoji_first = candidate if candidate != first else ""
         return cls(
             raw=text,
             trimmed=trimmed,
             trimmed_bare=_strip_edges(trimmed),
             normalized=normalized,
             first_word=first,
+            with_emoji=with_emoji,
+            emoji_first_word=emoji_first,
         )

@@ -54,6 +54,11 @@ class TemplateSpec(_Model):
     id: Text = Field(min_length=1, description="Tencent template id, e.g. '1490001'")
     text: str = Field(description="the approved template text, with {1}, {2} ... placeholders")
     marketing: bool = Field(default=False, description="a marketing template: only sent 08:00-22:00 China time")
+    intl_id: Text | None = Field(
+        default=None,
+        description="Tencent id of the international template with this text, for numbers outside the Chinese "
+        "mainland (Tencent refuses mainland templates there); the same id for a template approved for both",
+    )
 
 
 class Action(_Model):
@@ -142,6 +147,22 @@ class RuleFile(_Model):
         default=None, ge=1, description="Tencent's limit for one template variable (characters)"
     )
     templates: dict[str, TemplateSpec] = Field(default_factory=dict)
+    international: bool | None = Field(
+        default=None,
+        description="this signature also answers numbers outside the Chinese mainland: every template needs an "
+        "intl_id (implied by sender_id or any intl_id)",
+    )
+    sender_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="Tencent SenderId for replies to numbers outside the Chinese mainland, where a country needs one",
+    )
+    reply_max_delay: Duration | None = Field(
+        default=None,
+        description="a reply that cannot go out within this time (frequency limits, quiet hours, retries) is "
+        "recorded as expired, never sent late; default: the reply_max_delay setting (1h)",
+    )
     opt_out: KeywordAction | None = None
     opt_in: KeywordAction | None = None
     help: KeywordAction | None = None

@@ -40,6 +40,8 @@ from bot.runtime.writer_process import ProcessWriter, WriterConfig
 from bot.sms import ConsoleSender, Inbound, SmsSender
 from bot.store.writer import DbWriter
 from bot.tencent.callbacks import StatusReport
+from bot.tencent.config import session_contexts
+from bot.tencent.session_context import SessionContexts
 
 Readiness = dict[str, Any]
 """``/readyz``'s body: ``status``, ``database``, ``rules`` (and ``writer`` for the writer process)."""
@@ -88,7 +90,9 @@ class Pipeline(PullSink, Protocol):
 
 
 def inbound_policy(settings: Settings) -> Policy:
-    return Policy(loop_limit=settings.loop_limit, loop_window=settings.loop_window)
+    return Policy(
+        loop_limit=settings.loop_limit, loop_window=settings.loop_window, reply_max_delay=settings.reply_max_delay
+    )
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class PipelineOptions:
 def build_pipeline(settings: Settings, *, engine: Engine, rules: LiveRules, options: PipelineOptions) -> Pipeline:
     """The one place that picks a mode: the pipeline ``options`` ask for."""
     policy = inbound_policy(settings)
+    contexts = session_contexts(settings)
     sender, clock, deliver, watch_rules = options.sender, options.clock, options.deliver, options.watch_rules
     if options.writer_mode == "process":
         return ProcessPipeline(
@@ -121,6 +126,7 @@ def build_pipeline(settings: Settings, *, engine: Engine, rules: LiveRules, opti
                     log_format=settings.log_format,
                     log_reveal_numbers=settings.log_reveal_numbers,
                     delivery=delivery_options(settings),
+                    session_context_key=contexts.key if contexts else None,
                 )
             )
         )
@@ -133,6 +139,7 @@ def build_pipeline(settings: Settings, *, engine: Engine, rules: LiveRules, opti
         sender=sender,
         delivery=deliverer_options,
         watch_rules=watch_rules,
+        contexts=contexts,
     )
 
 
@@ -151,8 +158,11 @@ class ThreadPipeline:
         sender: SmsSender | None = None,
         delivery: dict[str, Any] | None = None,
         watch_rules: bool = True,
+        contexts: SessionContexts | None = None,
     ) -> None:
-        """``delivery``: the ``Deliverer``'s options (``delivery_options``), or None for no delivery loop."""
+        """``delivery``: the ``Deliverer``'s options (``delivery_options``), or None for no delivery loop;
+        ``contexts``: how delivery reports recognise our SessionContext (None: by SerialNo alone)."""
+        self.contexts = contexts
         self.live_rules: LiveRules | None = rules
         self.rules = rules
         self.clock = clock
@@ -173,7 +183,7 @@ class ThreadPipeline:
 
     async def apply_reports(self, reports: list[StatusReport]) -> ReportOutcome:
         now = self.clock()
-        return await self.writer.run(lambda conn: apply_reports(conn, reports, now=now))
+        return await self.writer.run(lambda conn: apply_reports(conn, reports, now=now, contexts=self.contexts))
 
     async def start(self) -> None:
         self.writer.start()

@@ -48,7 +48,7 @@ from bot.config import Settings
 from bot.runtime.pipeline import PullSink, ThreadPipeline, inbound_policy
 from bot.sms import Inbound
 from bot.tencent.callbacks import StatusReport
-from bot.tencent.config import tencent_config
+from bot.tencent.config import session_contexts, tencent_config
 from bot.tencent.pull import (
     PULL_LIMIT,
     PullClient,
@@ -353,7 +353,12 @@ async def pull_into_database(
 
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731 - one line, typed
     pipeline = ThreadPipeline(
-        engine, rules, policy=inbound_policy(settings), clock=clock, watch_rules=watch_rules and not once
+        engine,
+        rules,
+        policy=inbound_policy(settings),
+        clock=clock,
+        watch_rules=watch_rules and not once,
+        contexts=session_contexts(settings),
     )  # no delivery loop: see above
     puller = make_puller(settings, pipeline, interval=interval, clock=clock)
     loop = asyncio.get_running_loop()

@@ -51,6 +51,7 @@ from bot.runtime.logs import setup_logging
 from bot.sms import Inbound
 from bot.store.writer import DbWriter, Job
 from bot.tencent.callbacks import StatusReport
+from bot.tencent.session_context import SessionContexts
 
 log = logging.getLogger("smsbot.writer")
 
@@ -90,6 +91,8 @@ class WriterConfig:
     poll_seconds: float = 1.0
     delivery: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the ``Deliverer`` (see ``bot.delivery.deliverer.delivery_options``)."""
+    session_context_key: bytes | None = None
+    """The key of our SessionContext marker, so delivery reports match our replies (None: by SerialNo alone)."""
 
 
 # ====================================================================== the writer process
@@ -115,6 +118,7 @@ class _Child:
         from bot.store.db import make_engine
 
         self.conn = conn
+        self.contexts = SessionContexts(config.session_context_key) if config.session_context_key else None
         self.config = config
         self._send_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
@@ -265,7 +269,7 @@ class _Child:
         elif kind == "ping":
             job = Job(self._ping, None, None)
         elif kind == "reports":
-            job = Job(functools.partial(_apply_reports_now, message[2]), None, None)
+            job = Job(functools.partial(_apply_reports_now, message[2], self.contexts), None, None)
         else:  # pragma: no cover - both ends are this module
             log.error("unknown job kind %r from the HTTP process", kind)
             return
@@ -295,8 +299,10 @@ class _Child:
 # ====================================================================== the HTTP side
 
 
-def _apply_reports_now(reports: list[StatusReport], conn: Connection) -> ReportOutcome:
-    return apply_reports(conn, reports, now=datetime.now(UTC))
+def _apply_reports_now(
+    reports: list[StatusReport], contexts: SessionContexts | None, conn: Connection
+) -> ReportOutcome:
+    return apply_reports(conn, reports, now=datetime.now(UTC), contexts=contexts)
 
 
 def _wait_for_eof(conn: PipeEnd, timeout: float) -> bool:

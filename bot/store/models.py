@@ -144,6 +144,14 @@ class Message(Base):
             sqlite_where=text("sent_at IS NOT NULL"),
             postgresql_where=text("sent_at IS NOT NULL"),
         ),
+        # The ambiguous-send check (bot/delivery/reconcile.py) looks for these every few minutes;
+        # they are a handful among millions of rows.
+        Index(
+            "ix_messages_ambiguous_sent_at",
+            "sent_at",
+            sqlite_where=text("status = 'ambiguous'"),
+            postgresql_where=text("status = 'ambiguous'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -167,7 +175,8 @@ class Message(Base):
     params: Mapped[list[str] | None]
     segments: Mapped[int | None]
     status: Mapped[str] = mapped_column(String(16))
-    """in: received | ignored; out: queued | sent | delivered | failed | suppressed | looping | error."""
+    """in: received | ignored; out: queued | sent | delivered | failed | ambiguous | expired | suppressed |
+    looping | error."""
     status_reason: Mapped[str | None] = mapped_column(Text)
     provider_serial: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(128))
@@ -180,6 +189,11 @@ class Message(Base):
     """For outbound: when Tencent accepted it (or may have: ambiguous), for the per-number frequency limits."""
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    sender_id: Mapped[str | None] = mapped_column(String(32))
+    """For outbound to a number outside the Chinese mainland: Tencent's SenderId (the rule file's)."""
+    checks: Mapped[int | None] = mapped_column(Integer)
+    """For an ambiguous send: how often Tencent was asked about it (PullSmsSendStatusByPhoneNumber)."""
+    checked_at: Mapped[datetime | None]
 
 
 class Outbox(Base):
@@ -204,6 +218,8 @@ class Outbox(Base):
     lease_until: Mapped[datetime | None]
     leased_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime]
+    send_by: Mapped[datetime | None]
+    """The reply's deadline (``reply_max_delay``): held past it, it expires instead of going out late."""
 
 
 class OptOutEvent(Base):
@@ -215,12 +231,47 @@ class OptOutEvent(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"))
     event: Mapped[str] = mapped_column(String(16))  # "opt_out" | "opt_in"
-    source: Mapped[str] = mapped_column(String(16))  # "keyword" | "ops" | "provider"
+    source: Mapped[str] = mapped_column(String(16))  # "keyword" | "console" (an admin) | "provider" (a blacklist)
     message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
     raw_text: Mapped[str | None] = mapped_column(Text)
     normalized_text: Mapped[str | None] = mapped_column(Text)
     rule: Mapped[str | None] = mapped_column(String(255))
     actor: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+
+
+class PendingReport(Base):
+    """A delivery report for a serial we do not know yet, kept for when that send's outcome is recorded.
+
+    A report can overtake the send's own answer (the send is recorded after
+    Tencent answered, in another transaction); dropped as unknown, the reply
+    would stay ``sent`` forever. Old rows are pruned.
+    """
+
+    __tablename__ = "pending_reports"
+    __table_args__ = (UniqueConstraint("sid", name="uq_pending_reports_sid"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    sid: Mapped[str] = mapped_column(String(64))
+    report: Mapped[dict[str, Any]]
+    received_at: Mapped[datetime]
+
+
+class AccountLimit(Base):
+    """An account-wide daily cap Tencent reported (``LimitExceeded.AppDailyLimit`` ...): nothing goes out until it ends.
+
+    ``nationcode`` is ``""`` for a cap on every number, or the country a
+    per-country cap (``AppCountryOrRegionDailyLimit``) applies to.
+    """
+
+    __tablename__ = "account_limits"
+    __table_args__ = (UniqueConstraint("code", "nationcode", name="uq_account_limits_code"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(128))
+    nationcode: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str | None] = mapped_column(Text)
+    until: Mapped[datetime]
     created_at: Mapped[datetime]
 
 
@@ -298,3 +349,5 @@ opt_out_events = cast(Table, OptOutEvent.__table__)
 users = cast(Table, User.__table__)
 login_failures = cast(Table, LoginFailure.__table__)
 audit_events = cast(Table, AuditEvent.__table__)
+pending_reports = cast(Table, PendingReport.__table__)
+account_limits = cast(Table, AccountLimit.__table__)

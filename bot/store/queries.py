@@ -9,18 +9,23 @@ What only one page reads stays next to that page, in ``bot.console.queries``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, Connection, Join, and_, func, or_, select
 
-from bot.store.models import contacts, conversations, messages, outbox
+from bot.store.models import account_limits, contacts, conversations, messages, outbox
 
 # ---------------------------------------------------------------- reply statuses
 
-REPLY_STATUSES = frozenset({"queued", "sent", "delivered", "failed", "suppressed", "looping", "error"})
+REPLY_STATUSES = frozenset(
+    {"queued", "sent", "delivered", "failed", "ambiguous", "expired", "suppressed", "looping", "error"}
+)
 """Reply statuses ``/metrics`` reports even at zero, because alerts need the series.
 
-Any other (``ambiguous`` is not listed) is reported once a reply in the window has it.
+``ambiguous`` (Tencent may have sent it: ops must look) and ``expired`` (held
+past its deadline, never sent) are what an operator alerts on, so they are
+listed too. Any other is reported once a reply in the window has it.
 """
 NOT_SENT = ("suppressed", "looping")
 """Replies the bot decided not to send: not "out" traffic."""
@@ -28,6 +33,13 @@ FAILED = ("failed", "error")
 """Sends known not to have reached the customer: the dashboard's failed replies."""
 RETRYABLE = ("failed", "ambiguous", "error")
 """Sends that did not surely reach the customer (``ambiguous`` may have): what an admin may retry."""
+NEEDS_A_LOOK = (*RETRYABLE, "expired")
+"""Replies the deliveries page lists by default: every send that did not surely go out.
+
+``expired`` is listed but not retryable: it was held past its deadline
+(``reply_max_delay``) because a late reply confuses more than none, and a
+retry by hand would send exactly that late reply.
+"""
 
 # ---------------------------------------------------------------- the number beside a row
 
@@ -135,6 +147,49 @@ def outbox_backlog(conn: Connection) -> tuple[int, datetime | None]:
     return int(depth), oldest_at
 
 
+@dataclass(frozen=True)
+class AccountCap:
+    """An account-wide daily cap Tencent reported (a row of ``account_limits``)."""
+
+    code: str
+    """Tencent's code, e.g. ``LimitExceeded.AppDailyLimit``."""
+    nationcode: str
+    """The country it blocks, or ``""`` for every number."""
+    message: str | None
+    """Tencent's own words when it refused the send."""
+    until: datetime
+    """When the delivery loop sends again (the next China day, as Tencent counts)."""
+    created_at: datetime
+
+    def active(self, now: datetime) -> bool:
+        """True while it holds replies (the delivery loop's own test: ``until > now``)."""
+        return self.until > now
+
+
+def account_caps(conn: Connection, *, active_at: datetime | None = None) -> list[AccountCap]:
+    """The caps Tencent reported, every number's first, then by country; only those in force at ``active_at``.
+
+    The table holds one row per (code, country) ever met, updated each time
+    the cap is met again, so it stays a handful of rows: reading it costs a
+    console page view or a scrape nothing worth measuring. ``/metrics``
+    reads every row (a cap that ended reports 0, so its series does not
+    vanish); the console's banner only those in force.
+    """
+    stmt = select(
+        account_limits.c.code,
+        account_limits.c.nationcode,
+        account_limits.c.message,
+        account_limits.c.until,
+        account_limits.c.created_at,
+    ).order_by(account_limits.c.nationcode, account_limits.c.code)
+    if active_at is not None:
+        stmt = stmt.where(account_limits.c.until > active_at)
+    return [
+        AccountCap(str(code), str(nationcode), message, until, created_at)
+        for code, nationcode, message, until, created_at in conn.execute(stmt)
+    ]
+
+
 def limit_statement_time(conn: Connection, *, milliseconds: int) -> None:
     """Bound each statement of this transaction on PostgreSQL, so a slow database cannot hang the caller.
 
@@ -142,3 +197,9 @@ def limit_statement_time(conn: Connection, *, milliseconds: int) -> None:
     """
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(milliseconds)}")
+
+
+def unsettled_ambiguous(conn: Connection) -> int:
+    """Every reply still ``ambiguous``, whatever its age (a partial index holds exactly these rows)."""
+    stmt = select(func.count()).select_from(messages).where(messages.c.status == "ambiguous")
+    return int(conn.execute(stmt).scalar_one())

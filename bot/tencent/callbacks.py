@@ -11,10 +11,12 @@ reading it is debugging an integration.
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
 
 from bot.numbers import parse_china_time
 from bot.rules.normalize import clean
@@ -25,6 +27,8 @@ FUTURE_SLACK = timedelta(days=1)
 MAX_ITEMS = 1000
 MAX_REPORTS = 100
 
+log = logging.getLogger("smsbot.reports")
+
 
 # ---------------------------------------------------------------- either body: one JSON object or an array
 
@@ -33,10 +37,8 @@ class BadBody(Exception):  # noqa: N818 - named for what the caller sent
     """A callback body we refuse, with the reason for Tencent's (or a developer's) logs."""
 
 
-def json_objects(
-    body: bytes, *, max_items: int, noun: str, error: type[BadBody] = BadBody
-) -> tuple[list[dict[str, Any]], bool]:
-    """The objects in ``body`` and whether it was an array; ``error`` (a BadBody) says what is wrong."""
+def json_items(body: bytes, *, max_items: int, noun: str, error: type[BadBody] = BadBody) -> tuple[list[Any], bool]:
+    """The items in ``body`` (whatever their type) and whether it was an array; ``error`` says what is wrong."""
     try:
         data: Any = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -49,6 +51,14 @@ def json_objects(
         raise error(f"empty array: no {noun} in the callback")
     if len(items) > max_items:
         raise error(f"too many {noun} in one callback ({len(items)}, at most {max_items})")
+    return items, is_array
+
+
+def json_objects(
+    body: bytes, *, max_items: int, noun: str, error: type[BadBody] = BadBody
+) -> tuple[list[dict[str, Any]], bool]:
+    """The objects in ``body`` and whether it was an array; ``error`` (a BadBody) says what is wrong."""
+    items, is_array = json_items(body, max_items=max_items, noun=noun, error=error)
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             where = f"[{index}]" if is_array else "body"
@@ -166,11 +176,18 @@ def _parse_carefully(body: bytes, *, now: datetime) -> list[Inbound]:
 
 
 class BadReport(BadBody):
-    """A delivery-status body we refuse, saying which field is wrong."""
+    """A delivery-status body (or, pulled, one item) we refuse, saying which field is wrong."""
 
 
 class StatusReport(BaseModel):
-    """One item of Tencent's delivery-status callback."""
+    """One item of Tencent's delivery-status callback.
+
+    Tencent documents ``user_receive_time``, ``nationcode``, ``mobile``,
+    ``report_status``, ``errmsg``, ``description`` and ``sid``; ``ext`` (our
+    SessionContext) comes only when Tencent support turned its echo on, and
+    whatever else arrives is ignored. ``report_status`` is read in any case,
+    ``ext`` of any JSON type (only a string can be ours).
+    """
 
     model_config = ConfigDict(extra="ignore")
 
@@ -183,25 +200,80 @@ class StatusReport(BaseModel):
     description: str | None = None
     ext: str | None = None
 
+    @field_validator("report_status", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("ext", mode="before")
+    @classmethod
+    def _any_json(cls, value: Any) -> Any:
+        """A number is kept as its text; an object, array or boolean cannot be ours and is dropped."""
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            return None
+        return str(value)
+
+    @field_validator("nationcode", "mobile", "errmsg", "description", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else str(value)
+
+
+@dataclass(frozen=True)
+class SkippedReport:
+    """An item of a status callback that could not be used, and why (logged; the others are applied)."""
+
+    where: str
+    reason: str
+    item: Any
+
 
 def parse_status_callback(body: bytes) -> list[StatusReport]:
-    """The reports in a callback body, or BadBody naming what is wrong."""
-    items, is_array = json_objects(body, max_items=MAX_REPORTS, noun="reports", error=BadReport)
-    reports = []
-    for index, item in enumerate(items):
-        where = f"[{index}]" if is_array else ""
-        try:
-            report = StatusReport.model_validate(item)
-        except ValidationError as exc:
-            problems = [
-                f"field '{where}{'.' if where else ''}{'.'.join(str(p) for p in err['loc'])}': {err['msg']}"
-                for err in exc.errors(include_url=False)
-            ]
-            raise BadReport("; ".join(problems)) from exc
-        if report.user_receive_time is not None and parse_china_time(report.user_receive_time) is None:
-            raise BadReport(
-                f"field '{where}{'.' if where else ''}user_receive_time': expected 'YYYY-MM-DD HH:MM:SS', "
-                f"got {report.user_receive_time!r}"
-            )
-        reports.append(report)
+    """The usable reports of a callback body; BadReport only when the body as a whole is unreadable.
+
+    One odd item never discards the batch: it is logged (numbers masked, like
+    every log line) and skipped while the others are applied, and Tencent gets
+    its success answer, so it does not post the same batch again and again.
+    """
+    reports, skipped = read_status_callback(body)
+    for item in skipped:
+        log.warning(
+            "delivery report %s skipped (%s): %s", item.where, item.reason, json.dumps(item.item, ensure_ascii=False)
+        )
     return reports
+
+
+def read_status_callback(body: bytes) -> tuple[list[StatusReport], list[SkippedReport]]:
+    """The reports of a callback body and the items that could not be used."""
+    items, is_array = json_items(body, max_items=MAX_REPORTS, noun="reports", error=BadReport)
+    reports: list[StatusReport] = []
+    skipped: list[SkippedReport] = []
+    for index, item in enumerate(items):
+        where = f"[{index}]" if is_array else "body"
+        try:
+            reports.append(parse_status_item(item, where="" if where == "body" else where))
+        except BadReport as exc:
+            skipped.append(SkippedReport(where, str(exc), item))
+    return reports, skipped
+
+
+def parse_status_item(item: Any, *, where: str = "") -> StatusReport:
+    """One report, or BadReport naming the field that is wrong (a pulled status takes this path alone)."""
+    if not isinstance(item, dict):
+        raise BadReport(f"{where or 'body'}: expected a JSON object, got {type(item).__name__}")
+    prefix = f"{where}." if where else ""
+    try:
+        report = StatusReport.model_validate(item)
+    except ValidationError as exc:
+        problems = [
+            f"field '{prefix}{'.'.join(str(p) for p in err['loc'])}': {err['msg']}"
+            for err in exc.errors(include_url=False)
+        ]
+        raise BadReport("; ".join(problems)) from exc
+    if report.user_receive_time is not None and parse_china_time(report.user_receive_time) is None:
+        raise BadReport(
+            f"field '{prefix}user_receive_time': expected 'YYYY-MM-DD HH:MM:SS', got {report.user_receive_time!r}"
+        )
+    return report

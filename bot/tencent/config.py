@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.config import ConfigError, Settings
+from bot.tencent.session_context import SessionContexts, key_from
 
 Purpose = Literal["send", "pull", "templates"]
 
@@ -38,6 +39,12 @@ class TencentConfig:
     timeout_seconds: int = 5
     sign_names: Mapping[str, str] = field(default_factory=dict)
     """Per-signature SignName override: callback ``sign`` -> the approved SignName."""
+    session_context_key: bytes | None = None
+    """The key of our SessionContext marker (``bot/tencent/session_context.py``); None: no marker is sent."""
+
+    @property
+    def contexts(self) -> SessionContexts | None:
+        return SessionContexts(self.session_context_key) if self.session_context_key else None
 
 
 def tencent_config(settings: Settings, *, purpose: Purpose) -> TencentConfig:
@@ -63,7 +70,27 @@ def tencent_config(settings: Settings, *, purpose: Purpose) -> TencentConfig:
         scheme=settings.tencent_scheme,
         timeout_seconds=settings.tencent_timeout,
         sign_names=dict(settings.tencent_sign_names),
+        session_context_key=_context_key(settings),
     )
+
+
+def session_contexts(settings: Settings) -> SessionContexts | None:
+    """How delivery reports are matched to our replies by SessionContext (None: by SerialNo alone)."""
+    key = _context_key(settings)
+    return SessionContexts(key) if key else None
+
+
+def _context_key(settings: Settings) -> bytes | None:
+    explicit, secret = settings.session_context_secret, settings.tencent_secret_key
+    return key_from(
+        explicit=explicit.get_secret_value() if explicit else None,
+        tencent_secret_key=secret.get_secret_value() if secret else None,
+    )
+
+
+def e164(nationcode: str, mobile: str) -> str:
+    """A number the way Tencent's API wants it (``+8613800000000``), from our nationcode and mobile."""
+    return f"+{nationcode.lstrip('+')}{mobile.lstrip('+')}"
 
 
 def sms_client(config: TencentConfig) -> Any:

@@ -7,6 +7,9 @@ is the vendor side of pulling: the SDK client, and the conversions that turn
 each pulled item into exactly the payload the callback would have carried
 (through the callback's own parser), so the rest of smsbot cannot tell the two
 paths apart. The loop that stores what is pulled is ``bot/runtime/pulling.py``.
+``PullSmsSendStatusByPhoneNumber`` (one number's statuses in a time window,
+nothing consumed) is here too: ``bot/delivery/reconcile.py`` asks it about
+ambiguous sends.
 
 The SDK's own retries stay off: a pull is not idempotent, and a retried pull
 after a lost answer would only hide that the first one's page is gone.
@@ -28,7 +31,7 @@ from bot.tencent.callbacks import (
     BadReport,
     StatusReport,
     parse_reply_callback,
-    parse_status_callback,
+    parse_status_item,
 )
 from bot.tencent.config import TencentConfig, sms_client
 
@@ -121,7 +124,7 @@ def send_status_to_report(item: Mapping[str, Any]) -> StatusReport:
         "ext": item.get("SessionContext") or None,
     }
     try:
-        [report] = parse_status_callback(json.dumps(callback, ensure_ascii=False).encode())
+        report = parse_status_item(callback)
     except BadReport as exc:
         raise PulledItemRefused(_tencent_names(str(exc), REPORT_FIELDS)) from exc
     return report
@@ -135,8 +138,22 @@ class PullClient(Protocol):
     def pull_send_statuses(self, limit: int) -> list[dict[str, Any]]: ...
 
 
+class SendStatusLookup(Protocol):
+    """``PullSmsSendStatusByPhoneNumber``: the statuses Tencent holds for one number's sends in a time window.
+
+    Unlike the queue pulls it consumes nothing, so asking again is harmless:
+    it is how an ambiguous send (no readable answer to SendSms) is looked up
+    (``bot/delivery/reconcile.py``).
+    """
+
+    def send_statuses_for(self, phone_number: str, *, begin: int, end: int) -> list[dict[str, Any]]: ...
+
+
 class TencentPullClient:
-    """The real SDK's ``PullSmsReplyStatus`` and ``PullSmsSendStatus``; items as Tencent's JSON names."""
+    """The real SDK's ``PullSmsReplyStatus``, ``PullSmsSendStatus`` and ``PullSmsSendStatusByPhoneNumber``.
+
+    Items come back as Tencent's JSON names (``SerialNo``, ``SessionContext``, ...).
+    """
 
     def __init__(self, config: TencentConfig) -> None:
         from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
@@ -155,14 +172,33 @@ class TencentPullClient:
     def pull_send_statuses(self, limit: int) -> list[dict[str, Any]]:
         return self._pull("PullSmsSendStatus", limit)
 
+    def send_statuses_for(self, phone_number: str, *, begin: int, end: int) -> list[dict[str, Any]]:
+        """The statuses of the sends to ``phone_number`` (E.164) between ``begin`` and ``end`` (unix seconds).
+
+        ``Offset`` is 0: Tencent documents it as fixed at 0 for now ("目前固定设置为0"),
+        so one page of ``PULL_LIMIT`` is all there is. ``begin`` may be at most
+        7 days back; a send the carrier has not reported on yet is absent.
+        """
+        request = self._models.PullSmsSendStatusByPhoneNumberRequest()
+        request.PhoneNumber = phone_number
+        request.BeginTime = begin
+        request.EndTime = end
+        request.Offset = 0
+        request.Limit = PULL_LIMIT
+        return self._call("PullSmsSendStatusByPhoneNumber", request, "PullSmsSendStatusSet")
+
     def _pull(self, action: str, limit: int) -> list[dict[str, Any]]:
         request = getattr(self._models, f"{action}Request")()
-        request.SmsSdkAppId = self.config.sdk_app_id
         request.Limit = limit
+        return self._call(action, request, f"{action}Set")
+
+    def _call(self, action: str, request: Any, field: str) -> list[dict[str, Any]]:
+        request.SmsSdkAppId = self.config.sdk_app_id
         response = getattr(self.client, action)(request)
-        items = getattr(response, f"{action}Set", None)
+        items = getattr(response, field, None)
         if items is None:
-            # The SDK hands back an empty model when it could not read Tencent's answer; that page
-            # (if there was one) is gone at Tencent, and all we can do is say so.
-            raise self._error("InternalError.UnreadableAnswer", f"Tencent's answer had no {action}Set")
+            # The SDK hands back an empty model when it could not read Tencent's answer. For the queue
+            # pulls that page (if there was one) is gone at Tencent, and all we can do is say so; a
+            # lookup by number consumes nothing and is simply asked again.
+            raise self._error("InternalError.UnreadableAnswer", f"Tencent's answer had no {field}")
         return [json.loads(item.to_json_string()) for item in items]

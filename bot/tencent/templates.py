@@ -36,7 +36,10 @@ PAGE_SIZE = 100
 MAX_PAGES = 1000
 """A stop for a server that keeps answering full pages (100 000 templates is far beyond any account)."""
 
-STATUS_NAMES: dict[int, str] = {0: "approved", 1: "reviewing", -1: "rejected"}
+STATUS_NAMES: dict[int, str] = {0: "approved", 1: "reviewing", 2: "approved, not yet in effect", -1: "rejected"}
+"""Tencent's ``StatusCode``: only 0 (approved and in effect) can be sent with."""
+SCOPE_NAMES: dict[int, str] = {0: "domestic", 1: "international", 3: "both"}
+"""Tencent's ``International``: 3 is a template for the Chinese mainland and abroad alike."""
 
 DifferenceKind = Literal["missing", "text_changed", "not_approved"]
 
@@ -74,10 +77,13 @@ class TencentTemplate:
     id: str
     content: str
     status_code: int
-    """0 approved, 1 reviewing, -1 rejected (Tencent's ``StatusCode``)."""
+    """Tencent's ``StatusCode`` (see ``STATUS_NAMES``)."""
     international: bool = False
+    """It can be sent to numbers outside the Chinese mainland (``International`` 1 or 3)."""
     review_reply: str = ""
     name: str = ""
+    domestic: bool = True
+    """It can be sent to Chinese mainland numbers (``International`` 0 or 3)."""
 
     @property
     def approved(self) -> bool:
@@ -86,6 +92,13 @@ class TencentTemplate:
     @property
     def status(self) -> str:
         return STATUS_NAMES.get(self.status_code, f"StatusCode {self.status_code}")
+
+    @property
+    def scope(self) -> str:
+        """Where it may be sent: ``domestic``, ``international`` or ``both``."""
+        if self.international and self.domestic:
+            return "both"
+        return "international" if self.international else "domestic"
 
 
 @dataclass(frozen=True)
@@ -259,6 +272,8 @@ def _differences(rule: RuleTemplate, candidates: Sequence[TencentTemplate]) -> l
     if not tencent.approved:
         if tencent.status_code == 1:
             why = "is still being reviewed at Tencent"
+        elif tencent.status_code == 2:
+            why = "is approved at Tencent but not yet in effect"
         elif tencent.status_code == -1:
             why = "was rejected by Tencent"
         else:
@@ -315,17 +330,21 @@ def _page(client: Any, international: int, offset: int) -> list[TencentTemplate]
     if items is None:
         # The SDK hands back an empty result when it could not read Tencent's answer.
         raise TemplateFetchError("Tencent's answer to DescribeSmsTemplateList had no DescribeTemplateStatusSet")
-    return [
-        TencentTemplate(
-            id=str(item.TemplateId),
-            content=str(item.TemplateContent or ""),
-            status_code=int(item.StatusCode if item.StatusCode is not None else -1),
-            international=bool(item.International if item.International is not None else international),
-            review_reply=str(item.ReviewReply or ""),
-            name=str(item.TemplateName or ""),
+    templates = []
+    for item in items:
+        scope = int(item.International if item.International is not None else international)
+        templates.append(
+            TencentTemplate(
+                id=str(item.TemplateId),
+                content=str(item.TemplateContent or ""),
+                status_code=int(item.StatusCode if item.StatusCode is not None else -1),
+                international=scope in (1, 3),
+                review_reply=str(item.ReviewReply or ""),
+                name=str(item.TemplateName or ""),
+                domestic=scope in (0, 3),
+            )
         )
-        for item in items
-    ]
+    return templates
 
 
 def fetch_templates(config: TencentConfig) -> list[TencentTemplate]:
@@ -338,11 +357,13 @@ def fetch_templates(config: TencentConfig) -> list[TencentTemplate]:
     """
     client = sms_client(config)
     found: list[TencentTemplate] = []
+    listed: set[tuple[str, str]] = set()  # a template for both scopes may be listed under each
     try:
         for international in (0, 1):
             for page in range(MAX_PAGES):
                 items = _page(client, international, page * PAGE_SIZE)
-                found.extend(items)
+                found.extend(item for item in items if (item.id, item.scope) not in listed)
+                listed.update((item.id, item.scope) for item in items)
                 if len(items) < PAGE_SIZE:
                     break
     except TencentCloudSDKException as exc:

@@ -7,11 +7,12 @@ Two kinds of numbers, kept apart on purpose:
   still right: every callback passes through the HTTP process, and the writer
   process reports every rules (re)load to it over the pipe.
 - State that lives in the database (replies by status, outbox depth and the
-  age of its oldest row) is read at scrape time, so it is true whichever
+  age of its oldest row, Tencent's account-wide caps) is read at scrape time, so it is true whichever
   process, worker or restart changed it, and costs nothing between scrapes.
   Those queries are bounded: replies are counted for the last
   ``REPLY_WINDOW`` only, a range on ``ix_messages_created_at``, because a
   count over all time grows with the table and a scrape must stay cheap.
+  The caps are a handful of rows (one per code and country ever met).
 
 Every app has its own ``CollectorRegistry``: the global one would make two
 apps in one process (the tests, an embedding) report each other's numbers.
@@ -31,7 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -41,7 +42,16 @@ from sqlalchemy import Engine
 
 from bot.config import Settings
 from bot.runtime.pipeline import Pipeline
-from bot.store.queries import REPLY_STATUSES, limit_statement_time, outbox_backlog, replies_by_status
+from bot.store.queries import (
+    REPLY_STATUSES,
+    AccountCap,
+    account_caps,
+    limit_statement_time,
+    outbox_backlog,
+    replies_by_status,
+    unsettled_ambiguous,
+)
+from bot.tencent.errors import EXACT, PER_COUNTRY_LIMITS, Outcome
 
 log = logging.getLogger("smsbot.metrics")
 
@@ -55,6 +65,29 @@ DUPLICATE = "duplicate"
 """Set as ``request.state.metrics_result`` by a route whose request stored nothing new."""
 
 RulesStatus = dict[str, Any]
+
+EVERY_NUMBER_CAPS = tuple(
+    sorted(
+        code for code, kind in EXACT.items() if kind.outcome is Outcome.ACCOUNT_LIMIT and code not in PER_COUNTRY_LIMITS
+    )
+)
+"""Caps on every number (``nationcode=""``), reported at 0 before Tencent ever reports one.
+
+Prometheus' advice is to export 0 for series known in advance, so an alert
+or a graph has a series to read before the first cap; a per-country cap
+cannot be known in advance and appears once met.
+"""
+
+
+class _Scrape(NamedTuple):
+    """What one scrape read from the database."""
+
+    replies: dict[str, int]
+    depth: int
+    oldest: float
+    caps: list[AccountCap]
+    now: datetime
+    ambiguous: int = 0
 
 
 def _is_loopback(host: str) -> bool:
@@ -77,7 +110,7 @@ class _DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("smsbot_database_up", "1 if the last scrape could read the database")
         try:
-            replies, depth, oldest = self._read()
+            read = self._read()
         except Exception as exc:  # a scrape must answer even when the database does not
             log.warning("metrics: database not readable: %s", exc)
             up.add_metric([], 0)
@@ -90,22 +123,61 @@ class _DatabaseCollector(Collector):
             f"replies created in the last {int(REPLY_WINDOW.total_seconds())}s, by current status",
             labels=["status"],
         )
-        for status in sorted(REPLY_STATUSES | replies.keys()):  # known ones at 0 too: alerts need the series
-            by_status.add_metric([status], replies.get(status, 0))
+        for status in sorted(REPLY_STATUSES | read.replies.keys()):  # known ones at 0 too: alerts need the series
+            by_status.add_metric([status], read.replies.get(status, 0))
         yield by_status
-        yield GaugeMetricFamily("smsbot_outbox_depth", "replies waiting in the outbox", value=depth)
+        yield GaugeMetricFamily("smsbot_outbox_depth", "replies waiting in the outbox", value=read.depth)
         yield GaugeMetricFamily(
-            "smsbot_outbox_oldest_age_seconds", "age of the oldest reply in the outbox (0 when empty)", value=oldest
+            "smsbot_outbox_oldest_age_seconds",
+            "age of the oldest reply in the outbox (0 when empty)",
+            value=read.oldest,
         )
+        yield GaugeMetricFamily(
+            "smsbot_replies_ambiguous_unsettled",
+            "replies that may have gone out and that neither a delivery report nor the check with Tencent has "
+            "settled, however old: each waits for ops",
+            value=read.ambiguous,
+        )
+        yield from _cap_metrics(read.caps, read.now)
 
-    def _read(self) -> tuple[dict[str, int], int, float]:
+    def _read(self) -> _Scrape:
         now = self.clock()
         with self.engine.connect() as conn:
             limit_statement_time(conn, milliseconds=5000)
             replies = replies_by_status(conn, since=now - REPLY_WINDOW)
             depth, oldest_at = outbox_backlog(conn)
+            caps = account_caps(conn)
+            ambiguous = unsettled_ambiguous(conn)
         oldest = 0.0 if oldest_at is None else max(0.0, (now - oldest_at).total_seconds())
-        return replies, depth, oldest
+        return _Scrape(replies, depth, oldest, caps, now, ambiguous)
+
+
+def _cap_metrics(caps: list[AccountCap], now: datetime) -> Iterator[Metric]:
+    """``smsbot_tencent_account_limited`` (1 while a cap holds every reply it covers) and when each ends.
+
+    One series per (code, nationcode): the every-number codes always (0 until
+    met), a per-country cap once met; a cap that ended stays at 0, since its
+    row stays. ``..._until_timestamp_seconds`` is the end of each cap met
+    (Unix time; in the past once it ended), for an alert to say when.
+    """
+    limited = GaugeMetricFamily(
+        "smsbot_tencent_account_limited",
+        "1 while a Tencent account-wide daily cap holds every reply it covers (nationcode empty: every number)",
+        labels=["code", "nationcode"],
+    )
+    until = GaugeMetricFamily(
+        "smsbot_tencent_account_limited_until_timestamp_seconds",
+        "when a Tencent account-wide daily cap ends and replies go out again (Unix time)",
+        labels=["code", "nationcode"],
+    )
+    seen: dict[tuple[str, str], AccountCap | None] = {(code, ""): None for code in EVERY_NUMBER_CAPS}
+    seen.update(((cap.code, cap.nationcode), cap) for cap in caps)
+    for (code, nationcode), cap in sorted(seen.items()):
+        limited.add_metric([code, nationcode], 1 if cap is not None and cap.active(now) else 0)
+        if cap is not None:
+            until.add_metric([code, nationcode], cap.until.timestamp())
+    yield limited
+    yield until
 
 
 class _RulesCollector(Collector):

@@ -11,18 +11,29 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
+from html import unescape
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, update
+from sqlalchemy import Engine, create_engine, insert, update
 
 from bot.console.users import add_user
+from bot.delivery.outbox import AMBIGUOUS_REASON, PROVIDER_BLACKLIST_REASON
+from bot.numbers import CHINA, next_china_time
 from bot.runtime.live_rules import RulesInvalid
 from bot.sms import OutboundSms, SendResult
-from bot.store.models import audit_events, contacts, conversations, messages, opt_out_events, outbox
+from bot.store.models import (
+    account_limits,
+    audit_events,
+    contacts,
+    conversations,
+    messages,
+    opt_out_events,
+    outbox,
+)
 from tests.support import (
     MOBILE,
     SIGN,
@@ -434,6 +445,227 @@ def test_hostile_provider_text_is_escaped_on_the_deliveries_page(flaky: Harness)
         )
     page = people.viewer.get("/console/deliveries").text
     escaped_everywhere(page)
+
+
+# ---------------------------------------------------------------- what Tencent refused: caps, expiries, ambiguity
+
+CAP = "LimitExceeded.AppDailyLimit"
+ALL_PAGES = (*PAGES, "/console/conversations", "/console/unmatched", "/console/dashboard", "/console/users")
+
+
+class TencentSays(RecordingSender):
+    """Answers each send with Tencent's ``code`` for the numbers in ``refuse`` (every number while it is empty)."""
+
+    def __init__(self, code: str, message: str, refuse: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.code, self.message, self.refuse = code, message, refuse
+        self.working = False
+
+    def send(self, sms: OutboundSms) -> SendResult:
+        if not self.working and (not self.refuse or sms.mobile in self.refuse):
+            return SendResult(ok=False, code=self.code, message=self.message)
+        return super().send(sms)
+
+
+def _banner(page: str) -> str:
+    found = re.search(r'<section class="account-cap-banner".*?</section>', page, re.S)
+    return found.group(0) if found else ""
+
+
+def _row(page: str, message_id: int) -> str:
+    found = re.search(rf'<tr id="message-{message_id}">.*?</tr>', page, re.S)
+    assert found, f"reply {message_id} is not listed"
+    return found.group(0)
+
+
+@pytest.fixture
+def capped(make_app: Callable[..., Harness], db_url: str) -> Harness:
+    """An app whose every send meets Tencent's account-wide daily cap, with hostile text in Tencent's answer."""
+    return make_app(db_url, sender=TencentSays(CAP, "daily limit reached " + HOSTILE))
+
+
+def test_an_account_cap_shows_a_banner_on_every_page_until_it_ends(capped: Harness) -> None:
+    people = People(capped)
+    assert _banner(people.admin.get("/console/deliveries").text) == ""  # nothing yet
+    capped.say("hi")
+    [reply] = capped.wait_settled()
+    assert (reply["status"], reply["error_code"]) == ("expired", CAP)
+    ends = next_china_time(capped.clock(), time(0, 5))
+
+    for path in ALL_PAGES:
+        for client in (people.viewer, people.admin):
+            page = client.get(path)
+            if page.status_code == 403:  # the users page, for the viewer
+                continue
+            banner = _banner(page.text)
+            assert banner, f"no banner on {path}"
+            assert f'<code class="cap-code">{CAP}</code>' in banner
+            assert '<strong class="cap-country">every number</strong>' in banner
+            assert f'<strong class="cap-until">{ends:%Y-%m-%d} 00:05</strong> China time (UTC+8)' in banner
+            assert "raise the limit in Tencent's SMS console" in unescape(banner)
+            assert "replies expire unsent" in banner
+            escaped_everywhere(banner)  # Tencent's own words, escaped
+            assert ("/console/account-caps/lift" in banner) is (client is people.admin)
+    assert _banner(people.anonymous.get("/console/login").text) == ""  # nothing for someone signed out
+
+    capped.clock.now = ends + timedelta(seconds=1)  # the next China day: the cap is over
+    for path in ALL_PAGES:
+        assert _banner(people.admin.get(path).text) == "", path
+
+
+def test_a_per_country_cap_names_the_country(harness: Harness, people: People) -> None:
+    until = harness.clock() + timedelta(hours=3)
+    with writing(harness.engine) as conn:
+        conn.execute(
+            insert(account_limits).values(
+                code="LimitExceeded.AppCountryOrRegionDailyLimit",
+                nationcode="852",
+                message=None,
+                until=until,
+                created_at=harness.clock(),
+            )
+        )
+    banner = _banner(people.viewer.get("/console/opt-outs").text)
+    assert '<strong class="cap-country">+852</strong>' in banner
+    assert f"{until.astimezone(CHINA):%Y-%m-%d %H:%M}" in banner
+    assert "every number" not in banner
+    assert "ask an admin to lift the cap" in banner
+
+
+def test_an_admin_lifts_a_cap_after_raising_it_and_replies_go_again(capped: Harness) -> None:
+    people = People(capped)
+    capped.say("hi")
+    capped.wait_settled()
+    lift = {"code": CAP, "nationcode": ""}
+    assert post_form(people.viewer, "/console/deliveries", "/console/account-caps/lift", lift).status_code == 403
+    assert _banner(people.admin.get("/console/deliveries").text)
+
+    capped.sender.working = True  # type: ignore[attr-defined]  # the limit was raised at Tencent
+    answer = post_form(people.admin, "/console/deliveries", "/console/account-caps/lift", lift)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/console/deliveries?done=cap-lifted"
+    page = people.admin.get(answer.headers["location"]).text
+    assert _banner(page) == ""
+    assert "Account cap lifted" in page
+    (entry,) = [r for r in capped.rows(audit_events) if r["action"] == "account_cap.lift"]
+    assert (entry["actor"], entry["target"]) == ("ada", f"account_cap:{CAP}:")
+    (row,) = capped.rows(account_limits)
+    assert row["until"] == capped.clock()  # ended, not forgotten: /metrics keeps its series
+
+    capped.say("hi", mobile=OTHER)
+    replies = capped.wait_settled()
+    assert [r["status"] for r in replies] == ["expired", "sent"]  # the expired one stays expired
+    again = post_form(people.admin, "/console/deliveries", "/console/account-caps/lift", lift)
+    assert again.status_code == 409
+    assert "is in force" in again.text
+
+
+def test_expired_replies_are_listed_with_their_reason_and_are_not_retried(capped: Harness) -> None:
+    people = People(capped)
+    capped.say("hi")
+    capped.wait_settled()
+    capped.say("hi", mobile=OTHER)  # held by the cap noted for the first: Tencent is not even asked
+    first, second = (int(r["id"]) for r in capped.wait_settled())
+
+    page = people.admin.get("/console/deliveries").text
+    refused, held = _row(page, first), _row(page, second)
+    assert '<span class="status-expired">expired</span>' in refused
+    assert "is past the reply&#39;s deadline" in refused
+    assert f'<code class="error-code">{CAP}</code>' in refused
+    assert "Tencent&#39;s account-wide daily cap is reached" in held
+    assert "reply_max_delay" in held
+    for row in (refused, held):
+        assert "/retry" not in row
+        assert "not retried" in row
+    escaped_everywhere(page)
+    assert re.search(
+        r'class="summary-expired"><span class="status-expired">expired</span> <span class="n">2</span>', page
+    )
+
+    only_expired = people.viewer.get("/console/deliveries", params={"status": "expired"}).text
+    assert '<span class="count">2</span>' in only_expired
+    by_code = people.viewer.get("/console/deliveries", params={"code": CAP}).text
+    assert f"message-{first}" in by_code
+    assert f"message-{second}" not in by_code  # never sent: no code of its own
+    assert f'<option value="{CAP}">' in by_code  # offered in the code filter
+    assert '<option value="expired">expired</option>' in by_code
+
+    refused_retry = post_form(people.admin, "/console/deliveries", f"/console/deliveries/{first}/retry", {})
+    assert refused_retry.status_code == 409
+    assert "expired" in refused_retry.text
+    assert capped.count(outbox) == 0
+
+
+def test_ambiguous_replies_are_marked_as_needing_ops_with_the_reason(
+    make_app: Callable[..., Harness], db_url: str
+) -> None:
+    h = make_app(db_url, sender=TencentSays("ClientNetworkError", "read timed out"))
+    people = People(h)
+    h.say("hi")
+    [reply] = h.wait_settled()
+    assert reply["status"] == "ambiguous"
+
+    page = people.viewer.get("/console/deliveries").text
+    row = _row(page, int(reply["id"]))
+    assert '<span class="status-ambiguous">ambiguous</span><span class="needs-ops">needs ops</span>' in row
+    assert unescape(AMBIGUOUS_REASON) in unescape(row)
+    assert "1 ambiguous reply needs ops" in page
+    assert 'class="summary-ambiguous attention"' in page
+    with writing(h.engine) as conn:  # the active check asked Tencent twice, to no avail
+        conn.execute(update(messages).where(messages.c.id == reply["id"]).values(checks=2, checked_at=h.clock()))
+    assert "asked Tencent 2 time(s)" in people.viewer.get("/console/deliveries?status=ambiguous").text
+    assert '<span class="needs-ops">' not in people.viewer.get("/console/deliveries?status=expired").text
+
+
+def test_opt_outs_tell_a_blacklist_from_the_customer_and_from_an_admin(
+    make_app: Callable[..., Harness], db_url: str
+) -> None:
+    blacklisted = "13600003333"
+    h = make_app(
+        db_url,
+        sender=TencentSays("FailedOperation.PhoneNumberInBlacklist", "number in blacklist", refuse=(blacklisted,)),
+    )
+    people = People(h)
+    h.say("TD")  # the customer's own opt-out
+    h.say("hi", mobile=blacklisted)  # Tencent refuses the number: a customer at Tencent, or a carrier
+    h.wait_settled()
+    added = post_form(
+        people.admin,
+        "/console/opt-outs",
+        "/console/opt-outs/add",
+        {"number": OTHER, "signature": SIGN, "reason": "asked by phone"},
+    )
+    assert added.status_code == 303
+
+    page = unescape(people.viewer.get("/console/opt-outs").text)
+    rows_ = {n: r for n in ("138****0000", "136****3333", "137****2222") for r in page.split("<tr>") if n in r}
+    assert "the customer, by keyword" in rows_["138****0000"]
+    assert 'they wrote</span> <span class="reason">TD<' in rows_["138****0000"]
+    assert "Tencent's or a carrier's blacklist" in rows_["136****3333"]
+    assert "tencent:FailedOperation.PhoneNumberInBlacklist" in rows_["136****3333"]
+    assert PROVIDER_BLACKLIST_REASON in rows_["136****3333"]
+    assert "an admin, in the console" in rows_["137****2222"]
+    assert "asked by phone" in rows_["137****2222"]
+
+    only_blacklists = people.viewer.get("/console/opt-outs", params={"source": "provider"}).text
+    assert "136****3333" in only_blacklists
+    assert "138****0000" not in only_blacklists
+    assert "137****2222" not in only_blacklists
+    assert '<span class="count">1</span>' in only_blacklists
+    keyword = people.viewer.get("/console/opt-outs", params={"source": "keyword"}).text
+    assert "138****0000" in keyword
+    assert "136****3333" not in keyword
+
+    (provider,) = [e for e in h.rows(opt_out_events) if e["source"] == "provider"]
+    thread = unescape(people.viewer.get(f"/console/conversations/{provider['conversation_id']}").text)
+    assert "Tencent's or a carrier's blacklist" in thread
+    assert f'why: <span class="reason">{PROVIDER_BLACKLIST_REASON}</span>' in thread
+    assert "said “" + PROVIDER_BLACKLIST_REASON not in thread  # not words the customer said
+
+    with writing(h.engine) as conn:
+        conn.execute(update(opt_out_events).where(opt_out_events.c.id == provider["id"]).values(raw_text=HOSTILE))
+    escaped_everywhere(people.viewer.get("/console/opt-outs").text)
+    escaped_everywhere(people.viewer.get(f"/console/conversations/{provider['conversation_id']}").text)
 
 
 # ---------------------------------------------------------------- rules

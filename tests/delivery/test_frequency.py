@@ -106,7 +106,7 @@ def test_the_same_reply_twice_within_30s_is_deferred_then_sent(limited: Callable
 
 
 def test_daily_limit_holds_replies_until_the_next_china_day(limited: Callable[..., Harness]) -> None:
-    h = limited(frequency_per_day=2, frequency_same_content=None)
+    h = limited(frequency_per_day=2, frequency_same_content=None, reply_max_delay=timedelta(days=2))
     h.clock.now = NOW
     h.say("hi")
     h.say("1")

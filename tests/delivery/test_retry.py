@@ -13,6 +13,7 @@ from bot.delivery.retry import Final, Retry, RetryPolicy, plan
 from bot.delivery.senders import make_sender
 from bot.numbers import CHINA
 from bot.store.models import conversations, opt_out_events, outbox
+from bot.tencent.config import session_contexts
 from tests.fakes.tencent_sms import FakeTencentSms
 from tests.support import FakeClock, Harness, tencent_settings, wait_until
 
@@ -182,6 +183,7 @@ def test_permanent_error_fails_at_once_with_tencents_code(tencent: Harness, fake
 def test_no_answer_after_tencent_accepted_is_marked_ambiguous_not_resent(
     tencent: Harness, fake: FakeTencentSms
 ) -> None:
+    fake.echo_session_context = True  # Tencent echoes SessionContext in reports only once support enables it
     fake.slow(2.5)  # accepted and recorded, the answer comes after our 1 s timeout
     h = tencent
     h.say("hi")
@@ -192,9 +194,11 @@ def test_no_answer_after_tencent_accepted_is_marked_ambiguous_not_resent(
     assert len(fake.sends) == 1  # sent once, never again
     assert "not resent" in reply["status_reason"]
 
-    # Tencent's delivery report names our SessionContext (the reply's id): it settles the doubt.
+    # Tencent's delivery report names our SessionContext (our marker for the reply): it settles the doubt.
     [send] = fake.sends
-    assert send.session_context == str(reply["id"])
+    contexts = session_contexts(tencent_settings(fake))
+    assert contexts is not None
+    assert contexts.message_id(send.session_context) == reply["id"]
     response = h.client.post("/sms/status", json=[fake.delivery_report(send)])
     assert response.json() == {"result": 0, "errmsg": "OK"}
     [after] = h.outbound()
@@ -221,7 +225,7 @@ def test_marketing_reply_waits_for_08_00_china_time_then_goes(
     text = shop.read_text(encoding="utf-8")
     marked = text.replace('menu:     {id: "1490001",', 'menu:     {marketing: true, id: "1490001",')
     assert marked != text
-    shop.write_text(marked, encoding="utf-8")
+    shop.write_text("reply_max_delay: 12h\n" + marked, encoding="utf-8")  # this file lets replies wait the night
     late = FakeClock(datetime(2026, 1, 5, 23, 0, tzinfo=CHINA).astimezone(UTC))
     h = make_app(db_url, app_clock=late)
     h.say("hi")  # the menu template is a marketing template now

@@ -25,11 +25,18 @@ from bot.cli import app as cli
 from bot.delivery.senders import make_sender
 from bot.runtime.live_rules import LiveRules
 from bot.runtime.pulling import Puller
-from bot.sms import Inbound
+from bot.sms import Inbound, OutboundSms
 from bot.store.db import make_engine
 from bot.store.models import messages, outbox
 from bot.tencent.callbacks import parse_reply_callback
-from bot.tencent.pull import PulledItemRefused, china_time, reply_to_inbound, send_status_to_report
+from bot.tencent.config import session_contexts, tencent_config
+from bot.tencent.pull import (
+    PulledItemRefused,
+    TencentPullClient,
+    china_time,
+    reply_to_inbound,
+    send_status_to_report,
+)
 from bot.web.app import create_app
 from tests.fakes.tencent_sms import FakeTencentSms
 from tests.support import (
@@ -187,6 +194,60 @@ def test_a_pulled_send_status_is_the_report_its_callback_would_be() -> None:
         send_status_to_report(item | {"ReportStatus": "MAYBE"})
 
 
+# ---------------------------------------------------------------- PullSmsSendStatusByPhoneNumber
+
+
+def lookup_client(fake: FakeTencentSms) -> TencentPullClient:
+    return TencentPullClient(tencent_config(tencent_settings(fake), purpose="pull"))
+
+
+def test_send_statuses_by_number_asks_for_the_window_and_returns_tencents_items(fake: FakeTencentSms) -> None:
+    sender = make_sender(tencent_settings(fake))
+    outbound = OutboundSms(7, 42, "86", "13800000000", SIGN, "1490002", ("A1", "sent"), "Order A1: sent.")
+    sent = sender.send(outbound)
+    other = sender.send(dataclasses.replace(outbound, mobile="13900000000"))
+    assert (sent.ok, other.ok) == (True, True)
+    now = int(fake.now())
+
+    items = lookup_client(fake).send_statuses_for(CUSTOMER, begin=now - 60, end=now + 1)
+
+    [item] = items  # that number's only; the other number's send is not listed
+    assert (item["SerialNo"], item["PhoneNumber"], item["ReportStatus"]) == (sent.serial, CUSTOMER, "SUCCESS")
+    assert set(item) >= {"SessionContext", "UserReceiveTime", "Description", "CountryCode", "SubscriberNumber"}
+    [call] = [c for c in fake.calls if c.action == "PullSmsSendStatusByPhoneNumber"]
+    assert call.params == {
+        "PhoneNumber": CUSTOMER,
+        "BeginTime": now - 60,
+        "EndTime": now + 1,
+        "Offset": 0,  # documented as fixed at 0
+        "Limit": 100,
+        "SmsSdkAppId": APP_ID,
+    }
+    assert lookup_client(fake).send_statuses_for(CUSTOMER, begin=now - 60, end=now + 1) == items  # nothing consumed
+
+
+def test_send_statuses_by_number_raises_tencents_error_and_an_unreadable_answer(fake: FakeTencentSms) -> None:
+    from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
+        TencentCloudSDKException,
+    )
+
+    client = lookup_client(fake)
+    now = int(fake.now())
+    with pytest.raises(TencentCloudSDKException) as refused:
+        client.send_statuses_for(CUSTOMER, begin=now - 8 * 86400, end=now)  # more than 7 days back
+    assert refused.value.code == "InvalidParameterValue.BeginTimeVerifyFail"
+
+    class EmptyAnswer:
+        def PullSmsSendStatusByPhoneNumber(self, request: Any) -> Any:  # noqa: N802 - the SDK's name
+            return object()  # what the SDK hands back when it could not read Tencent's answer
+
+    client.client = EmptyAnswer()
+    with pytest.raises(TencentCloudSDKException) as unreadable:
+        client.send_statuses_for(CUSTOMER, begin=now - 60, end=now)
+    assert unreadable.value.code == "InternalError.UnreadableAnswer"
+    assert "PullSmsSendStatusSet" in str(unreadable.value.message)
+
+
 # ---------------------------------------------------------------- serve with pull: true
 
 
@@ -202,7 +263,9 @@ def test_a_pulled_reply_is_stored_and_answered_like_a_callback(
     assert answer_pull["text"] == answer_callback["text"]
     assert answer_pull["status"] in ("sent", "delivered")
     sent_to = {s.phone_number: s for s in fake.sends}
-    assert sent_to[CUSTOMER].session_context == str(answer_pull["id"])
+    contexts = session_contexts(tencent_settings(fake))
+    assert contexts is not None
+    assert contexts.message_id(sent_to[CUSTOMER].session_context) == answer_pull["id"]
     assert sent_to[CUSTOMER].template_id == sent_to["+8613900000000"].template_id == "1490001"
     assert puller(h).counts.replies_stored == 1
 

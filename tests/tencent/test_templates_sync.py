@@ -132,6 +132,11 @@ def test_a_whitespace_only_difference_is_a_warning_and_exit_0(tencent: FakeTence
     [
         ("reviewing", "", "'menu' is still being reviewed at Tencent: Tencent refuses replies with it"),
         (
+            "approved_not_effective",
+            "",
+            "'menu' is approved at Tencent but not yet in effect: Tencent refuses replies with it",
+        ),
+        (
             "rejected",
             "Missing company name",
             "'menu' was rejected by Tencent (review: Missing company name): Tencent refuses replies with it",
@@ -166,6 +171,18 @@ def test_international_templates_and_more_than_one_page_are_found(tencent: FakeT
     assert pages == [0, 100]
 
 
+def test_a_template_for_both_scopes_is_counted_once_and_named_by_its_scope(
+    tencent: FakeTencentSms, rules: Path
+) -> None:
+    tencent.templates["1490099"] = FakeTemplate("Summer sale, reply R to opt out", international="both", name="sale")
+    code, out, err = sync(str(rules))
+    assert code == 0, out + err
+    assert "info: template 1490099: 'sale' (approved, domestic and international) is not used by any rule file" in out
+    code, out, _ = sync("--json", str(rules))
+    [unused] = [u for u in json.loads(out)["unused"] if u["template_id"] == "1490099"]
+    assert (unused["scope"], unused["international"], unused["status"]) == ("both", True, "approved")
+
+
 def test_json_reports_every_difference_with_file_line_id_and_kind(tencent: FakeTencentSms, rules: Path) -> None:
     del tencent.templates["1490002"]
     tencent.templates["1490001"] = FakeTemplate("Reply 1 for status.", status="reviewing")
@@ -193,7 +210,13 @@ def test_json_reports_every_difference_with_file_line_id_and_kind(tencent: FakeT
         assert set(d) == {"file", "line", "col", "template", "template_id", "kind", "severity", "message"}
         assert d["message"].startswith(f"template {d['template_id']}: '{d['template']}'")
     assert document["unused"] == [
-        {"template_id": "1490077", "name": "Old promo", "status": "rejected", "international": True}
+        {
+            "template_id": "1490077",
+            "name": "Old promo",
+            "status": "rejected",
+            "international": True,
+            "scope": "international",
+        }
     ]
     assert "3 error(s)" in err
 

@@ -15,6 +15,7 @@ from bot.config import ConfigError, Settings
 from bot.delivery.senders import make_sender
 from bot.sms import ConsoleSender
 from bot.store.models import messages
+from bot.tencent.config import session_contexts
 from bot.tencent.sender import TencentSender
 from tests.fakes.tencent_sms import FakeTencentSms
 from tests.support import REPO, Harness, tencent_settings
@@ -48,7 +49,9 @@ def test_callback_in_reply_out_at_tencent_report_back_delivered(
     [reply] = h.wait_settled()
     [sent] = fake.sends
     assert (sent.phone_number, sent.template_id, sent.template_params) == ("+8613800000000", "1490001", ())
-    assert sent.session_context == str(reply["id"])
+    contexts = session_contexts(settings)
+    assert contexts is not None
+    assert contexts.message_id(sent.session_context) == reply["id"]
     assert (reply["status"], reply["provider_serial"]) == ("sent", sent.serial_no)
 
     response = h.client.post("/sms/status", json=[fake.delivery_report(sent)])

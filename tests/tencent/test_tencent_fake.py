@@ -14,12 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import urllib3
 from tencentcloud.common import abstract_client, credential  # type: ignore[import-untyped]
 from tencentcloud.common.exception.tencent_cloud_sdk_exception import (  # type: ignore[import-untyped]
     TencentCloudSDKException,
@@ -30,9 +32,12 @@ from tencentcloud.sms.v20210111 import models, sms_client  # type: ignore[import
 
 from tests.fakes.tencent_sms import (
     CHINA_TZ,
+    ODD_REPORT_KINDS,
+    BlacklistSource,
     FakeTemplate,
     FakeTencentSms,
     FrequencyLimits,
+    GarbleKind,
     sign_tc3_request,
     split_e164,
 )
@@ -79,6 +84,8 @@ def fake(clock: Clock) -> Iterator[FakeTencentSms]:
         "1490004": FakeTemplate("Under review {1}", status="reviewing"),
         "1490005": FakeTemplate("Hello {1}", international=True),
         "1490006": FakeTemplate("Sale {1} 拒收请回复R", kind="marketing"),
+        "1490007": FakeTemplate("Hi {1}", international="both"),
+        "1490008": FakeTemplate("Soon {1}", status="approved_not_effective"),
     }
     with FakeTencentSms(
         secret_id=SECRET_ID,
@@ -328,6 +335,7 @@ def test_unknown_parameter_and_wrong_type_are_refused(fake: FakeTencentSms) -> N
         ({"params": ["A17", "t.cn/x"]}, "InvalidParameterValue.ProhibitedUseUrlInTemplateParameter"),
         ({"template_id": "9999999"}, "FailedOperation.TemplateIncorrectOrUnapproved"),
         ({"template_id": "1490004", "params": ["1"]}, "FailedOperation.TemplateIncorrectOrUnapproved"),
+        ({"template_id": "1490008", "params": ["1"]}, "FailedOperation.TemplateIncorrectOrUnapproved"),
         ({"template_id": "1490003", "params": ["12ab"]}, "InvalidParameterValue.TemplateParameterFormatError"),
         ({"sign_name": "Other Shop"}, "FailedOperation.SignatureIncorrectOrUnapproved"),
         ({"app_id": "1400000000"}, "UnauthorizedOperation.SmsSdkAppIdVerifyFail"),
@@ -380,6 +388,25 @@ def test_international_send(fake: FakeTencentSms) -> None:
     assert fake.sends[0].content == "Hello Al"
 
 
+def test_global_send_records_sender_id_and_ignores_a_sign_name(fake: FakeTencentSms) -> None:
+    request = send_request(["+85291234567"], ["Al"], template_id="1490005", sign_name="Not Approved Anywhere")
+    request.SenderId = "ACME"
+
+    status = client_for(fake).SendSms(request).SendStatusSet[0]
+
+    assert (status.Code, status.IsoCode) == ("Ok", "HK")
+    [sent] = fake.sends
+    assert (sent.sender_id, sent.sign_name) == ("ACME", "Not Approved Anywhere")
+    assert sent.content == sent.text == "Hello Al"  # no 【signature】 outside the mainland, and not checked
+    assert sent.fee == 1
+
+
+def test_a_mainland_template_to_a_global_number_is_refused(fake: FakeTencentSms) -> None:
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request(["+85291234567"], sign_name=None)))
+    assert error.code == "UnsupportedOperation.ChineseMainlandTemplateToGlobalPhone"
+    assert fake.sends == []
+
+
 def test_marketing_only_between_8_and_22_china_time(fake: FakeTencentSms, clock: Clock) -> None:
     clock.now = china_time(23)
     error = sdk_error(lambda: client_for(fake).SendSms(send_request(template_id="1490006", params=["50%"])))
@@ -407,6 +434,31 @@ def test_per_number_fault_appears_in_that_entry_only(fake: FakeTencentSms) -> No
     assert [s.phone_number for s in fake.sends] == ["+8613800000001", "+8613800000003"]
     # times=1: the next send to that number goes through
     assert client_for(fake).SendSms(send_request([blocked], ["B2", "x"])).SendStatusSet[0].Code == "Ok"
+
+
+@pytest.mark.parametrize("source", ["customer", "carrier"])
+def test_a_blacklisted_number_is_refused_the_same_way_whatever_the_source(
+    fake: FakeTencentSms, source: BlacklistSource
+) -> None:
+    blocked = "+8613800000002"
+    fake.blacklist(blocked, source=source)
+    client = client_for(fake)
+
+    statuses = client.SendSms(send_request(["+8613800000001", blocked])).SendStatusSet
+    again = client.SendSms(send_request([blocked], ["B2", "x"])).SendStatusSet[0]  # not once: until removed
+
+    refused = statuses[1]
+    assert (refused.Code, refused.Message) == ("FailedOperation.PhoneNumberInBlacklist", "手机号在免打扰名单库中")
+    assert (refused.SerialNo, refused.Fee) == ("", 0)
+    assert statuses[0].Code == "Ok"
+    assert again.Code == "FailedOperation.PhoneNumberInBlacklist"
+    assert [c.blacklisted for c in fake.calls] == [{blocked: source}, {blocked: source}]  # only a test can tell
+    assert fake.blacklisted == {blocked: source}
+    assert [s.phone_number for s in fake.sends] == ["+8613800000001"]
+
+    fake.unblacklist(blocked)
+    assert client.SendSms(send_request([blocked], ["B3", "x"])).SendStatusSet[0].Code == "Ok"
+    assert fake.calls[-1].blacklisted == {}
 
 
 def test_whole_request_fault(fake: FakeTencentSms) -> None:
@@ -458,6 +510,121 @@ def test_dropped_connection_is_a_client_network_error(
     assert len(fake.sends) == recorded
 
 
+def context_chain(error: BaseException) -> list[type[BaseException]]:
+    """The types along ``__context__`` (what was being handled when each was raised), outermost first."""
+    found: list[type[BaseException]] = []
+    current: BaseException | None = error
+    while current is not None and len(found) < 20:
+        found.append(type(current))
+        current = current.__context__
+    return found
+
+
+def test_refused_connections_are_a_client_network_error_and_nothing_is_recorded(fake: FakeTencentSms) -> None:
+    client = client_for(fake)  # one client throughout: its kept-alive connection must not get through either
+    assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+    port = fake.port
+
+    with fake.refused():
+        assert fake.port == port
+        error = sdk_error(lambda: client.SendSms(send_request(params=["A18", "paid"])))
+        fresh = sdk_error(lambda: client_for(fake).SendSms(send_request(params=["A19", "paid"])))
+
+    assert error.code == fresh.code == "ClientNetworkError"
+    assert error.requestId is None
+    assert urllib3.exceptions.NewConnectionError in context_chain(error)
+    assert ConnectionRefusedError in context_chain(fresh)
+    assert (len(fake.sends), len(fake.calls)) == (1, 1)
+    assert fake.endpoint == f"127.0.0.1:{port}"
+    assert client.SendSms(send_request(params=["A20", "paid"])).SendStatusSet[0].Code == "Ok"  # same port again
+
+
+def test_refuse_and_accept_connections_without_a_block(fake: FakeTencentSms) -> None:
+    fake.refuse_connections()
+    fake.refuse_connections()  # idempotent
+    try:
+        assert sdk_error(lambda: client_for(fake).SendSms(send_request())).code == "ClientNetworkError"
+    finally:
+        fake.accept_connections()
+    fake.accept_connections()  # idempotent
+    assert client_for(fake).SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+    assert len(fake.sends) == 1
+
+
+@pytest.mark.parametrize(("after_processing", "recorded"), [(True, 1), (False, 0)])
+def test_a_reset_connection_is_a_client_network_error_with_connection_reset_in_the_chain(
+    fake: FakeTencentSms, after_processing: bool, recorded: int
+) -> None:
+    fake.disconnect(reset=True, after_processing=after_processing)
+
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+
+    assert error.code == "ClientNetworkError"
+    assert ConnectionResetError in context_chain(error)
+    assert len(fake.sends) == recorded
+    assert client_for(fake).SendSms(send_request(params=["A18", "paid"])).SendStatusSet[0].Code == "Ok"
+
+
+def test_a_plain_disconnect_closes_with_a_fin_not_a_reset(fake: FakeTencentSms) -> None:
+    fake.disconnect()
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+    chain = context_chain(error)
+    assert http.client.RemoteDisconnected in chain
+    assert ConnectionResetError not in chain
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "cause"),
+    [
+        ("truncated", "ChunkedEncodingError", urllib3.exceptions.IncompleteRead),
+        ("not_json", "JSONDecodeError", json.JSONDecodeError),
+        ("html", "JSONDecodeError", json.JSONDecodeError),
+    ],
+)
+def test_an_unreadable_answer_after_the_send_was_accepted(
+    fake: FakeTencentSms, kind: GarbleKind, code: str, cause: type[BaseException]
+) -> None:
+    """The SDK wraps whatever it raised reading the answer: ``TencentCloudSDKException(type(e).__name__, ...)``."""
+    fake.garble(kind)
+
+    error = sdk_error(lambda: client_for(fake).SendSms(send_request()))
+
+    assert error.code == code
+    assert error.requestId is None
+    assert cause in context_chain(error)
+    assert len(fake.sends) == 1  # accepted and recorded: the ambiguous case
+    assert fake.calls[-1].error_code is None
+    assert client_for(fake).SendSms(send_request(params=["A18", "paid"])).SendStatusSet[0].Code == "Ok"
+
+
+@pytest.mark.parametrize(
+    ("kind", "content_type"),
+    [("truncated", "application/json"), ("not_json", "application/json"), ("html", "text/html")],
+)
+def test_garbled_answers_on_the_wire(fake: FakeTencentSms, kind: GarbleKind, content_type: str) -> None:
+    fake.garble(kind, after_processing=False)
+    body = json.dumps(send_request()._serialize()).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    try:
+        conn.request("POST", "/", body=body, headers=signed_headers(fake, body))
+        response = conn.getresponse()
+        declared = int(response.getheader("Content-Length") or 0)
+        try:
+            raw = response.read()
+        except http.client.IncompleteRead as e:
+            raw = e.partial
+        status, got_type = response.status, response.getheader("Content-Type")
+    finally:
+        conn.close()
+
+    assert (status, got_type) == (200, content_type)
+    assert (declared > len(raw)) == (kind == "truncated")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw)
+    assert fake.sends == []  # before processing: nothing accepted
+    assert fake.calls == []
+
+
 # --------------------------------------------------------------------------- frequency limits
 
 
@@ -499,9 +666,56 @@ def test_hourly_and_daily_limits(fake: FakeTencentSms, clock: Clock) -> None:
 
 
 def test_limits_can_be_disabled(fake: FakeTencentSms) -> None:
-    fake.limits = FrequencyLimits(None, None, None, None)
+    fake.limits = FrequencyLimits.disabled()
     client = client_for(fake)
     assert {client.SendSms(send_request()).SendStatusSet[0].Code for _ in range(12)} == {"Ok"}
+
+
+def test_default_limits_are_tencents_documented_ones() -> None:
+    assert FrequencyLimits() == FrequencyLimits(same_content_seconds=30, per_hour=None, per_day=10)
+    assert FrequencyLimits.english_faq() == FrequencyLimits(same_content_seconds=30, per_hour=None, per_day=2)
+
+
+def test_the_english_faqs_daily_cap_of_two(fake: FakeTencentSms, clock: Clock) -> None:
+    clock.now = china_time(9)
+    fake.limits = FrequencyLimits.english_faq()
+    client = client_for(fake)
+
+    def send(n: int) -> str:
+        return str(client.SendSms(send_request(params=[f"A{n}", "x"])).SendStatusSet[0].Code)
+
+    assert [send(1), send(2), send(3)] == ["Ok", "Ok", "LimitExceeded.PhoneNumberDailyLimit"]
+    assert client.SendSms(send_request(["+8613800000009"])).SendStatusSet[0].Code == "Ok"  # per number
+    fake.advance(15 * 3600)  # 00:00 the next day, China time
+    assert send(4) == "Ok"
+
+
+def test_account_daily_limit_refuses_every_number_until_the_china_day_changes(clock: Clock) -> None:
+    clock.now = china_time(23)
+    numbers = [f"+861380000000{i}" for i in range(4)]
+    with FakeTencentSms(
+        secret_id=SECRET_ID,
+        secret_key=SECRET_KEY,
+        app_id=APP_ID,
+        templates={TEMPLATE: "Order {1}: {2}."},
+        signatures={SIGN},
+        clock=clock,
+        account_daily_limit=3,
+    ) as fake:
+        client = client_for(fake)
+        first = client.SendSms(send_request(numbers[:2])).SendStatusSet
+        second = client.SendSms(send_request(numbers[2:])).SendStatusSet
+        fake.advance(3599)  # 23:59:59: still the same day
+        third = client.SendSms(send_request(["+8613900000000"])).SendStatusSet
+        fake.advance(1)  # midnight in China
+        fourth = client.SendSms(send_request(["+8613900000000"])).SendStatusSet
+
+    assert [s.Code for s in first + second] == ["Ok", "Ok", "Ok", "LimitExceeded.AppDailyLimit"]
+    refused = second[1]
+    assert (refused.SerialNo, refused.Fee, refused.Message) == ("", 0, "业务短信日下发条数超过设定的上限。")
+    assert third[0].Code == "LimitExceeded.AppDailyLimit"
+    assert fourth[0].Code == "Ok"
+    assert [s.phone_number for s in fake.sends] == [*numbers[:3], "+8613900000000"]
 
 
 # --------------------------------------------------------------------------- pulls and templates
@@ -538,19 +752,152 @@ def test_pull_limit_over_100_is_refused(fake: FakeTencentSms) -> None:
     assert sdk_error(lambda: pull_replies(fake, limit=101)).code == "InvalidParameterValue.LimitVerifyFail"
 
 
-def test_pull_sms_send_status_reports_each_send_once(fake: FakeTencentSms) -> None:
-    response = client_for(fake).SendSms(send_request())
+def pull_send_statuses(fake: FakeTencentSms, limit: int = 100) -> Any:
     request = models.PullSmsSendStatusRequest()
     request.SmsSdkAppId = APP_ID
-    request.Limit = 100
+    request.Limit = limit
+    return client_for(fake).PullSmsSendStatus(request).PullSmsSendStatusSet
 
-    [status] = client_for(fake).PullSmsSendStatus(request).PullSmsSendStatusSet
+
+def test_pull_sms_send_status_reports_each_send_once(fake: FakeTencentSms) -> None:
+    response = client_for(fake).SendSms(send_request())
+
+    [status] = pull_send_statuses(fake)
     assert status.SerialNo == response.SendStatusSet[0].SerialNo
     assert status.ReportStatus == "SUCCESS"
-    assert status.SessionContext == "outbox-42"
+    assert status.SessionContext == ""  # not echoed unless Tencent's support enables it
     assert (status.CountryCode, status.SubscriberNumber, status.PhoneNumber) == ("86", "13800000000", PHONE)
     assert isinstance(status.UserReceiveTime, int)
-    assert client_for(fake).PullSmsSendStatus(request).PullSmsSendStatusSet == []
+    assert pull_send_statuses(fake) == []
+
+
+def test_session_context_is_echoed_in_pulled_statuses_only_when_enabled(fake: FakeTencentSms) -> None:
+    fake.echo_session_context = True
+    client_for(fake).SendSms(send_request())
+    [status] = pull_send_statuses(fake)
+    assert status.SessionContext == "outbox-42"
+
+
+def pull_by_number(
+    fake: FakeTencentSms,
+    begin: float,
+    end: float | None = None,
+    *,
+    number: str = PHONE,
+    offset: int = 0,
+    limit: int = 100,
+) -> Any:
+    request = models.PullSmsSendStatusByPhoneNumberRequest()
+    request.BeginTime = int(begin)
+    request.Offset = offset
+    request.Limit = limit
+    request.PhoneNumber = number
+    request.SmsSdkAppId = APP_ID
+    if end is not None:
+        request.EndTime = int(end)
+    return client_for(fake).PullSmsSendStatusByPhoneNumber(request).PullSmsSendStatusSet
+
+
+def test_pull_send_status_by_phone_number_answers_the_window_and_consumes_nothing(
+    fake: FakeTencentSms, clock: Clock
+) -> None:
+    client = client_for(fake)
+    start = clock.now
+    serials = []
+    for n in range(3):
+        serials.append(client.SendSms(send_request(params=[f"A{n}", "x"])).SendStatusSet[0].SerialNo)
+        client.SendSms(send_request(["+8613800000009"], [f"A{n}", "x"]))  # another number: never in the answer
+        fake.advance(100)
+
+    window = pull_by_number(fake, start + 50, start + 200)
+    everything = pull_by_number(fake, start)  # no EndTime: up to now
+    second_page = pull_by_number(fake, start, offset=1, limit=1)
+
+    assert [s.SerialNo for s in window] == serials[1:]  # sent at +100 and +200: both ends count
+    assert [s.SerialNo for s in everything] == serials
+    assert [s.SerialNo for s in second_page] == [serials[1]]
+    status = window[0]
+    assert (status.PhoneNumber, status.CountryCode, status.SubscriberNumber) == (PHONE, "86", "13800000000")
+    assert (status.ReportStatus, status.Description) == ("SUCCESS", "用户短信接收成功")
+    assert status.SessionContext == ""  # not echoed unless enabled
+    assert [s.SerialNo for s in pull_by_number(fake, start)] == serials  # nothing consumed
+    assert len(pull_send_statuses(fake)) == 6  # nor the PullSmsSendStatus queue
+
+
+def test_pull_send_status_by_phone_number_shows_what_the_test_chose_per_send(
+    fake: FakeTencentSms, clock: Clock
+) -> None:
+    client = client_for(fake)
+    start = clock.now
+    pending, failed, delivered = (
+        client.SendSms(send_request(params=[f"A{n}", "x"])).SendStatusSet[0].SerialNo for n in range(3)
+    )
+    by_serial = {s.serial_no: s for s in fake.sends}
+    fake.set_send_status(by_serial[pending], None)  # no report from the carrier yet
+    fake.set_send_status(by_serial[failed], "FAIL", description="空号", receive_time=int(start) + 7)
+    fake.echo_session_context = True
+
+    answer = {s.SerialNo: s for s in pull_by_number(fake, start)}
+
+    assert set(answer) == {failed, delivered}
+    assert (answer[failed].ReportStatus, answer[failed].Description) == ("FAIL", "空号")
+    assert answer[failed].UserReceiveTime == int(start) + 7
+    assert answer[delivered].ReportStatus == "SUCCESS"
+    assert answer[delivered].SessionContext == "outbox-42"
+
+    fake.set_send_status(by_serial[pending], "SUCCESS")  # the report arrived
+    assert {s.SerialNo for s in pull_by_number(fake, start)} == {pending, failed, delivered}
+
+
+def test_without_report_sends_no_send_has_a_status_until_one_is_set(clock: Clock) -> None:
+    with FakeTencentSms(
+        secret_id=SECRET_ID,
+        secret_key=SECRET_KEY,
+        app_id=APP_ID,
+        templates={TEMPLATE: "Order {1}: {2}."},
+        signatures={SIGN},
+        clock=clock,
+        report_sends=False,
+    ) as fake:
+        client_for(fake).SendSms(send_request())
+        assert pull_by_number(fake, clock.now) == []
+        [send] = fake.sends
+        fake.enqueue_send_status(send, status="FAIL")  # queued for PullSmsSendStatus, and held by number
+        [status] = pull_by_number(fake, clock.now)
+    assert (status.SerialNo, status.ReportStatus) == (send.serial_no, "FAIL")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"begin": -(7 * 86400 + 1)}, "InvalidParameterValue.BeginTimeVerifyFail"),
+        ({"begin": 0, "end": -1}, "InvalidParameterValue.EndTimeVerifyFail"),
+        ({"begin": 0, "limit": 101}, "InvalidParameterValue.LimitVerifyFail"),
+        ({"begin": 0, "limit": 0}, "InvalidParameterValue.LimitVerifyFail"),
+        ({"begin": 0, "offset": -1}, "InvalidParameterValue.OffsetVerifyFail"),
+        ({"begin": 0, "number": "13800000000"}, "FailedOperation.PhoneNumberParseFail"),
+    ],
+)
+def test_pull_send_status_by_phone_number_checks_its_fields(
+    fake: FakeTencentSms, clock: Clock, kwargs: dict[str, Any], code: str
+) -> None:
+    """``begin``/``end`` are relative to the fake's clock; 7 days back exactly is still allowed."""
+    kwargs["begin"] += clock.now
+    if "end" in kwargs:
+        kwargs["end"] += clock.now
+    assert sdk_error(lambda: pull_by_number(fake, **kwargs)).code == code
+    assert pull_by_number(fake, clock.now - 7 * 86400) == []
+
+
+def test_pull_send_status_by_phone_number_requires_its_fields(fake: FakeTencentSms) -> None:
+    request = models.PullSmsSendStatusByPhoneNumberRequest()
+    request.Offset = 0
+    request.Limit = 10
+    request.PhoneNumber = PHONE
+    request.SmsSdkAppId = APP_ID
+    error = sdk_error(lambda: client_for(fake).PullSmsSendStatusByPhoneNumber(request))
+    assert error.code == "MissingParameter"
+    assert "BeginTime" in error.message
 
 
 def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
@@ -561,10 +908,11 @@ def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
 
     listed = {t.TemplateId: t for t in client_for(fake).DescribeSmsTemplateList(request).DescribeTemplateStatusSet}
 
-    assert set(listed) == {1490001, 1490002, 1490003, 1490004, 1490006}
+    assert set(listed) == {1490001, 1490002, 1490003, 1490004, 1490006, 1490007, 1490008}
     assert listed[1490001].TemplateContent == "Order {1}: {2}."
     assert listed[1490001].StatusCode == 0
     assert listed[1490004].StatusCode == 1
+    assert listed[1490008].StatusCode == 2  # approved, not yet in effect
     assert listed[1490003].TemplateName == "login code"
     assert listed[1490001].International == 0
 
@@ -575,7 +923,39 @@ def test_describe_sms_template_list(fake: FakeTencentSms) -> None:
     assert (international.TemplateId, international.International) == (1490005, 1)
 
 
+@pytest.mark.parametrize("international", [0, 1])
+def test_a_template_for_both_is_listed_under_either_filter_as_3(fake: FakeTencentSms, international: int) -> None:
+    request = models.DescribeSmsTemplateListRequest()
+    request.International = international
+    request.Limit = 100
+    request.Offset = 0
+
+    listed = {
+        t.TemplateId: t.International
+        for t in client_for(fake).DescribeSmsTemplateList(request).DescribeTemplateStatusSet
+    }
+
+    assert listed[1490007] == 3
+    assert (1490005 in listed) == (international == 1)
+    assert (1490001 in listed) == (international == 0)
+
+
+def test_a_template_for_both_sends_to_mainland_and_international_numbers(fake: FakeTencentSms) -> None:
+    client = client_for(fake)
+    domestic = client.SendSms(send_request(params=["Al"], template_id="1490007")).SendStatusSet[0]
+    abroad = client.SendSms(send_request(["+14155550100"], ["Al"], template_id="1490007")).SendStatusSet[0]
+
+    assert (domestic.Code, abroad.Code, abroad.IsoCode) == ("Ok", "Ok", "US")
+    assert [s.content for s in fake.sends] == ["【Acme Shop】Hi Al", "Hi Al"]
+    error = sdk_error(lambda: client.SendSms(send_request(params=["Al"], template_id="1490007", sign_name=None)))
+    assert error.code == "FailedOperation.SignatureIncorrectOrUnapproved"  # mainland numbers still need one
+
+
 # --------------------------------------------------------------------------- delivery reports
+
+
+REPORT_FIELDS = {"user_receive_time", "nationcode", "mobile", "report_status", "errmsg", "description", "sid"}
+"""The fields Tencent documents for one item of the "SMS delivery status" callback."""
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -595,20 +975,27 @@ class _Receiver(BaseHTTPRequestHandler):
         self.wfile.write(answer)
 
 
-def test_delivery_report_push_reaches_a_local_receiver(fake: FakeTencentSms) -> None:
-    client_for(fake).SendSms(send_request(["+8613800000001", "+8613800000002"]))
+@contextmanager
+def receiver() -> Iterator[tuple[str, list[tuple[str | None, Any]]]]:
+    """A local HTTP server standing for smsbot's /sms/status: yields its URL and what it received."""
     received: list[tuple[str | None, Any]] = []
     handler = type("Receiver", (_Receiver,), {"received": received})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        ok, failed = fake.sends
-        items = [fake.delivery_report(ok), fake.delivery_report(failed, status="FAIL", errmsg="MK:0001")]
-        status, body = fake.push_delivery_reports(f"http://127.0.0.1:{server.server_address[1]}/sms/status", items)
+        yield f"http://127.0.0.1:{server.server_address[1]}/sms/status", received
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_delivery_report_push_reaches_a_local_receiver(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request(["+8613800000001", "+8613800000002"]))
+    ok, failed = fake.sends
+    items = [fake.delivery_report(ok), fake.delivery_report(failed, status="FAIL", errmsg="MK:0001")]
+    with receiver() as (url, received):
+        status, body = fake.push_delivery_reports(url, items)
 
     assert status == 200
     assert json.loads(body) == {"result": 0, "errmsg": "OK"}
@@ -619,19 +1006,65 @@ def test_delivery_report_push_reaches_a_local_receiver(fake: FakeTencentSms) -> 
     assert pushed[0]["report_status"] == "SUCCESS"
     assert pushed[0]["errmsg"] == "DELIVRD"
     assert (pushed[0]["nationcode"], pushed[0]["mobile"]) == ("86", "13800000001")
-    assert pushed[0]["ext"] == "outbox-42"
     assert len(pushed[0]["user_receive_time"]) == len("2015-10-17 08:03:04")
     assert pushed[1]["report_status"] == "FAIL"
-    assert set(pushed[1]) == {
-        "user_receive_time",
-        "nationcode",
-        "mobile",
-        "report_status",
-        "errmsg",
-        "description",
-        "sid",
-        "ext",
-    }
+    assert set(pushed[1]) == REPORT_FIELDS  # no "ext": SessionContext is not echoed by default
+
+
+def test_delivery_report_carries_ext_only_when_the_echo_is_enabled(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request())
+    client_for(fake).SendSms(send_request(["+8613800000001"], session_context=None))
+    with_context, without_context = fake.sends
+
+    assert "ext" not in fake.delivery_report(with_context)
+    fake.echo_session_context = True
+    assert fake.delivery_report(with_context)["ext"] == "outbox-42"
+    assert set(fake.delivery_report(with_context)) == REPORT_FIELDS | {"ext"}
+    assert "ext" not in fake.delivery_report(without_context)  # nothing to echo
+
+
+def test_a_batch_mixing_good_and_odd_report_items_arrives_as_built(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request(["+8613800000001", "+8613800000002"], session_context="42"))
+    good, odd = fake.sends
+    batch = [
+        fake.delivery_report(good),
+        fake.odd_delivery_report(odd, "ext_object"),
+        fake.odd_delivery_report(odd, "not_object"),
+        fake.odd_delivery_report(odd, "no_sid"),
+    ]
+    with receiver() as (url, received):
+        status, _ = fake.push_delivery_reports(url, batch)
+
+    assert status == 200
+    [(_, pushed)] = received
+    assert pushed == batch
+    assert pushed[1]["ext"] == {"SessionContext": "42"}
+    assert isinstance(pushed[2], str)
+    assert json.loads(pushed[2])["sid"] == odd.serial_no
+    assert "sid" not in pushed[3]
+
+
+def test_odd_report_items_are_each_bent_one_way(fake: FakeTencentSms) -> None:
+    client_for(fake).SendSms(send_request(session_context="42"))
+    [send] = fake.sends
+    good = fake.delivery_report(send, status="FAIL")
+    odd = fake.odd_delivery_reports(send, status="FAIL")
+
+    assert set(odd) == set(ODD_REPORT_KINDS)
+    assert set(odd["extra_fields"]) > set(good)
+    assert [odd[k]["ext"] for k in ("ext_number", "ext_object", "ext_array", "ext_null")] == [
+        42,
+        {"SessionContext": "42"},
+        ["42"],
+        None,
+    ]
+    assert (odd["status_lower"]["report_status"], odd["status_mixed"]["report_status"]) == ("fail", "Fail")
+    assert set(odd["no_optional"]) == REPORT_FIELDS - {"errmsg", "description"}
+    assert odd["minimal"] == {"sid": send.serial_no, "report_status": "FAIL"}
+    assert set(odd["no_sid"]) == REPORT_FIELDS - {"sid"}
+    assert json.loads(odd["not_object"]) == good
+    assert odd["unknown_sid"]["sid"] not in {s.serial_no for s in fake.sends}
+    assert {k: v for k, v in odd["unknown_sid"].items() if k != "sid"} == {k: v for k, v in good.items() if k != "sid"}
 
 
 # --------------------------------------------------------------------------- helpers and the process
@@ -645,7 +1078,9 @@ def test_split_e164() -> None:
     assert split_e164("+86 138") is None
 
 
-def test_runs_as_a_process() -> None:
+@contextmanager
+def fake_process(*extra: str) -> Iterator[str]:
+    """``python -m tests.fakes.tencent_sms`` with the test's credentials and template; yields its endpoint."""
     command = [
         sys.executable,
         "-m",
@@ -662,15 +1097,27 @@ def test_runs_as_a_process() -> None:
         f"{TEMPLATE}=Order {{1}}: {{2}}.",
         "--signature",
         SIGN,
+        *extra,
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         url = process.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
-        endpoint = url.removeprefix("http://")
-        profile = ClientProfile(httpProfile=HttpProfile(protocol="http", endpoint=endpoint, reqTimeout=5))
-        client = sms_client.SmsClient(credential.Credential(SECRET_ID, SECRET_KEY), "ap-guangzhou", profile)
+        yield url.removeprefix("http://")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=5) == 0
+
+
+def process_client(endpoint: str) -> Any:
+    profile = ClientProfile(httpProfile=HttpProfile(protocol="http", endpoint=endpoint, reqTimeout=5))
+    return sms_client.SmsClient(credential.Credential(SECRET_ID, SECRET_KEY), "ap-guangzhou", profile)
+
+
+def test_runs_as_a_process() -> None:
+    with fake_process() as endpoint:
+        client = process_client(endpoint)
         assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
         conn = http.client.HTTPConnection(endpoint, timeout=5)
         conn.request("GET", "/_fake/sends")
@@ -678,6 +1125,21 @@ def test_runs_as_a_process() -> None:
         conn.close()
         assert sent["phone_number"] == PHONE
         assert sent["content"] == "【Acme Shop】Order A17: paid."
-    finally:
-        process.terminate()
-        assert process.wait(timeout=5) == 0
+        request = models.PullSmsSendStatusRequest()
+        request.SmsSdkAppId = APP_ID
+        request.Limit = 100
+        [status] = client.PullSmsSendStatus(request).PullSmsSendStatusSet
+        assert status.SessionContext == ""
+
+
+def test_a_process_can_echo_session_context_and_cap_the_account() -> None:
+    with fake_process("--echo-session-context", "--account-daily-limit", "1") as endpoint:
+        client = process_client(endpoint)
+        assert client.SendSms(send_request()).SendStatusSet[0].Code == "Ok"
+        second = client.SendSms(send_request(["+8613800000001"])).SendStatusSet[0]
+        request = models.PullSmsSendStatusRequest()
+        request.SmsSdkAppId = APP_ID
+        request.Limit = 100
+        [status] = client.PullSmsSendStatus(request).PullSmsSendStatusSet
+    assert second.Code == "LimitExceeded.AppDailyLimit"
+    assert status.SessionContext == "outbox-42"

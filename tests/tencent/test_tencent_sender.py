@@ -7,14 +7,16 @@ from collections.abc import Iterator
 import pytest
 
 from bot.sms import OutboundSms
-from bot.tencent.config import TencentConfig
-from bot.tencent.errors import Outcome, classify
-from bot.tencent.sender import TencentSender, e164
+from bot.tencent.config import TencentConfig, e164
+from bot.tencent.errors import NOT_SENT, UNREADABLE, Outcome, classify
+from bot.tencent.sender import TencentSender
+from bot.tencent.session_context import SessionContexts
 from tests.fakes.tencent_sms import FakeTencentSms
 
 SECRET_ID = "AKIDsmsbottest"
 SECRET_KEY = "smsbot-test-secret-key"
 APP_ID = "1400006666"
+CONTEXT_KEY = b"smsbot-test-context-key"
 
 
 @pytest.fixture
@@ -38,6 +40,7 @@ def sender_for(fake: FakeTencentSms, **overrides: object) -> TencentSender:
         scheme="http",
         timeout_seconds=int(str(overrides.get("timeout", 5))),
         sign_names=dict(overrides.get("sign_names", {})),  # type: ignore[call-overload]
+        session_context_key=CONTEXT_KEY,
     )
     return TencentSender(config)
 
@@ -63,7 +66,8 @@ def test_a_reply_reaches_tencent_with_e164_number_template_params_and_our_messag
     [sent] = fake.sends
     assert sent.phone_number == "+8613800000000"
     assert (sent.template_id, sent.template_params, sent.sign_name) == ("1490002", ("A1", "sent"), "Acme Shop")
-    assert sent.session_context == "42"
+    assert sent.session_context.startswith("smsbot:42:")
+    assert SessionContexts(CONTEXT_KEY).message_id(sent.session_context) == 42  # ours, and only ours
     assert sent.content == "【Acme Shop】Order A1: sent."
     assert result.serial == sent.serial_no
     assert classify(result.code).outcome is Outcome.SENT
@@ -147,3 +151,43 @@ def test_blacklisted_number_means_opted_out() -> None:
 def test_e164() -> None:
     assert e164("86", "13800000000") == "+8613800000000"
     assert e164("+1", "+4155550100") == "+14155550100"
+
+
+# ---------------------------------------------------------------- transport failures, as Tencent really fails
+
+
+def test_a_refused_connection_never_reached_tencent_and_is_retried(fake: FakeTencentSms) -> None:
+    sender = sender_for(fake)
+    with fake.refused():
+        result = sender.send(sms())
+    assert (result.ok, result.code) == (False, NOT_SENT)
+    assert classify(result.code).outcome is Outcome.TRANSIENT
+    assert fake.sends == []
+    assert sender.send(sms()).ok  # the same sender gets through once Tencent answers again
+
+
+def test_a_dns_failure_never_reached_tencent(fake: FakeTencentSms) -> None:
+    config = TencentConfig(
+        secret_id=SECRET_ID, secret_key=SECRET_KEY, sdk_app_id=APP_ID, endpoint="sms.invalid:80", scheme="http",
+        timeout_seconds=2,
+    )  # fmt: skip
+    result = TencentSender(config).send(sms())
+    assert (result.ok, result.code) == (False, NOT_SENT)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "closed"])
+def test_a_connection_lost_after_the_request_was_written_is_ambiguous(fake: FakeTencentSms, reset: bool) -> None:
+    fake.disconnect(reset=reset)
+    result = sender_for(fake).send(sms())
+    assert (result.ok, result.code) == (False, "ClientNetworkError")
+    assert classify(result.code).outcome is Outcome.AMBIGUOUS
+    assert len(fake.sends) == 1  # Tencent did send it: a resend would text the customer twice
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not_json", "html"])
+def test_an_unreadable_answer_is_ambiguous_not_failed(fake: FakeTencentSms, kind: str) -> None:
+    fake.garble(kind)  # type: ignore[arg-type]
+    result = sender_for(fake).send(sms())
+    assert (result.ok, result.code) == (False, UNREADABLE)
+    assert classify(result.code).outcome is Outcome.AMBIGUOUS
+    assert len(fake.sends) == 1

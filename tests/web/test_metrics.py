@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -13,9 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from sqlalchemy import insert, update
 
 from bot.config import Settings
-from tests.support import Harness, payload, serve_process, wait_until, write_rules
+from bot.store.models import account_limits, messages
+from bot.web.metrics import EVERY_NUMBER_CAPS
+from tests.support import Harness, payload, serve_process, wait_until, write_rules, writing
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -95,6 +98,94 @@ def test_sent_replies_leave_the_outbox(local: Harness) -> None:
     assert value(samples, "smsbot_replies", status="sent") == 1
     assert value(samples, "smsbot_outbox_depth") == 0
     assert value(samples, "smsbot_outbox_oldest_age_seconds") == 0
+
+
+def test_expired_and_ambiguous_replies_are_reported_even_before_the_first(local: Harness) -> None:
+    h = local
+    samples = scrape(h)
+    for status in ("expired", "ambiguous"):  # a series at 0, so an alert on it has something to read
+        assert (("smsbot_replies", frozenset({("status", status)}))) in samples
+        assert value(samples, "smsbot_replies", status=status) == 0
+
+    h.say("hi")
+    h.say("hi", mobile="13900000001")
+    h.say("hi", mobile="13900000002")
+    first, second, _ = (r["id"] for r in h.wait_settled())
+    with writing(h.engine) as conn:  # what the delivery loop records when a reply is held too long / unanswered
+        conn.execute(update(messages).where(messages.c.id == first).values(status="expired"))
+        conn.execute(update(messages).where(messages.c.id == second).values(status="ambiguous"))
+    samples = scrape(h)
+    assert value(samples, "smsbot_replies", status="expired") == 1
+    assert value(samples, "smsbot_replies", status="ambiguous") == 1
+    assert value(samples, "smsbot_replies", status="sent") == 1
+
+
+def test_ambiguous_replies_waiting_for_ops_are_counted_however_old(local: Harness) -> None:
+    """smsbot_replies counts the last 24 hours; an ambiguous reply left to ops must not drop out of sight."""
+    h = local
+    assert value(scrape(h), "smsbot_replies_ambiguous_unsettled") == 0
+    h.say("hi")
+    [reply] = h.wait_settled()
+    with writing(h.engine) as conn:
+        conn.execute(update(messages).where(messages.c.id == reply["id"]).values(status="ambiguous"))
+    h.clock.advance(timedelta(days=3))
+    samples = scrape(h)
+    assert value(samples, "smsbot_replies", status="ambiguous") == 0  # out of the 24-hour window
+    assert value(samples, "smsbot_replies_ambiguous_unsettled") == 1
+    with writing(h.engine) as conn:  # settled at last (a late report, the check, or ops)
+        conn.execute(update(messages).where(messages.c.id == reply["id"]).values(status="delivered"))
+    assert value(scrape(h), "smsbot_replies_ambiguous_unsettled") == 0
+
+
+def _cap(h: Harness, code: str, nationcode: str, until: datetime) -> None:
+    with writing(h.engine) as conn:
+        conn.execute(
+            insert(account_limits).values(
+                code=code, nationcode=nationcode, message="limit", until=until, created_at=h.clock()
+            )
+        )
+
+
+def test_account_caps_are_a_gauge_per_code_and_country_with_their_end(local: Harness) -> None:
+    h = local
+    before = scrape(h)
+    assert "LimitExceeded.AppDailyLimit" in EVERY_NUMBER_CAPS
+    for code in EVERY_NUMBER_CAPS:  # known before the first cap, at 0
+        assert ("smsbot_tencent_account_limited", frozenset({("code", code), ("nationcode", "")})) in before
+        assert value(before, "smsbot_tencent_account_limited", code=code, nationcode="") == 0
+    assert not [key for key in before if key[0] == "smsbot_tencent_account_limited_until_timestamp_seconds"]
+
+    day_cap = h.clock() + timedelta(hours=5)
+    country_cap = h.clock() + timedelta(hours=2)
+    _cap(h, "LimitExceeded.AppDailyLimit", "", day_cap)
+    _cap(h, "LimitExceeded.AppCountryOrRegionDailyLimit", "852", country_cap)
+    body = h.client.get("/metrics").text
+    assert 'smsbot_tencent_account_limited{code="LimitExceeded.AppDailyLimit",nationcode=""} 1.0' in body
+    assert (
+        'smsbot_tencent_account_limited{code="LimitExceeded.AppCountryOrRegionDailyLimit",nationcode="852"} 1.0' in body
+    )
+    samples = parse(body)
+    assert (
+        value(samples, "smsbot_tencent_account_limited", code="LimitExceeded.AppGlobalDailyLimit", nationcode="") == 0
+    )
+    until = "smsbot_tencent_account_limited_until_timestamp_seconds"
+    assert value(samples, until, code="LimitExceeded.AppDailyLimit", nationcode="") == day_cap.timestamp()
+    assert (
+        value(samples, until, code="LimitExceeded.AppCountryOrRegionDailyLimit", nationcode="852")
+        == country_cap.timestamp()
+    )
+
+    h.clock.advance(timedelta(hours=3))  # the country's cap ended, the account's holds
+    samples = scrape(h)
+    assert value(samples, "smsbot_tencent_account_limited", code="LimitExceeded.AppDailyLimit", nationcode="") == 1
+    key = (
+        "smsbot_tencent_account_limited",
+        frozenset({("code", "LimitExceeded.AppCountryOrRegionDailyLimit"), ("nationcode", "852")}),
+    )
+    assert samples[key] == 0  # still there, at 0: a series that vanished would look like a scrape gap
+    h.clock.advance(timedelta(hours=3))
+    samples = scrape(h)
+    assert value(samples, "smsbot_tencent_account_limited", code="LimitExceeded.AppDailyLimit", nationcode="") == 0
 
 
 def test_rules_version_and_reloads(make_app: Callable[..., Harness], db_url: str, rules_dir: Path) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Callable
 
 from pydantic import SecretStr
 
 from bot.config import Settings
+from bot.runtime.logs import setup_logging
 from bot.store.models import messages
 from tests.support import Harness, delivery_report
 
@@ -35,18 +38,46 @@ def test_a_failed_report_and_an_unknown_sid_in_one_callback(harness: Harness) ->
     assert (after["status"], after["error_code"], after["error_message"]) == ("failed", "MK:0001", "空号")
 
 
-def test_bad_report_bodies_get_400_naming_the_field_and_change_nothing(harness: Harness) -> None:
+def test_an_unreadable_body_gets_400_and_changes_nothing(harness: Harness) -> None:
     h = harness
     h.say("hi")
     [reply] = h.wait_settled()
-    response = h.client.post("/sms/status", json=[delivery_report(reply["provider_serial"], "MAYBE")])
-    assert response.status_code == 400
-    assert response.json()["result"] != 0
-    assert "report_status" in response.json()["errmsg"]
     not_json = h.client.post("/sms/status", content=b"{nope", headers={"content-type": "application/json"})
     assert (not_json.status_code, "not JSON" in not_json.json()["errmsg"]) == (400, True)
+    empty = h.client.post("/sms/status", json=[])
+    assert empty.status_code == 400
     [after] = h.rows(messages, messages.c.id == reply["id"])
     assert after["status"] == "sent"
+
+
+def test_odd_items_are_skipped_and_logged_while_the_others_are_applied_and_tencent_hears_ok(harness: Harness) -> None:
+    """Refusing the batch would make Tencent post it again and again, and the good reports never land."""
+    h = harness
+    h.say("hi")
+    [reply] = h.wait_settled()
+    body = [
+        delivery_report("5000:x", "MAYBE"),
+        "not an object",
+        {"report_status": "SUCCESS", "mobile": "13912345678"},
+        {**delivery_report(reply["provider_serial"], "success"), "ext": {"campaign": 7}, "new_field": 1},
+    ]
+    root = logging.getLogger()
+    stream, level = io.StringIO(), root.level
+    handler = setup_logging(stream=stream)  # smsbot's own handler: the one that masks numbers
+    try:
+        response = h.client.post("/sms/status", json=body)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"result": 0, "errmsg": "OK"}
+    [after] = h.rows(messages, messages.c.id == reply["id"])
+    assert after["status"] == "delivered"
+    skipped = [line for line in stream.getvalue().splitlines() if "skipped" in line]
+    assert len(skipped) == 3
+    assert any("report_status" in line for line in skipped)
+    assert "139****5678" in stream.getvalue()
+    assert "13912345678" not in stream.getvalue()  # numbers masked in the log, as in every line
 
 
 def test_the_callback_token_protects_delivery_reports_too(make_app: Callable[..., Harness], db_url: str) -> None:

@@ -1,4 +1,4 @@
-"""The deliveries page's SQL: replies that failed or still wait in the outbox, and putting one back there."""
+"""The deliveries page's SQL: replies that failed, expired or still wait in the outbox, and putting one back there."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import ColumnElement, Connection, Join, func, insert, or_, selec
 from sqlalchemy.engine import RowMapping
 
 from bot.store.models import conversations, messages, outbox
-from bot.store.queries import NUMBER, RETRYABLE, message_filter, messages_with_numbers
+from bot.store.queries import NEEDS_A_LOOK, NUMBER, message_filter, messages_with_numbers
 
 
 def _listed() -> Join:
@@ -23,7 +23,7 @@ class DeliveryFilter:
     """Which replies the page lists; None does not filter."""
 
     status: str = ""
-    """``pending``: in the outbox; one of ``RETRYABLE``: replies with it; empty: all of those together."""
+    """``pending``: in the outbox; one of ``NEEDS_A_LOOK``: replies with it; empty: all of those together."""
     signature: str | None = None
     code: str | None = None
     """Tencent's error code."""
@@ -35,7 +35,7 @@ class DeliveryFilter:
         elif self.status:
             where.append(messages.c.status == self.status)
         else:
-            where.append(or_(messages.c.status.in_(RETRYABLE), outbox.c.id.is_not(None)))
+            where.append(or_(messages.c.status.in_(NEEDS_A_LOOK), outbox.c.id.is_not(None)))
         where += message_filter(signature=self.signature)
         if self.code is not None:
             where.append(messages.c.error_code == self.code)
@@ -63,6 +63,8 @@ def delivery_page(conn: Connection, *, filters: DeliveryFilter, limit: int, offs
             messages.c.rule,
             messages.c.created_at,
             messages.c.updated_at,
+            messages.c.checks,
+            messages.c.checked_at,
             *NUMBER,
             outbox.c.id.label("outbox_id"),
             outbox.c.attempts,
@@ -79,14 +81,33 @@ def delivery_page(conn: Connection, *, filters: DeliveryFilter, limit: int, offs
 
 
 def failure_codes(conn: Connection, *, limit: int) -> list[str]:
-    """Tencent's error codes on replies an admin may retry, for the filter (at most ``limit`` of them)."""
+    """Tencent's error codes on the replies the page lists, for the filter (at most ``limit`` of them).
+
+    Expired replies count too: one that expired because of an account cap
+    carries its code (``LimitExceeded.AppDailyLimit``), the first thing ops filter by.
+    """
     stmt = (
         select(messages.c.error_code)
         .distinct()
-        .where(messages.c.error_code.is_not(None), messages.c.status.in_(RETRYABLE))
+        .where(messages.c.error_code.is_not(None), messages.c.status.in_(NEEDS_A_LOOK))
         .limit(limit)
     )
     return sorted(str(c) for c in conn.execute(stmt).scalars())
+
+
+def counts_by_status(conn: Connection) -> dict[str, int]:
+    """How many replies have each of ``NEEDS_A_LOOK`` now, whatever the filters: the page's summary line.
+
+    Shown above the list so ambiguous sends waiting for ops are seen even
+    when the list is filtered to something else or they are pages down.
+    """
+    stmt = (
+        select(messages.c.status, func.count())
+        .where(*message_filter(direction="out"), messages.c.status.in_(NEEDS_A_LOOK))
+        .group_by(messages.c.status)
+    )
+    found = {str(status): int(n) for status, n in conn.execute(stmt)}
+    return {status: found.get(status, 0) for status in NEEDS_A_LOOK}
 
 
 def retry_facts(conn: Connection, *, message_id: int) -> RowMapping | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, func, insert, select, true, update
+from sqlalchemy import ColumnElement, Connection, Join, and_, func, insert, select, true, update
 from sqlalchemy.engine import RowMapping
 
 from bot.store.models import contacts, conversations, opt_out_events
@@ -25,6 +25,8 @@ class OptOutFilter:
     number_digits: str = ""
     """Digits only: the last 4, a mobile, or country code and mobile (``bot.store.queries.number_match``)."""
     signature: str = ""
+    source: str = ""
+    """``opt_out_events.source`` of the latest opt-out: ``keyword``, ``console`` or ``provider`` (a blacklist)."""
 
     def conditions(self) -> list[ColumnElement[bool]]:
         where = [conversations.c.opted_out == true()]
@@ -32,22 +34,33 @@ class OptOutFilter:
             where.append(number_match(self.number_digits))
         if self.signature:
             where.append(conversations.c.signature == self.signature)
+        if self.source:
+            where.append(_LAST_EVENT.c.source == self.source)
         return where
 
 
-def count_opted_out(conn: Connection, *, filters: OptOutFilter) -> int:
-    base = select(conversations.c.id).select_from(conversations_with_numbers()).where(*filters.conditions())
-    return int(conn.execute(select(func.count()).select_from(base.subquery())).scalar_one())
+_LAST_EVENT = opt_out_events.alias("last_event")
+"""Each listed conversation's latest opt-out event: the page's "how" and "why", and the source filter."""
 
 
-def opted_out_page(conn: Connection, *, filters: OptOutFilter, limit: int, offset: int) -> list[dict[str, Any]]:
-    """Latest opt-out first, each with its latest opt-out event: what the page shows as "why"."""
-    event = opt_out_events.alias("last_event")
+def _listed() -> Join:
+    """Conversations with their number and their latest opt-out event (none for a flag set without one)."""
     latest = (
         select(func.max(opt_out_events.c.id))
         .where(opt_out_events.c.conversation_id == conversations.c.id, opt_out_events.c.event == "opt_out")
         .scalar_subquery()
     )
+    return conversations_with_numbers().outerjoin(_LAST_EVENT, _LAST_EVENT.c.id == latest)
+
+
+def count_opted_out(conn: Connection, *, filters: OptOutFilter) -> int:
+    base = select(conversations.c.id).select_from(_listed()).where(*filters.conditions())
+    return int(conn.execute(select(func.count()).select_from(base.subquery())).scalar_one())
+
+
+def opted_out_page(conn: Connection, *, filters: OptOutFilter, limit: int, offset: int) -> list[dict[str, Any]]:
+    """Latest opt-out first, each with its latest opt-out event: what the page shows as "why"."""
+    event = _LAST_EVENT
     stmt = (
         select(
             conversations.c.id,
@@ -60,7 +73,7 @@ def opted_out_page(conn: Connection, *, filters: OptOutFilter, limit: int, offse
             event.c.actor,
             event.c.created_at.label("event_at"),
         )
-        .select_from(conversations_with_numbers().outerjoin(event, event.c.id == latest))
+        .select_from(_listed())
         .where(*filters.conditions())
         .order_by(conversations.c.opted_out_at.desc().nulls_last(), conversations.c.id.desc())
         .limit(limit)
