@@ -214,3 +214,41 @@ def test_a_carrier_or_customer_blacklist_opts_the_number_out_with_the_reason(
     assert (event["event"], event["source"]) == ("opt_out", "provider")
     assert "carrier" in event["raw_text"]
     assert "not an opt-out keyword" in event["raw_text"]
+
+
+def test_tencents_english_faq_cap_of_two_a_day_expires_the_third_reply_instead_of_sending_it_tomorrow(
+    make_app: Callable[..., Harness], db_url: str
+) -> None:
+    """smsbot's own per_day limit set higher than the account's (the usual mistake): Tencent refuses the third."""
+    templates = {
+        "1490001": "Reply 1 for order status, 2 for opening hours. Reply TD to opt out.",
+        "1490002": "Order {1}: {2}.",
+        "1490003": "We are open {1} to {2} today.",
+    }
+    with FakeTencentSms(
+        secret_id="AKIDd", secret_key="k", templates=templates, signatures={"Acme Shop"},
+        limits=FrequencyLimits.english_faq(),
+    ) as fake:  # fmt: skip
+        h = tencent_app(make_app, db_url, fake)
+        for text in ("hi", "1", "2"):  # three different texts: only the daily cap stands in the way
+            h.say(text)
+            h.wait_settled(timeout=10)
+        statuses = [(r["status"], r["error_code"]) for r in h.outbound()]
+        assert statuses[:2] == [("sent", None), ("sent", None)]
+        assert statuses[2] == ("expired", "LimitExceeded.PhoneNumberDailyLimit")
+        assert len(fake.sends) == 2
+
+
+@pytest.mark.parametrize("kind", ["extra_fields", "ext_number", "ext_object", "ext_array", "ext_null", "status_lower"])
+def test_tencents_odd_report_items_still_mark_the_reply(
+    make_app: Callable[..., Harness], db_url: str, fake: FakeTencentSms, kind: str
+) -> None:
+    h = tencent_app(make_app, db_url, fake)
+    h.say("hi")
+    [reply] = h.wait_settled(timeout=10)
+    [send] = fake.sends
+    odd = fake.odd_delivery_reports(send, [kind, "no_sid", "not_object", "unknown_sid"])  # type: ignore[list-item]
+    response = h.client.post("/sms/status", json=list(odd.values()))
+    assert response.json() == {"result": 0, "errmsg": "OK"}  # the batch is not refused for its odd items
+    [after] = h.outbound()
+    assert (after["id"], after["status"]) == (reply["id"], "delivered")

@@ -743,3 +743,20 @@ def test_decisions_do_not_share_mutable_state(contract: CompiledFile) -> None:
     decision.vars["name"] = "changed"
     assert conversation.vars == {"name": "Li"}
     assert decide(contract, conversation, msg("hi"), NOW).vars == {"name": "Li"}
+
+
+EMOJI_RULES = """\
+signature: E
+templates:
+  bye: {id: "1", text: "bye"}
+  yes: {id: "2", text: "yes"}
+opt_out: {keywords: [STOP, 🛑], reply: bye}
+otherwise: {reply: yes}
+"""
+
+
+@pytest.mark.parametrize(("text", "opted_out"), [("🛑", True), ("🛑🏿", True), ("🛑🛑", False), ("👍", False)])
+def test_an_emoji_opt_out_word_opts_out_through_decide(text: str, opted_out: bool) -> None:
+    [decision] = converse(compile_text(EMOJI_RULES), [text], sign="E")
+    assert (decision.opt_change == "opt_out") is opted_out
+    assert template_of(decision) == ("bye" if opted_out else "yes")

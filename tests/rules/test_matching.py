@@ -193,3 +193,19 @@ def test_lookup_cost_does_not_grow_with_the_number_of_keywords(kind: str) -> Non
     # ... at about the same cost: a scan of every rule would be hundreds of times slower
     ratio = _lookup_seconds(big, texts) / _lookup_seconds(small, texts)
     assert ratio < 3, ratio
+
+
+@pytest.mark.parametrize(
+    ("spec", "text", "hit"),
+    [
+        (MatcherSpec(keywords=("👍",)), "👍🏽", True),  # a skin tone is its base emoji
+        (MatcherSpec(keywords=("❤️",)), "❤", True),  # so is a variation selector
+        (MatcherSpec(keywords=("👍",)), "😀👍", False),  # a run of emoji is one word
+        (MatcherSpec(first_word=("✅",)), "✅ done, thanks", True),
+        (MatcherSpec(first_word=("✅",)), "done ✅", False),
+        (MatcherSpec(contains=("🙏",)), "thank you 🙏🏼", True),
+        (MatcherSpec(keywords=("STOP",)), "STOP 😡", True),  # edge emoji stay decoration of a worded message
+    ],
+)
+def test_emoji_keywords_are_words(spec: MatcherSpec, text: str, hit: bool) -> None:
+    assert (find([spec], text) == 0) is hit
