@@ -97,8 +97,10 @@ def _forms(text: str) -> tuple[str, str]:
     if not folded.isascii() and max(folded) >= "\ufe00":  # (C-speed checks: this runs for every message)
         folded = folded.translate(_DROPPED)
     start, end = _strip(folded, _is_edge_junk)
-    wide_start, wide_end = _strip(folded, _is_edge_space)
     words = _SPACE_RE.sub(" ", folded[start:end]).strip()
+    if (start == 0 and end == len(folded)) or folded.isascii():
+        return words, words  # nothing stripped, or nothing that could be a pictograph (the usual message)
+    wide_start, wide_end = _strip(folded, _is_edge_space)
     if (wide_start, wide_end) == (start, end):
         return words, words
     wide = _SPACE_RE.sub(" ", folded[wide_start:wide_end]).strip()
