@@ -34,7 +34,33 @@ from bot.web.app import create_app
 from tests.fakes.tencent_sms import FakeTencentSms
 
 PG_URL_ENV = "SMSBOT_TEST_DATABASE_URL"
-PG_URL = os.environ.get(PG_URL_ENV)
+
+
+def _worker_database(url: str | None) -> str | None:
+    """Under pytest-xdist each worker gets a database of its own beside the configured one (created if missing).
+
+    The PostgreSQL tests drop and recreate every table of their database, so two
+    workers sharing one would pull tables out from under each other.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if url is None or not worker:
+        return url
+    base = make_url(url)
+    name = f"{base.database}_{worker}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            if (
+                conn.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = %(name)s", {"name": name}).first()
+                is None
+            ):
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+PG_URL = _worker_database(os.environ.get(PG_URL_ENV))
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "rules"
 TESTS = Path(__file__).resolve().parent
