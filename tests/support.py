@@ -26,6 +26,8 @@ from sqlalchemy import Connection, Engine, Table, create_engine, func, select
 from sqlalchemy.engine import RowMapping, make_url
 
 from bot.config import Settings
+from bot.rules.compiler import compile_file
+from bot.rules.model import CompiledFile
 from bot.runtime.live_rules import LiveRules
 from bot.sms import OutboundSms, SendResult
 from bot.store.db import WRITE_OPTIONS, make_engine
@@ -251,6 +253,14 @@ class Harness:
         """Wait until the outbox is empty (every queued reply sent or suppressed); return the outbound rows."""
         wait_until(lambda: self.count(outbox) == 0, timeout=timeout, what="the outbox to drain")
         return self.outbound()
+
+
+def compile_text(text: str, name: str = "t.yaml", *, warnings: bool = True) -> CompiledFile:
+    """A rule file compiled from ``text``, asserting it has no errors (nor, with ``warnings=False``, warnings)."""
+    result = compile_file(text, path=name, name=name)
+    assert [str(d) for d in result.diagnostics if d.is_error or not warnings] == []
+    assert result.compiled is not None
+    return result.compiled
 
 
 def copy_rules(dest: Path, *names: str) -> Path:

@@ -16,22 +16,13 @@ from types import MappingProxyType
 
 import pytest
 
-from bot.rules.compiler import compile_file
 from bot.rules.engine import decide
 from bot.rules.loader import load_rules
 from bot.rules.model import CompiledFile, Conversation, Decision, InboundMessage, Reply, Ruleset
-from tests.support import CONTRACT
+from tests.support import CONTRACT, compile_text
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
 SIGN = "Acme Shop"
-
-
-def compile_text(text: str, name: str = "t.yaml") -> CompiledFile:
-    result = compile_file(text, path=name, name=name)
-    errors = [str(d) for d in result.diagnostics if d.is_error]
-    assert errors == []
-    assert result.compiled is not None
-    return result.compiled
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,12 @@ from bot.rules.compiler import compile_file
 from bot.rules.engine import decide
 from bot.rules.model import CompiledFile, Conversation, InboundMessage
 from bot.rules.normalize import NormalizedText, normalize, trim
-from tests.support import CONTRACT
+from tests.support import CONTRACT, compile_text
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
 
 ZWJ_FAMILY = "👨\u200d👩\u200d👧\u200d👦"
 RLM = "\u200f"
-
-
-def compile_text(text: str, name: str = "n.yaml") -> CompiledFile:
-    result = compile_file(text, path=name, name=name)
-    assert [str(d) for d in result.diagnostics if d.is_error] == []
-    assert result.compiled is not None
-    return result.compiled
 
 
 # Keywords are written in awkward forms on purpose: they are normalised at load time too.
