@@ -422,6 +422,8 @@ def _inbound_row(db: DriverSql, p: _Pending, message_id: int, key: str, now: dat
         db.ts(now),
         db.ts(now),
         None,
+        p.message.extend or None,
+        None,
     )
 
 
@@ -464,6 +466,8 @@ def _outbound_row(
         db.ts(now),
         db.ts(now),
         reply.sender_id,
+        p.message.extend or None,  # the reply goes out on the extend code the customer wrote to
+        None,
     )
 
 
@@ -475,7 +479,7 @@ def _check_message_rows() -> None:
     bindings, on PostgreSQL perhaps not at all (a missing JSON element is NULL).
     """
     db = SimpleNamespace(ts=lambda v: v, bool=lambda v: v, json=lambda v: v)
-    message = SimpleNamespace(sign="", text="", time=0)
+    message = SimpleNamespace(sign="", text="", time=0, extend="")
     p = SimpleNamespace(decision=None, convo=SimpleNamespace(id=0), contact_id=0, message=message, state_before=None)
     rows = {"_inbound_row": _inbound_row(cast(Any, db), cast(Any, p), 0, "", _EPOCH)}
     p.decision = SimpleNamespace(rule=None, rule_kind=None, state=None)

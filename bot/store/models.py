@@ -1,4 +1,4 @@
-"""The database schema: contacts, conversations, messages, outbox, opt-out events.
+"""The database schema: contacts, conversations, messages, outbox, opt-out events, API keys, webhooks, events.
 
 Declared as typed SQLAlchemy 2 models so Alembic can compare them with the
 migrations; the hot path uses the same ``Table`` objects through Core
@@ -194,6 +194,11 @@ class Message(Base):
     checks: Mapped[int | None] = mapped_column(Integer)
     """For an ambiguous send: how often Tencent was asked about it (PullSmsSendStatusByPhoneNumber)."""
     checked_at: Mapped[datetime | None]
+    extend_code: Mapped[str | None] = mapped_column(String(16))
+    """Tencent's extend code: for inbound, the one the customer's reply came back on; for outbound, the
+    ``ExtendCode`` it is sent with (a reply keeps its message's, a started conversation the rule file's)."""
+    started_by: Mapped[str | None] = mapped_column(String(128))
+    """For an outbound message that started a conversation: ``api:<key name>`` or ``cli``."""
 
 
 class Outbox(Base):
@@ -341,6 +346,130 @@ class AuditEvent(Base):
     created_at: Mapped[datetime]
 
 
+class ApiKey(Base):
+    """A key for ``/api/v1`` (``smsbot apikeys``): only a hash of the secret is stored, it is shown once."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_api_keys_name"),
+        UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of the key, hex: the key is 32 random bytes, so a fast hash is enough (no guessing)."""
+    prefix: Mapped[str] = mapped_column(String(16))
+    """The key's first characters, to tell keys apart in ``list`` without storing them."""
+    scopes: Mapped[list[str]]
+    """Any of ``start``, ``read``, ``vars``."""
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class ApiIdempotency(Base):
+    """The first answer to an ``idempotency_key``, replayed for 24 hours to the same API key."""
+
+    __tablename__ = "api_idempotency"
+    __table_args__ = (
+        UniqueConstraint("api_key_id", "idempotency_key", name="uq_api_idempotency_key"),
+        Index("ix_api_idempotency_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    api_key_id: Mapped[int] = mapped_column(Id)
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    status_code: Mapped[int] = mapped_column(Integer)
+    response: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class WebhookCall(Base):
+    """A rule's ``call:``: queued with the inbound message that fired it, made after that commit, its answer kept.
+
+    The row is the durable queue of calls (``status = 'pending'``) and, once
+    finished, the record the thread shows: what was asked, what came back.
+    """
+
+    __tablename__ = "webhook_calls"
+    __table_args__ = (
+        Index("ix_webhook_calls_conversation_id", "conversation_id"),
+        Index(
+            "ix_webhook_calls_pending",
+            "next_attempt_at",
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"))
+    message_id: Mapped[int] = mapped_column(Id)
+    """The inbound message whose rule made the call."""
+    webhook: Mapped[str] = mapped_column(String(128))
+    rule: Mapped[str] = mapped_column(String(255))
+    """``file:line`` of the rule, to continue with its remaining actions."""
+    rules_version: Mapped[str | None] = mapped_column(String(64))
+    save_as: Mapped[str | None] = mapped_column(String(128))
+    method: Mapped[str] = mapped_column(String(8))
+    url: Mapped[str] = mapped_column(Text)
+    request: Mapped[dict[str, Any] | None]
+    """The rendered body (POST) or query (GET), and the rule's captures to continue with."""
+    status: Mapped[str] = mapped_column(String(16))
+    """pending | ok | failed | timeout"""
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict[str, Any] | None]
+    """``{"json": ...}`` as saved (at most 64 KiB of JSON)."""
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime]
+    lease_until: Mapped[datetime | None]
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
+class Event(Base):
+    """One event for one endpoint (``opted_out``, ``state_entered`` ...): a durable queue of signed POSTs.
+
+    Written in the transaction that caused it, so an event exists exactly when
+    what it reports was committed; sent in id order per (endpoint,
+    conversation), retried with backoff for 24 hours.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_conversation_id", "conversation_id"),
+        Index("ix_events_created_at", "created_at"),
+        Index(
+            "ix_events_pending",
+            "endpoint",
+            "next_attempt_at",
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    """opted_out | opted_in | state_entered | reply_failed | unmatched"""
+    conversation_id: Mapped[int | None] = mapped_column(Id)
+    message_id: Mapped[int | None] = mapped_column(Id)
+    body: Mapped[str] = mapped_column(Text)
+    """The JSON body exactly as signed and sent."""
+    status: Mapped[str] = mapped_column(String(16))
+    """pending | delivered | failed (gave up after 24 hours)"""
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime]
+    lease_until: Mapped[datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+
+
 contacts = cast(Table, Contact.__table__)
 conversations = cast(Table, Conversation.__table__)
 messages = cast(Table, Message.__table__)
@@ -351,3 +480,7 @@ login_failures = cast(Table, LoginFailure.__table__)
 audit_events = cast(Table, AuditEvent.__table__)
 pending_reports = cast(Table, PendingReport.__table__)
 account_limits = cast(Table, AccountLimit.__table__)
+api_keys = cast(Table, ApiKey.__table__)
+api_idempotency = cast(Table, ApiIdempotency.__table__)
+webhook_calls = cast(Table, WebhookCall.__table__)
+events = cast(Table, Event.__table__)
