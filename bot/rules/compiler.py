@@ -8,6 +8,7 @@ that passes ``smsbot rules check`` is exactly a file the engine can run.
 from __future__ import annotations
 
 import copy as copy_module
+import dataclasses
 import difflib
 import hashlib
 import importlib
@@ -17,17 +18,24 @@ import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+from jinja2 import nodes
 from pydantic import BaseModel, ValidationError
 
 from bot.rules.diagnostics import Diagnostic, Severity
 from bot.rules.matching import MatcherSpec, RuleIndex
 from bot.rules.model import (
+    EVENT_KINDS,
     CompiledAction,
+    CompiledCall,
     CompiledFile,
     CompiledSection,
     CompiledState,
     CompiledTemplate,
+    CompiledWebhook,
+    EventEndpointSpec,
+    EventKind,
     RuleKind,
 )
 from bot.rules.normalize import NormalizedText, normalize
@@ -49,6 +57,28 @@ DEFAULT_PARAM_MAX_LENGTH = 6
 PLACEHOLDER_RE = re.compile(r"\{(\d+)\}")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UNBOUNDED = 65535
+_EXTEND_RE = re.compile(r"^[0-9]{1,8}$")
+_ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+MAX_WEBHOOK_TIMEOUT = 30.0
+"""Seconds: a webhook slower than this keeps a customer waiting too long for an SMS answer."""
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be called (None when it is an http or https URL with a host)."""
+    if "{{" in url or "{%" in url:
+        return "is literal text, not a template: put values in body (a GET sends them as query parameters)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "has no host"
+    if any(c.isspace() for c in url):
+        return "contains spaces"
+    return None
 
 
 @dataclass
@@ -60,6 +90,7 @@ class FileResult:
     diagnostics: list[Diagnostic] = field(default_factory=list)
     signature: str | None = None
     signature_line: int = 1
+    extend: str = ""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -84,6 +115,9 @@ def compile_file(text: str, *, path: str, name: str, param_max_length: int | Non
     if isinstance(sig, str):
         result.signature = sig
         result.signature_line = located.position(("signature",)).line
+    extend = located.data.get("extend")
+    if isinstance(extend, str):
+        result.extend = extend.strip()
     try:
         spec = RuleFile.model_validate(located.data)
     except ValidationError as exc:
@@ -234,6 +268,10 @@ class _Builder:
         self.diagnostics: list[Diagnostic] = []
         self.templates: dict[str, CompiledTemplate] = {}
         self.state_names: list[str] = list(spec.states) or [spec.start or "start"]
+        self.webhooks: dict[str, CompiledWebhook] = {}
+        self.calls: dict[str, CompiledAction] = {}
+        self.saved: dict[str, int] = {}
+        """save_as names of the file's calls -> line of the first."""
 
     # -- reporting
     def report(
@@ -249,6 +287,10 @@ class _Builder:
     def build(self, version: str) -> CompiledFile:
         spec = self.spec
         self._templates()
+        self._collect_saved()
+        extend = self._extend()
+        self._webhooks()
+        events = self._events()
         start = spec.start or self.state_names[0]
         if start not in self.state_names:
             self.report(
@@ -298,7 +340,94 @@ class _Builder:
             test_lines=tuple(self.line(("tests", i)) for i in range(len(spec.tests))),
             sender_id=spec.sender_id,
             reply_max_delay=spec.reply_max_delay,
+            extend=extend,
+            webhooks=types.MappingProxyType(self.webhooks),
+            events=types.MappingProxyType(events),
+            calls=types.MappingProxyType(self.calls),
         )
+
+    # -- extend, webhooks, events
+    def _extend(self) -> str:
+        extend = self.spec.extend
+        if extend is None:
+            return ""
+        extend = extend.strip()
+        if not _EXTEND_RE.match(extend):
+            self.report(
+                ("extend",),
+                "error",
+                f'extend {self.spec.extend!r} must be 1 to 8 digits (Tencent\'s extend code, e.g. "01"); '
+                "quote it so leading zeros stay",
+            )
+        if self.spec.signature == "*":
+            self.report(
+                ("extend",), "error", 'the default file (signature "*") cannot have an extend: give a signature'
+            )
+        return extend
+
+    def _webhooks(self) -> None:
+        for name, hook in self.spec.webhooks.items():
+            where: Path_ = ("webhooks", name)
+            if not _IDENT_RE.match(name):
+                self.report(where, "error", f"webhook name {name!r} must be letters, digits and _", key=True)
+            problem = url_problem(hook.url)
+            if problem is not None:
+                self.report(where + ("url",), "error", f"webhook '{name}': url {hook.url!r} {problem}")
+            timeout = hook.timeout.total_seconds()
+            if timeout > MAX_WEBHOOK_TIMEOUT:
+                self.report(
+                    where + ("timeout",),
+                    "error",
+                    f"webhook '{name}': timeout {timeout:g}s is over the maximum of {MAX_WEBHOOK_TIMEOUT:g}s",
+                )
+            body = None
+            if hook.body is not None:
+                body = tuple(
+                    (key, self._expression(where + ("body", key), source, None, is_param=False))
+                    for key, source in hook.body.items()
+                )
+            self.webhooks[name] = CompiledWebhook(name, hook.url, hook.method, body, timeout)
+
+    def _events(self) -> dict[str, EventEndpointSpec]:
+        events: dict[str, EventEndpointSpec] = {}
+        for name, endpoint in self.spec.events.items():
+            where: Path_ = ("events", name)
+            if not _ENDPOINT_NAME_RE.match(name):
+                self.report(
+                    where,
+                    "error",
+                    f"event endpoint name {name!r} must be lower-case letters, digits, _ and - "
+                    "(its secret comes from SMSBOT_EVENT_SECRET_<NAME>)",
+                    key=True,
+                )
+            problem = url_problem(endpoint.url)
+            if problem is not None:
+                self.report(where + ("url",), "error", f"event endpoint '{name}': url {endpoint.url!r} {problem}")
+            kinds: set[EventKind] = set()
+            for i, kind in enumerate(endpoint.kinds if endpoint.kinds is not None else EVENT_KINDS):
+                if kind in EVENT_KINDS:
+                    kinds.add(kind)
+                else:
+                    self.report(
+                        where + ("kinds", i),
+                        "error",
+                        f"unknown event kind '{kind}'{did_you_mean(kind, EVENT_KINDS)}; "
+                        f"kinds are {', '.join(EVENT_KINDS)}",
+                    )
+            if endpoint.kinds is not None and not endpoint.kinds:
+                self.report(
+                    where + ("kinds",), "error", f"event endpoint '{name}': kinds is empty (leave it out for all)"
+                )
+            events[name] = EventEndpointSpec(name, endpoint.url, frozenset(kinds))
+        return events
+
+    def _collect_saved(self) -> None:
+        rules: list[tuple[Path_, Rule]] = [(("anywhere", i), r) for i, r in enumerate(self.spec.anywhere)]
+        for state_name, state in self.spec.states.items():
+            rules += [(("states", state_name, "on", i), r) for i, r in enumerate(state.on)]
+        for where, rule in rules:
+            if rule.call is not None and rule.call.save_as is not None:
+                self.saved.setdefault(rule.call.save_as, self.line(where + ("call", "save_as")))
 
     def _templates(self) -> None:
         for tname, tspec in self.spec.templates.items():
@@ -471,7 +600,16 @@ class _Builder:
                         )
 
     # -- actions
-    def _action(self, where: Path_, action: Action, kind: str, captures: dict[str, int | None]) -> CompiledAction:
+    def _action(
+        self,
+        where: Path_,
+        action: Action,
+        kind: str,
+        captures: dict[str, int | None],
+        *,
+        after_call: str | None = None,
+    ) -> CompiledAction:
+        """Compile one action; ``after_call``: the save_as its params are rendered after (a call's answer)."""
         template: CompiledTemplate | None = None
         if action.reply is not None:
             template = self.templates.get(action.reply)
@@ -496,8 +634,10 @@ class _Builder:
             )
         if action.params and action.reply is None:
             self.report(where + ("params",), "error", "params given without a reply")
+        call = action.call if isinstance(action, Rule) else None
+        saved = call.save_as if call is not None else after_call
         params = tuple(
-            self._expression(where + ("params", i), source, captures, is_param=True)
+            self._expression(where + ("params", i), source, captures, is_param=True, after_call=saved)
             for i, source in enumerate(action.params)
         )
         sets = []
@@ -511,9 +651,68 @@ class _Builder:
                 )
             sets.append((var, self._expression(where + ("set", var), source, captures, is_param=False)))
         ref = f"{self.name}:{self.line(where)}"
-        return CompiledAction(ref, kind, template, params, tuple(sets), action.goto)  # type: ignore[arg-type]
+        compiled_call = self._call(where, action, kind, captures, ref) if isinstance(action, Rule) else None
+        compiled = CompiledAction(ref, kind, template, params, tuple(sets), action.goto, compiled_call)  # type: ignore[arg-type]
+        if compiled_call is not None:
+            self.calls[ref] = compiled
+        return compiled
 
-    def _expression(self, where: Path_, source: str, captures: dict[str, int | None], *, is_param: bool) -> Expression:
+    def _call(
+        self, where: Path_, rule: Rule, kind: str, captures: dict[str, int | None], ref: str
+    ) -> CompiledCall | None:
+        if rule.call is None:
+            if rule.on_error is not None:
+                self.report(
+                    where + ("on_error",),
+                    "error",
+                    "on_error without call: on_error says what to do when the rule's webhook call fails",
+                    key=True,
+                )
+            return None
+        call = rule.call
+        hook = self.webhooks.get(call.webhook)
+        if hook is None:
+            known = ", ".join(self.webhooks) or "none: add a top-level webhooks: map"
+            self.report(
+                where + ("call", "webhook"),
+                "error",
+                f"call names unknown webhook '{call.webhook}'{did_you_mean(call.webhook, self.webhooks)}; "
+                f"webhooks: {known}",
+            )
+        if call.save_as is not None and not _IDENT_RE.match(call.save_as):
+            self.report(
+                where + ("call", "save_as"),
+                "error",
+                f"save_as {call.save_as!r} must be a variable name: letters, digits and _, not starting with a digit",
+            )
+        if hook is not None and hook.body is not None:
+            for key, expr in hook.body:
+                for obj, attr in sorted(expr.attributes):
+                    if obj == "match" and attr not in captures:
+                        have = ", ".join(sorted(captures)) or "nothing"
+                        self.report(
+                            where + ("call", "webhook"),
+                            "error",
+                            f"webhook '{hook.name}' body {key} reads 'match.{attr}', but this rule captures {have}",
+                        )
+        on_error = None
+        if rule.on_error is not None:
+            spec = Action(reply=rule.on_error.reply, params=rule.on_error.params, goto=rule.on_error.goto)
+            on_error = dataclasses.replace(self._action(where + ("on_error",), spec, kind, captures), ref=ref)
+        if hook is None:
+            return None
+        return CompiledCall(hook, call.save_as, on_error)
+
+    def _expression(
+        self,
+        where: Path_,
+        source: str,
+        captures: dict[str, int | None] | None,
+        *,
+        is_param: bool,
+        after_call: str | None = None,
+    ) -> Expression:
+        """Compile ``source``; ``captures`` None: not checked here (a webhook body, checked per call)."""
         try:
             expr = compile_expression(source)
         except ExpressionError as exc:
@@ -528,12 +727,21 @@ class _Builder:
                 f"available: {', '.join(CONTEXT_NAMES)}",
             )
         for obj, attr in sorted(expr.attributes):
+            if obj == "vars" and attr in self.saved and attr != after_call and not _guarded(expr):
+                self.report(
+                    where,
+                    "warning",
+                    f"'vars.{attr}' is the answer of a webhook call (save_as at line {self.saved[attr]}) and is not "
+                    f"set here unless that call succeeded earlier; use | default(...) or read it in the calling rule",
+                )
+            if captures is None:
+                continue
             if obj == "match" and attr not in captures:
                 have = ", ".join(sorted(captures)) or "nothing"
                 self.report(where, "error", f"unknown variable 'match.{attr}': this rule captures {have}")
             elif obj == "contact" and attr not in CONTACT_FIELDS:
                 self.report(where, "error", f"unknown variable 'contact.{attr}'; contact has nationcode, mobile")
-        if is_param and not unknown_names:
+        if is_param and not unknown_names and captures is not None:
             longest = max_rendered_length(
                 expr,
                 group_widths=captures,
@@ -565,13 +773,15 @@ class _Builder:
             return
         global_gotos = [a.goto for a in (spec.opt_out, spec.opt_in, spec.help, spec.otherwise) if a and a.goto]
         global_gotos += [r.goto for r in spec.anywhere if r.goto]
-        seen = {start, *global_gotos}
+        global_gotos += [r.on_error.goto for r in spec.anywhere if r.on_error and r.on_error.goto]
+        seen = {start, *global_gotos, *(name for name, state in spec.states.items() if state.entry)}
         todo = list(seen)
         while todo:
             state = spec.states.get(todo.pop())
             if state is None:
                 continue
             nexts = [r.goto for r in state.on if r.goto]
+            nexts += [r.on_error.goto for r in state.on if r.on_error and r.on_error.goto]
             if state.otherwise and state.otherwise.goto:
                 nexts.append(state.otherwise.goto)
             for n in nexts:
@@ -583,13 +793,29 @@ class _Builder:
                 self.report(
                     ("states", name),
                     "warning",
-                    f"state '{name}' is unreachable: no goto leads to it",
+                    f"state '{name}' is unreachable: no goto leads to it (entry: true if conversations are started "
+                    "in it)",
                     key=True,
                 )
 
     def _tests(self) -> None:
         for i, test in enumerate(self.spec.tests):
             where: Path_ = ("tests", i)
+            if test.state is not None and test.state not in self.state_names:
+                self.report(
+                    where + ("state",),
+                    "error",
+                    f"test '{test.name}' starts in unknown state '{test.state}'"
+                    f"{did_you_mean(test.state, self.state_names)}",
+                )
+            for hook in test.webhooks:
+                if hook not in self.webhooks:
+                    self.report(
+                        where + ("webhooks", hook),
+                        "error",
+                        f"test '{test.name}' answers unknown webhook '{hook}'{did_you_mean(hook, self.webhooks)}",
+                        key=True,
+                    )
             if len(test.expect) != len(test.say):
                 self.report(
                     where + ("expect",),
@@ -603,9 +829,25 @@ class _Builder:
                         "error",
                         f"test '{test.name}' expects unknown template '{exp.reply}'{did_you_mean(exp.reply, self.templates)}",
                     )
+                if exp.call is not None and exp.call not in self.webhooks:
+                    self.report(
+                        where + ("expect", k, "call"),
+                        "error",
+                        f"test '{test.name}' expects a call of unknown webhook '{exp.call}'"
+                        f"{did_you_mean(exp.call, self.webhooks)}",
+                    )
                 if exp.state is not None and exp.state not in self.state_names:
                     self.report(
                         where + ("expect", k, "state"),
                         "error",
                         f"test '{test.name}' expects unknown state '{exp.state}'{did_you_mean(exp.state, self.state_names)}",
                     )
+
+
+def _guarded(expr: Expression) -> bool:
+    """Whether an expression allows for missing values (``| default(...)``, ``is defined``)."""
+    if expr.ast is None:
+        return False
+    if any(f.name in ("default", "d") for f in expr.ast.find_all(nodes.Filter)):
+        return True
+    return any(t.name in ("defined", "undefined") for t in expr.ast.find_all(nodes.Test))

@@ -19,6 +19,7 @@ import jinja2
 from bot.rules.matching import Hit
 from bot.rules.model import (
     CompiledAction,
+    CompiledCall,
     CompiledFile,
     CompiledSection,
     Conversation,
@@ -27,6 +28,8 @@ from bot.rules.model import (
     OptChange,
     Reply,
     Ruleset,
+    WebhookCall,
+    WebhookOutcome,
 )
 from bot.rules.normalize import NormalizedText
 from bot.rules.sms_length import SmsLength, sms_length
@@ -42,7 +45,7 @@ def decide(
     now: datetime,
 ) -> Decision:
     """Decide what one inbound message does to its conversation."""
-    rules = ruleset if isinstance(ruleset, CompiledFile) else ruleset.for_signature(message.sign)
+    rules = ruleset if isinstance(ruleset, CompiledFile) else ruleset.for_signature(message.sign, message.extend)
     text = NormalizedText.of(message.text)
     if rules is None:
         return _nothing(conversation, text, rules_file=None, state=conversation.state)
@@ -123,14 +126,7 @@ def _apply(
     variables = dict(conversation.vars)
     context: dict[str, Any] = {}
     if action.needs_context:
-        context = {
-            "text": text.trimmed,
-            "match": Bag(captures),
-            "vars": Bag(variables),
-            "signature": message.sign,
-            "contact": Bag({"nationcode": message.nationcode, "mobile": message.mobile}),
-            "now": now,
-        }
+        context = _context(text, captures, variables, message, now)
     if action.sets:
         new_values: dict[str, str] = {}
         for name, expr in action.sets:
@@ -141,15 +137,35 @@ def _apply(
         variables.update(new_values)
         context["vars"] = Bag(variables)
 
-    replies: tuple[Reply, ...] = ()
-    if action.reply is not None:
-        try:
-            params = tuple(expr.render(context) for expr in action.params)
-        except Exception as exc:  # a rule's template must never crash the pipeline
-            errors.append(f"{action.ref}: params of reply {action.reply.name!r}: {_describe(exc)}")
+    if action.call is not None:
+        call = _webhook_call(action, action.call, context, captures, errors)
+        if call is not None:
+            return Decision(
+                rule=action.ref,
+                rule_kind=action.kind,
+                state_before=conversation.state,
+                state=state_name,
+                vars=variables,
+                expires_at=_expiry(rules, state_name, now),
+                replies=(),
+                opted_out=opted_out,
+                opt_change=opt_change,
+                unmatched=False,
+                expired=expired,
+                normalized_text=text.normalized,
+                rules_file=rules.name,
+                errors=tuple(errors),
+                reply_max_delay=rules.reply_max_delay,
+                call=call,
+            )
+        # The body could not be rendered: the call fails before it is made.
+        if action.call.on_error is None:
+            next_state = state_name
         else:
-            replies = (_reply(action, params, message, rules.sender_id),)
+            action = action.call.on_error
+            next_state = action.goto or state_name
 
+    replies = _replies(rules, action, context, message, errors)
     return Decision(
         rule=action.ref,
         rule_kind=action.kind,
@@ -162,6 +178,128 @@ def _apply(
         opt_change=opt_change,
         unmatched=action.kind in ("otherwise", "state_otherwise"),
         expired=expired,
+        normalized_text=text.normalized,
+        rules_file=rules.name,
+        errors=tuple(errors),
+        reply_max_delay=rules.reply_max_delay,
+    )
+
+
+def _context(
+    text: NormalizedText,
+    captures: Mapping[str, str],
+    variables: Mapping[str, Any],
+    message: InboundMessage,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "text": text.trimmed,
+        "match": Bag(captures),
+        "vars": Bag(variables),
+        "signature": message.sign,
+        "contact": Bag({"nationcode": message.nationcode, "mobile": message.mobile}),
+        "now": now,
+    }
+
+
+def _replies(
+    rules: CompiledFile, action: CompiledAction, context: Mapping[str, Any], message: InboundMessage, errors: list[str]
+) -> tuple[Reply, ...]:
+    if action.reply is None:
+        return ()
+    try:
+        params = tuple(expr.render(context) for expr in action.params)
+    except Exception as exc:  # a rule's template must never crash the pipeline
+        errors.append(f"{action.ref}: params of reply {action.reply.name!r}: {_describe(exc)}")
+        return ()
+    return (_reply(action, params, message, rules.sender_id),)
+
+
+def _webhook_call(
+    action: CompiledAction,
+    call: CompiledCall,
+    context: Mapping[str, Any],
+    captures: Mapping[str, str],
+    errors: list[str],
+) -> WebhookCall | None:
+    """The call ``action`` asks for, or None (with the problem in ``errors``) when its body cannot be rendered."""
+    hook = call.webhook
+    body: dict[str, Any] | None = None
+    if hook.body is not None:
+        body = {}
+        for key, expr in hook.body:
+            try:
+                body[key] = expr.render(context)
+            except Exception as exc:  # a rule's template must never crash the pipeline
+                errors.append(
+                    f"{action.ref}: body {key} of webhook {hook.name!r}: {_describe(exc)}; the call is not made"
+                )
+                return None
+    return WebhookCall(
+        webhook=hook.name,
+        rule=action.ref,
+        save_as=call.save_as,
+        method=hook.method,
+        url=hook.url,
+        body=body,
+        timeout=hook.timeout,
+        captures=dict(captures),
+    )
+
+
+def resume(
+    ruleset: Ruleset | CompiledFile,
+    conversation: Conversation,
+    message: InboundMessage,
+    call: WebhookCall,
+    outcome: WebhookOutcome,
+    now: datetime,
+) -> Decision:
+    """Carry on with a rule whose ``call:`` has an outcome.
+
+    ``conversation`` is the conversation as stored now (its vars hold the rule's ``set:`` values).
+    On success ``vars[save_as]`` is the answer and the rule's reply, params and goto follow; on
+    failure its ``on_error:`` does (or nothing: the conversation stays, no reply). When the rule
+    is gone from the loaded rules (edited meanwhile), nothing is sent and ``errors`` says why.
+    """
+    rules = ruleset if isinstance(ruleset, CompiledFile) else ruleset.for_signature(message.sign, message.extend)
+    text = NormalizedText.of(message.text)
+    action = rules.calls.get(call.rule) if rules is not None else None
+    if rules is None or action is None or action.call is None or action.call.webhook.name != call.webhook:
+        decision = _nothing(conversation, text, rules_file=rules.name if rules else None, state=conversation.state)
+        return _with(
+            decision,
+            rule=call.rule,
+            errors=(f"{call.rule}: the rule that called webhook {call.webhook!r} no longer exists; nothing is sent",),
+        )
+    here = conversation.state if conversation.state is not None and conversation.state in rules.states else rules.start
+    variables = dict(conversation.vars)
+    errors: list[str] = []
+    if outcome.ok:
+        if call.save_as is not None:
+            variables[call.save_as] = outcome.data
+        then: CompiledAction | None = action
+    else:
+        then = action.call.on_error
+    next_state = here
+    replies: tuple[Reply, ...] = ()
+    if then is not None and not conversation.opted_out:
+        # An opt-out that arrived while the webhook was busy wins: the answer is kept, nothing is sent.
+        next_state = then.goto or here
+        context = _context(text, call.captures, variables, message, now) if then.needs_context else {}
+        replies = _replies(rules, then, context, message, errors)
+    return Decision(
+        rule=action.ref,
+        rule_kind=action.kind,
+        state_before=conversation.state,
+        state=next_state,
+        vars=variables,
+        expires_at=None if conversation.opted_out else _expiry(rules, next_state, now),
+        replies=replies,
+        opted_out=conversation.opted_out,
+        opt_change=None,
+        unmatched=False,
+        expired=False,
         normalized_text=text.normalized,
         rules_file=rules.name,
         errors=tuple(errors),

@@ -50,7 +50,7 @@ def load_rules(path: str | Path, *, param_max_length: int | None = None) -> Load
     if not files:
         result.diagnostics.append(Diagnostic(str(root), 1, 1, "error", "no rule files (*.yaml, *.yml) found"))
         return result
-    claimed: dict[str, FileResult] = {}
+    claimed: dict[tuple[str, str], FileResult] = {}
     for file in files:
         name = file.name if root.is_file() else file.relative_to(root).as_posix()
         try:
@@ -62,16 +62,19 @@ def load_rules(path: str | Path, *, param_max_length: int | None = None) -> Load
         result.files.append(compiled)
         result.diagnostics.extend(compiled.diagnostics)
         if compiled.signature is not None:
-            key = "*" if compiled.signature == "*" else signature_key(compiled.signature)
+            key = ("*" if compiled.signature == "*" else signature_key(compiled.signature), compiled.extend)
             first = claimed.get(key)
             if first is not None:
+                what = f"signature '{compiled.signature}'"
+                if compiled.extend:
+                    what += f" with extend '{compiled.extend}'"
                 result.diagnostics.append(
                     Diagnostic(
                         str(file),
                         compiled.signature_line,
                         1,
                         "error",
-                        f"signature '{compiled.signature}' is already claimed by {first.path}:{first.signature_line}",
+                        f"{what} is already claimed by {first.path}:{first.signature_line}",
                     )
                 )
             else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property, lru_cache
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 from bot.rules.matching import RuleIndex
 from bot.rules.normalize import normalize
@@ -23,6 +23,8 @@ from bot.rules.templating import Expression
 
 RuleKind = Literal["opt_out", "opt_in", "help", "on", "anywhere", "state_otherwise", "otherwise"]
 OptChange = Literal["opt_out", "opt_in"]
+EventKind = Literal["opted_out", "opted_in", "state_entered", "reply_failed", "unmatched"]
+EVENT_KINDS: tuple[EventKind, ...] = ("opted_out", "opted_in", "state_entered", "reply_failed", "unmatched")
 
 
 # ---------------------------------------------------------------- inputs
@@ -34,7 +36,8 @@ class Conversation:
 
     state: str | None = None
     """None for a conversation that has not started."""
-    vars: Mapping[str, str] = field(default_factory=dict)
+    vars: Mapping[str, Any] = field(default_factory=dict)
+    """Text values, plus whatever JSON a webhook answered under its ``save_as`` name."""
     expires_at: datetime | None = None
     opted_out: bool = False
 
@@ -47,6 +50,8 @@ class InboundMessage:
     sign: str
     nationcode: str = "86"
     mobile: str = ""
+    extend: str = ""
+    """Tencent's extend code of the reply (the number's suffix the customer wrote to)."""
 
 
 # ---------------------------------------------------------------- outputs
@@ -73,6 +78,36 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class WebhookCall:
+    """A rule asked for a webhook: the edge performs it and calls ``resume()``."""
+
+    webhook: str
+    """The name in the file's ``webhooks:`` map."""
+    rule: str
+    """``file:line`` ref of the rule whose remaining actions follow."""
+    save_as: str | None
+    method: Literal["GET", "POST"]
+    url: str
+    body: Mapping[str, Any] | None
+    """The rendered ``body:``: the JSON body of a POST, the query parameters of a GET."""
+    timeout: float
+    """Seconds."""
+    captures: Mapping[str, str]
+    """The rule's match captures, to continue with."""
+
+
+@dataclass(frozen=True)
+class WebhookOutcome:
+    """What became of a webhook call."""
+
+    ok: bool
+    data: Any = None
+    """The parsed JSON answer, on success."""
+    error: str | None = None
+    """On failure: "timeout", "HTTP 500", "invalid JSON" ..."""
+
+
+@dataclass(frozen=True)
 class Decision:
     """Everything the engine wants done about one message."""
 
@@ -81,7 +116,7 @@ class Decision:
     rule_kind: RuleKind | None
     state_before: str | None
     state: str | None
-    vars: Mapping[str, str]
+    vars: Mapping[str, Any]
     expires_at: datetime | None
     replies: tuple[Reply, ...]
     opted_out: bool
@@ -97,6 +132,10 @@ class Decision:
     """Rendering problems; the reply they affected is not sent."""
     reply_max_delay: timedelta | None = None
     """The answering file's ``reply_max_delay`` (None: the setting's)."""
+    call: WebhookCall | None = None
+    """Set when the fired rule has ``call:``: then ``replies`` is () and its goto is not applied yet
+    (``state`` is the state the message was matched in; ``vars`` include the rule's ``set:``). The
+    edge performs the call after storing this decision and hands the outcome to ``resume()``."""
 
     def conversation(self) -> Conversation:
         """The conversation as it stands after this decision."""
@@ -118,6 +157,37 @@ class CompiledTemplate:
 
 
 @dataclass(frozen=True)
+class CompiledWebhook:
+    """One entry of a file's ``webhooks:`` map."""
+
+    name: str
+    url: str
+    method: Literal["GET", "POST"]
+    body: tuple[tuple[str, Expression], ...] | None
+    timeout: float
+    """Seconds."""
+
+
+@dataclass(frozen=True)
+class EventEndpointSpec:
+    """One entry of a rule file's ``events:`` map (the same shape as the config's ``events:``)."""
+
+    name: str
+    url: str
+    kinds: frozenset[EventKind] = frozenset(EVENT_KINDS)
+
+
+@dataclass(frozen=True)
+class CompiledCall:
+    """A rule's ``call:`` with its webhook resolved."""
+
+    webhook: CompiledWebhook
+    save_as: str | None
+    on_error: CompiledAction | None
+    """The rule's ``on_error:`` (reply, params, goto; same ref), or None: stay silent."""
+
+
+@dataclass(frozen=True)
 class CompiledAction:
     """A rule's action with its templates compiled."""
 
@@ -127,11 +197,12 @@ class CompiledAction:
     params: tuple[Expression, ...]
     sets: tuple[tuple[str, Expression], ...]
     goto: str | None
+    call: CompiledCall | None = None
 
     @cached_property
     def needs_context(self) -> bool:
         """Whether any template of this action reads the render context (most replies are literal)."""
-        return bool(self.sets) or any(not p.is_literal for p in self.params)
+        return bool(self.sets) or self.call is not None or any(not p.is_literal for p in self.params)
 
 
 @dataclass(frozen=True)
@@ -173,6 +244,12 @@ class CompiledFile:
     sender_id: str | None = None
     reply_max_delay: timedelta | None = None
     """This file's override of the ``reply_max_delay`` setting."""
+    extend: str = ""
+    """The Tencent extend code this file answers under its signature ("": any other)."""
+    webhooks: Mapping[str, CompiledWebhook] = field(default_factory=lambda: MappingProxyType({}))
+    events: Mapping[str, EventEndpointSpec] = field(default_factory=lambda: MappingProxyType({}))
+    calls: Mapping[str, CompiledAction] = field(default_factory=lambda: MappingProxyType({}))
+    """The rules with ``call:``, by ref, for ``resume()``."""
 
 
 @lru_cache(maxsize=1024)
@@ -192,16 +269,28 @@ class Ruleset:
     by_signature: Mapping[str, CompiledFile] = field(default_factory=dict)
     default: CompiledFile | None = None
     version: str = ""
+    by_extend: Mapping[tuple[str, str], CompiledFile] = field(default_factory=dict)
+    """Files with an ``extend:``, by (signature key, extend code)."""
 
     @classmethod
     def of(cls, files: tuple[CompiledFile, ...]) -> Ruleset:
-        by_signature = {signature_key(f.signature): f for f in files if f.signature != "*"}
+        by_signature = {signature_key(f.signature): f for f in files if f.signature != "*" and not f.extend}
+        by_extend = {(signature_key(f.signature), f.extend): f for f in files if f.signature != "*" and f.extend}
         default = next((f for f in files if f.signature == "*"), None)
         digest = hashlib.sha256()
         for f in sorted(files, key=lambda f: f.name):
             digest.update(f.name.encode() + b"\0" + f.version.encode() + b"\0")
-        return cls(files, MappingProxyType(by_signature), default, digest.hexdigest()[:12])
+        return cls(files, MappingProxyType(by_signature), default, digest.hexdigest()[:12], MappingProxyType(by_extend))
 
-    def for_signature(self, sign: str) -> CompiledFile | None:
-        """The file answering ``sign``: its own file, else the default (``signature: "*"``)."""
-        return self.by_signature.get(signature_key(sign), self.default)
+    def for_signature(self, sign: str, extend: str = "") -> CompiledFile | None:
+        """The file answering ``sign`` (and Tencent's ``extend`` code).
+
+        The signature's file with that extend code first, then its file without one, then the
+        default file (``signature: "*"``).
+        """
+        key = signature_key(sign)
+        if extend and self.by_extend:
+            scoped = self.by_extend.get((key, extend))
+            if scoped is not None:
+                return scoped
+        return self.by_signature.get(key, self.default)

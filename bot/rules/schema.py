@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
@@ -70,6 +70,48 @@ class Action(_Model):
     goto: str | None = Field(default=None, description="the state to move to")
 
 
+class Call(_Model):
+    """``call:``: ask one of the file's webhooks, then carry on with the rule's reply, params and goto."""
+
+    webhook: str = Field(min_length=1, description="a name from the file's webhooks: map")
+    save_as: str | None = Field(
+        default=None, description="the variable that keeps the webhook's JSON answer, read as vars.NAME.field"
+    )
+
+
+class OnError(_Model):
+    """What a rule with ``call:`` does instead when the webhook fails, times out or answers no JSON."""
+
+    reply: str | None = Field(default=None, description="name of the template to send")
+    params: list[Text] = Field(default_factory=list, description="Jinja2 expressions, one per {n}")
+    goto: str | None = Field(default=None, description="the state to move to")
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+class Webhook(_Model):
+    """An HTTP endpoint of the business that rules may ``call:``."""
+
+    url: str = Field(min_length=1, description="http:// or https:// URL, literal text")
+    method: Annotated[Literal["GET", "POST"], BeforeValidator(_upper)] = Field(
+        default="POST", description="POST sends body as JSON; GET sends it as query parameters"
+    )
+    body: dict[str, Text] | None = Field(default=None, description="name -> Jinja2 expression, rendered per call")
+    timeout: Duration = Field(default=timedelta(seconds=3), description="how long to wait for an answer (max 30s)")
+
+
+class EventEndpoint(_Model):
+    """A URL that receives signed event POSTs for the conversations this file answers."""
+
+    url: str = Field(min_length=1, description="http:// or https:// URL")
+    kinds: list[str] | None = Field(
+        default=None,
+        description="which events: opted_out, opted_in, state_entered, reply_failed, unmatched (default: all)",
+    )
+
+
 class _Matchers(_Model):
     keywords: list[Text] | None = Field(default=None, description="the whole message is one of these")
     first_word: list[Text] | None = Field(default=None, description="the first word of the message is one of these")
@@ -99,6 +141,12 @@ class Rule(_Matchers, Action):
     regex: str | None = Field(
         default=None, description="Python regular expression, full match; named groups -> match.NAME"
     )
+    call: Call | None = Field(
+        default=None, description="ask a webhook first (after set:); reply, params and goto follow its answer"
+    )
+    on_error: OnError | None = Field(
+        default=None, description="with call: what to do instead when the webhook fails (default: stay silent)"
+    )
 
     @classmethod
     def _matcher_fields(cls) -> tuple[str, ...]:
@@ -113,6 +161,10 @@ class State(_Model):
         default=None, description="after this much silence the conversation returns to start"
     )
     otherwise: Action | None = None
+    entry: bool = Field(
+        default=False,
+        description="conversations are started in this state (start API, smsbot start): it needs no goto leading to it",
+    )
 
 
 class Expect(_Model):
@@ -124,6 +176,26 @@ class Expect(_Model):
     opted_out: bool | None = None
     vars: dict[str, Text] | None = Field(default=None, description="these variables have these values")
     text: str | None = Field(default=None, description="the preview text of the reply")
+    call: str | None = Field(default=None, description="the webhook called at this step, or null for none")
+
+
+class CannedAnswer(_Model):
+    """A webhook's answer in a rule test: ``json:`` for success, ``error:`` or ``status:`` for a failure."""
+
+    json_: Any = Field(default=None, alias="json", description="the JSON the webhook answers with")
+    error: str | None = Field(default=None, min_length=1, description="a failure such as timeout")
+    status: int | None = Field(default=None, ge=100, le=599, description="an HTTP status other than 2xx")
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Any:
+        given = [k for k in ("json_", "error", "status") if k in self.model_fields_set]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json (the answer), error (e.g. timeout) or status (e.g. 500)")
+        if self.status is not None and 200 <= self.status < 300:
+            raise ValueError("status gives a failure (e.g. 500); for a successful answer give json")
+        return self
 
 
 class RuleTest(_Model):
@@ -134,6 +206,12 @@ class RuleTest(_Model):
     expect: list[Expect]
     gap: Duration = Field(default=timedelta(seconds=1), description="time between messages")
     vars: dict[str, Text] = Field(default_factory=dict, description="variables at the start")
+    state: str | None = Field(
+        default=None, description="the state the conversation starts in (as the start API would); default: start"
+    )
+    webhooks: dict[str, CannedAnswer] = Field(
+        default_factory=dict, description="canned answers of the webhooks this test calls: nothing calls out"
+    )
 
 
 class RuleFile(_Model):
@@ -142,6 +220,11 @@ class RuleFile(_Model):
     model_config = ConfigDict(title="smsbot rule file")
 
     signature: str = Field(min_length=1, description='the callback "sign" this file answers; "*" for any other')
+    extend: Text | None = Field(
+        default=None,
+        description="Tencent extend code (digits) this file answers under its signature; another file without "
+        "extend answers the signature's other replies",
+    )
     description: str | None = None
     param_max_length: int | None = Field(
         default=None, ge=1, description="Tencent's limit for one template variable (characters)"
@@ -170,4 +253,8 @@ class RuleFile(_Model):
     states: dict[str, State] = Field(default_factory=dict)
     anywhere: list[Rule] = Field(default_factory=list)
     otherwise: Action | None = None
+    webhooks: dict[str, Webhook] = Field(default_factory=dict, description="HTTP endpoints rules may call:")
+    events: dict[str, EventEndpoint] = Field(
+        default_factory=dict, description="URLs receiving signed events of the conversations this file answers"
+    )
     tests: list[RuleTest] = Field(default_factory=list)

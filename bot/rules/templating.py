@@ -57,11 +57,21 @@ def _make_env() -> ImmutableSandboxedEnvironment:
 ENV = _make_env()
 
 
+def _wrap(value: object) -> object:
+    """Mappings inside a Bag are Bags too (a webhook's JSON: ``vars.order.status``); lists stay lists."""
+    if isinstance(value, Mapping):
+        return Bag(value)
+    if isinstance(value, list) and any(isinstance(item, Mapping) for item in value):
+        return [Bag(item) if isinstance(item, Mapping) else item for item in value]
+    return value
+
+
 class Bag:
     """A read-only mapping whose items are reachable as attributes and nothing else.
 
     A plain dict would expose ``keys``, ``items`` ... as attributes, so a
-    variable named ``items`` would render as a bound method.
+    variable named ``items`` would render as a bound method. Nested mappings
+    (a webhook's JSON answer kept with ``save_as``) are handed out as Bags too.
     """
 
     __slots__ = ("_data",)
@@ -73,12 +83,14 @@ class Bag:
         if name.startswith("_"):
             raise AttributeError(name)
         try:
-            return self._data[name]
+            value = self._data[name]
         except KeyError:
             raise AttributeError(name) from None
+        return value if isinstance(value, str) else _wrap(value)
 
     def __getitem__(self, name: str) -> object:
-        return self._data[name]
+        value = self._data[name]
+        return value if isinstance(value, str) else _wrap(value)
 
     def __contains__(self, name: object) -> bool:
         return name in self._data
