@@ -174,7 +174,9 @@ class Expect(_Model):
     params: list[Text] | None = None
     state: str | None = None
     opted_out: bool | None = None
-    vars: dict[str, Text] | None = Field(default=None, description="these variables have these values")
+    vars: dict[str, Any] | None = Field(
+        default=None, description="these variables have these values (a webhook's answer: a mapping)"
+    )
     text: str | None = Field(default=None, description="the preview text of the reply")
     call: str | None = Field(default=None, description="the webhook called at this step, or null for none")
 

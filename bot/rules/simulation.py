@@ -2,6 +2,10 @@
 
 Used by ``smsbot simulate``, by the ``tests:`` of rule files and (later) by the
 console's simulator, so all three show exactly what production would do.
+
+Nothing here calls out: a rule's ``call:`` is answered from canned answers (a
+test's ``webhooks:``, ``simulate --webhook``), and a call without one is not
+made at all and takes the rule's ``on_error``.
 """
 
 from __future__ import annotations
@@ -9,13 +13,25 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from bot.rules.engine import decide
-from bot.rules.model import CompiledFile, Conversation, Decision, InboundMessage, Ruleset
-from bot.rules.schema import Expect
+from bot.rules.engine import decide, resume
+from bot.rules.model import (
+    CompiledFile,
+    Conversation,
+    Decision,
+    InboundMessage,
+    Ruleset,
+    WebhookCall,
+    WebhookOutcome,
+)
+from bot.rules.schema import CannedAnswer, Expect
 
 TEST_CLOCK_START = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
 """A fixed start time for rule tests (10:00 China time on a Monday), so they never depend on the clock."""
+
+NOT_CALLED = "not called: no canned answer"
+"""The error of a call that had no canned answer (the simulation never calls out)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +39,31 @@ class Step:
     text: str
     at: datetime
     decision: Decision
+    """What the message finally did: after the webhook's answer when the rule called one."""
+    call: WebhookCall | None = None
+    """The webhook call the fired rule asked for."""
+    outcome: WebhookOutcome | None = None
+    """The canned answer it got (a failure with ``NOT_CALLED`` when there was none)."""
+    called: Decision | None = None
+    """The decision that asked for the call (before ``resume``)."""
+
+    @property
+    def unanswered(self) -> bool:
+        """A call was asked for but no canned answer was given: it was not made, on_error was taken."""
+        return self.call is not None and self.outcome is not None and self.outcome.error == NOT_CALLED
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        return (self.called.errors if self.called else ()) + self.decision.errors
+
+
+def canned_outcome(answer: CannedAnswer) -> WebhookOutcome:
+    """The outcome a test's canned answer stands for."""
+    if "json_" in answer.model_fields_set:
+        return WebhookOutcome(ok=True, data=answer.json_)
+    if answer.status is not None:
+        return WebhookOutcome(ok=False, error=f"HTTP {answer.status}")
+    return WebhookOutcome(ok=False, error=answer.error)
 
 
 def simulate(
@@ -34,15 +75,30 @@ def simulate(
     gap: timedelta = timedelta(seconds=1),
     nationcode: str = "86",
     mobile: str = "13800000000",
-    variables: Mapping[str, str] | None = None,
+    variables: Mapping[str, Any] | None = None,
+    state: str | None = None,
+    extend: str = "",
+    webhooks: Mapping[str, WebhookOutcome] | None = None,
 ) -> Iterator[Step]:
-    """Feed ``messages`` one ``gap`` apart to one fresh conversation."""
-    conversation = Conversation(vars=dict(variables or {}))
+    """Feed ``messages`` one ``gap`` apart to one fresh conversation (begun in ``state``, if given).
+
+    A rule's webhook call is answered from ``webhooks`` (by name); without an answer it is
+    not made and the rule's ``on_error`` follows.
+    """
+    conversation = Conversation(state=state, vars=dict(variables or {}))
+    answers = webhooks or {}
     at = start
     for text in messages:
-        message = InboundMessage(text=text, sign=sign, nationcode=nationcode, mobile=mobile)
+        message = InboundMessage(text=text, sign=sign, nationcode=nationcode, mobile=mobile, extend=extend)
         decision = decide(rules, conversation, message, at)
-        yield Step(text, at, decision)
+        if decision.call is None:
+            yield Step(text, at, decision)
+        else:
+            call = decision.call
+            outcome = answers.get(call.webhook) or WebhookOutcome(ok=False, error=NOT_CALLED)
+            final = resume(rules, decision.conversation(), message, call, outcome, at)
+            yield Step(text, at, final, call=call, outcome=outcome, called=decision)
+            decision = final
         conversation = decision.conversation()
         at += gap
 
@@ -64,6 +120,11 @@ class TestFailure:
         where = f"{self.path}:{self.line}: test '{self.test}' step {self.step} (said {self.said!r})"
         if self.what == "no error":
             return f"{where}: the rules failed: {self.actual}"
+        if self.what == "webhook answer":
+            return (
+                f"{where}: webhook '{self.actual}' was called but the test gives no answer for it "
+                f"(add webhooks: {{{self.actual}: {{json: ...}}}} or {{error: timeout}})"
+            )
         return f"{where}: expected {self.what} {self.expected!r}, got {self.actual!r}"
 
 
@@ -84,11 +145,23 @@ def run_file_tests(rules: CompiledFile) -> list[TestOutcome]:
     outcomes = []
     for test, line in zip(rules.tests, rules.test_lines, strict=True):
         sign = rules.signature if rules.signature != "*" else "any"
-        steps = simulate(rules, test.say, sign=sign, start=TEST_CLOCK_START, gap=test.gap, variables=test.vars)
+        steps = simulate(
+            rules,
+            test.say,
+            sign=sign,
+            start=TEST_CLOCK_START,
+            gap=test.gap,
+            variables=test.vars,
+            state=test.state,
+            extend=rules.extend,
+            webhooks={name: canned_outcome(answer) for name, answer in test.webhooks.items()},
+        )
         failures: list[TestFailure] = []
         for number, (step, expect) in enumerate(zip(steps, test.expect, strict=False), start=1):
-            problems = [(what, want, got) for what, want, got in _comparisons(expect, step.decision) if want != got]
-            problems += [("no error", None, error) for error in step.decision.errors]
+            problems = [(what, want, got) for what, want, got in _comparisons(expect, step) if want != got]
+            if step.unanswered and step.call is not None:
+                problems.append(("webhook answer", None, step.call.webhook))
+            problems += [("no error", None, error) for error in step.errors]
             failures += [
                 TestFailure(rules.path, line, test.name, number, step.text, what, want, got)
                 for what, want, got in problems
@@ -97,8 +170,9 @@ def run_file_tests(rules: CompiledFile) -> list[TestOutcome]:
     return outcomes
 
 
-def _comparisons(expect: Expect, d: Decision) -> list[tuple[str, object, object]]:
+def _comparisons(expect: Expect, step: Step) -> list[tuple[str, object, object]]:
     """(what, expected, actual) for every key the test step gives."""
+    d = step.decision
     reply = d.replies[0] if d.replies else None
     given = expect.model_fields_set
     pairs: list[tuple[str, object, object]] = []
@@ -112,6 +186,8 @@ def _comparisons(expect: Expect, d: Decision) -> list[tuple[str, object, object]
         pairs.append(("state", expect.state, d.state))
     if "opted_out" in given:
         pairs.append(("opted_out", expect.opted_out, d.opted_out))
+    if "call" in given:
+        pairs.append(("call", expect.call, step.call.webhook if step.call else None))
     for name, value in (expect.vars or {}).items():
         pairs.append((f"vars.{name}", value, d.vars.get(name)))
     return pairs
