@@ -20,7 +20,7 @@ from bot.cli.common import PathArg, read_settings, refuse_rule_errors
 from bot.cli.templates import template_report, tencent_templates_config
 from bot.config import Settings
 from bot.rules.loader import LoadResult, load_rules
-from bot.rules.model import Reply
+from bot.rules.model import Reply, WebhookCall, WebhookOutcome
 from bot.rules.schema import RuleFile, parse_duration
 from bot.rules.simulation import Step, run_file_tests, simulate
 
@@ -104,6 +104,21 @@ def simulate_command(
     nationcode: Annotated[str, typer.Option("--nationcode", help="country code")] = "86",
     gap: Annotated[str, typer.Option("--gap", help="simulated time between messages, e.g. 31m")] = "1s",
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per message")] = False,
+    extend: Annotated[str, typer.Option("--extend", help="Tencent's extend code the customer replied to")] = "",
+    state: Annotated[
+        str | None, typer.Option("--state", help="begin in this state, as a conversation the start API began")
+    ] = None,
+    var: Annotated[
+        list[str] | None, typer.Option("--var", help="a variable at the start, NAME=VALUE (repeatable)")
+    ] = None,
+    webhook: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--webhook",
+            help="a webhook's canned answer: NAME=FILE (its JSON), NAME=error:timeout or NAME=status:500 "
+            "(repeatable); a call without one is not made and takes on_error",
+        ),
+    ] = None,
 ) -> None:
     """Feed MESSAGES to one fresh conversation and show what the bot would answer. Nothing is stored or sent."""
     try:
@@ -111,9 +126,24 @@ def simulate_command(
     except ValueError as exc:
         typer.echo(f"smsbot: --gap: {exc}", err=True)
         raise typer.Exit(2) from exc
+    variables = dict(_pair("--var", item) for item in var or ())
+    answers = {name: _canned(name, source) for name, source in (_pair("--webhook", w) for w in webhook or ())}
     result, _ = _load(rules)
     if result.ruleset is None:
         refuse_rule_errors(result.errors)
+    answering = result.ruleset.for_signature(sign, extend)
+    if state is not None and answering is not None and state not in answering.states:
+        known = ", ".join(answering.states)
+        typer.echo(f"smsbot: --state: {answering.name} has no state {state!r}; its states: {known}", err=True)
+        raise typer.Exit(2)
+    if answering is not None:
+        for name in answers:
+            if name not in answering.webhooks:
+                known = ", ".join(answering.webhooks) or "none"
+                typer.echo(
+                    f"smsbot: --webhook: {answering.name} has no webhook {name!r}; its webhooks: {known}", err=True
+                )
+                raise typer.Exit(2)
     steps = simulate(
         result.ruleset,
         messages,
@@ -122,6 +152,10 @@ def simulate_command(
         gap=step_gap,
         nationcode=nationcode,
         mobile=mobile,
+        variables=variables,
+        state=state,
+        extend=extend,
+        webhooks=answers,
     )
     for step in steps:
         if as_json:
@@ -130,15 +164,64 @@ def simulate_command(
             _print_step(step)
 
 
+def _pair(option: str, item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        typer.echo(f"smsbot: {option}: expected NAME=VALUE, got {item!r}", err=True)
+        raise typer.Exit(2)
+    return name.strip(), value
+
+
+def _canned(name: str, source: str) -> WebhookOutcome:
+    """``--webhook NAME=...``: a JSON file, ``error:WHAT`` or ``status:CODE``."""
+    kind, _, detail = source.partition(":")
+    if kind == "error" and detail:
+        return WebhookOutcome(ok=False, error=detail)
+    if kind == "status" and detail.isdigit() and not 200 <= int(detail) < 300:
+        return WebhookOutcome(ok=False, error=f"HTTP {detail}")
+    try:
+        return WebhookOutcome(ok=True, data=json.loads(Path(source).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        typer.echo(
+            f"smsbot: --webhook {name}: cannot read JSON from {source!r} ({exc}); "
+            "give NAME=FILE, NAME=error:timeout or NAME=status:500",
+            err=True,
+        )
+        raise typer.Exit(2) from exc
+
+
 def _step_json(step: Step) -> dict[str, Any]:
-    """One ``simulate --json`` line: its field names are an interface scripts read, so they only ever grow."""
+    """One ``simulate --json`` line: its field names are an interface scripts read, so they only ever grow.
+
+    ``call`` and ``outcome`` are there only for a message whose rule called a webhook.
+    """
     d = step.decision
-    return {
+    line: dict[str, Any] = {
         "text": step.text,
         "rule": d.rule,
         "state": d.state,
         "replies": [_reply_json(r) for r in d.replies],
         "opted_out": d.opted_out,
+    }
+    if step.call is not None and step.outcome is not None:
+        line["call"] = _call_json(step.call)
+        line["outcome"] = {
+            "made": not step.unanswered,
+            "ok": step.outcome.ok,
+            "data": step.outcome.data,
+            "error": step.outcome.error,
+        }
+    return line
+
+
+def _call_json(call: WebhookCall) -> dict[str, Any]:
+    return {
+        "webhook": call.webhook,
+        "method": call.method,
+        "url": call.url,
+        "body": dict(call.body) if call.body is not None else None,
+        "timeout": call.timeout,
+        "save_as": call.save_as,
     }
 
 
@@ -155,6 +238,8 @@ def _print_step(step: Step) -> None:
     d = step.decision
     local = step.at.astimezone()
     typer.echo(f"[{local:%H:%M:%S}] > {step.text}")
+    if step.call is not None and step.outcome is not None:
+        _print_call(step.call, step.outcome, unanswered=step.unanswered)
     for reply in d.replies:
         sms = f"{reply.segments} SMS, {reply.length} chars {reply.encoding}"
         typer.echo(f"           < {reply.text}")
@@ -168,5 +253,17 @@ def _print_step(step: Step) -> None:
     if d.opt_change:
         notes.append(d.opt_change.replace("_", "-"))
     typer.echo("             " + ", ".join(notes))
-    for error in d.errors:
+    for error in step.errors:
         typer.echo(f"             error: {error}")
+
+
+def _print_call(call: WebhookCall, outcome: WebhookOutcome, *, unanswered: bool) -> None:
+    body = json.dumps(dict(call.body), ensure_ascii=False) if call.body is not None else "no body"
+    typer.echo(f"           ~ webhook {call.webhook}: {call.method} {call.url} {body} (timeout {call.timeout:g}s)")
+    if unanswered:
+        typer.echo(f"             not called (no --webhook {call.webhook}=FILE given): taking on_error")
+    elif outcome.ok:
+        saved = f" -> vars.{call.save_as}" if call.save_as else ""
+        typer.echo(f"             answer: {json.dumps(outcome.data, ensure_ascii=False)}{saved}")
+    else:
+        typer.echo(f"             failed: {outcome.error}: taking on_error")
