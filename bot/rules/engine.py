@@ -158,14 +158,12 @@ def _apply(
                 reply_max_delay=rules.reply_max_delay,
                 call=call,
             )
-        # The body could not be rendered: the call fails before it is made.
-        if action.call.on_error is None:
-            next_state = state_name
-        else:
-            action = action.call.on_error
-            next_state = action.goto or state_name
-
-    replies = _replies(rules, action, context, message, errors)
+        # The body could not be rendered: the call fails before it is made, and on_error (if any) follows.
+        on_error = action.call.on_error
+        next_state = state_name if on_error is None else (on_error.goto or state_name)
+        replies = () if on_error is None else _replies(rules, on_error, context, message, errors)
+    else:
+        replies = _replies(rules, action, context, message, errors)
     return Decision(
         rule=action.ref,
         rule_kind=action.kind,
