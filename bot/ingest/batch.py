@@ -342,11 +342,15 @@ def _write_batch(
 
 
 def _decide(ruleset: Ruleset | None, convo: _Convo, message: Inbound, now: datetime) -> Decision | None:
-    rules = ruleset.for_signature(message.sign) if ruleset is not None else None
+    rules = ruleset.for_signature(message.sign, message.extend) if ruleset is not None else None
     if rules is None:
         return None
     engine_message = InboundMessage(
-        text=message.text, sign=message.sign, nationcode=message.nationcode, mobile=message.mobile
+        text=message.text,
+        sign=message.sign,
+        nationcode=message.nationcode,
+        mobile=message.mobile,
+        extend=message.extend,
     )
     return decide(rules, convo.engine_view(), engine_message, now)
 
