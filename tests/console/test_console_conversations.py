@@ -343,8 +343,8 @@ def test_thread_shows_why_the_bot_said_what_it_said(world: World) -> None:
     )
     order = [text.index(s) for s in (*said, "Price?")]
     assert order == sorted(order)
-    assert "acme-shop.yaml:32" in text  # the rule that fired
-    assert "acme-shop.yaml:38" in text
+    assert "acme-shop.yaml:38" in text  # the rule that fired
+    assert "acme-shop.yaml:44" in text
     assert re.search(r"<code>—</code> → <code>menu</code>", text)  # state before → after
     assert re.search(r"<code>menu</code> → <code>menu</code>", text)
     assert '<code class="template-id">1490001</code>' in text
@@ -368,7 +368,7 @@ def test_thread_shows_opt_out_events_in_time_order(world: World) -> None:
     )
     assert said < event < reply
     assert "by keyword" in text
-    assert "acme-shop.yaml:21" in text
+    assert "acme-shop.yaml:27" in text
     assert "yes, since" in text
 
 
