@@ -166,3 +166,31 @@ def test_get_and_put_vars(api: Harness) -> None:
     assert bad.status_code == 422
     assert bad.json()["field"] == "vars.a"
     assert api.rows(conversations)[0]["variables"] == {"appointment_id": "B2"}
+
+
+def test_the_console_thread_says_who_started_the_conversation(api: Harness) -> None:
+    from tests.console.test_console_conversations import login, make_user
+
+    key = new_key(api.engine)
+    conversation_id = start(api, key, start_body()).json()["conversation_id"]
+    make_user(api.engine, "ops", "viewer")
+    login(api.client, "ops")
+    page = api.client.get(f"/console/conversations/{conversation_id}")
+    assert page.status_code == 200
+    assert "started by api:crm" in page.text
+
+
+def test_the_openapi_document_lists_the_routes_with_their_errors(api: Harness) -> None:
+    paths = api.client.get("/openapi.json").json()["paths"]
+    expected = {
+        ("/api/v1/conversations", "post"): {"202", "401", "403", "409", "422"},
+        ("/api/v1/conversations:batch", "post"): {"200", "401", "403", "422"},
+        ("/api/v1/conversations/{signature}/{nationcode}/{mobile}", "get"): {"200", "401", "403", "404", "422"},
+        ("/api/v1/conversations/{signature}/{nationcode}/{mobile}/vars", "put"): {"200", "401", "403", "422"},
+    }
+    for (path, method), codes in expected.items():
+        operation = paths[path][method]
+        assert set(operation["responses"]) == codes, (path, method)
+        assert operation["security"] == [{"HTTPBearer": []}]
+    error = paths["/api/v1/conversations"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ApiError"}
