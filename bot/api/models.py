@@ -42,7 +42,7 @@ class StartBody(BaseModel):
 class BatchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    items: list[dict[str, Any]] = Field(
+    items: list[Any] = Field(
         max_length=MAX_BATCH,
         description=f"up to {MAX_BATCH} start bodies; each is checked and answered on its own",
         json_schema_extra={"items": {"$ref": "#/components/schemas/StartBody"}},

@@ -194,3 +194,12 @@ def test_the_openapi_document_lists_the_routes_with_their_errors(api: Harness) -
         assert operation["security"] == [{"HTTPBearer": []}]
     error = paths["/api/v1/conversations"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert error == {"$ref": "#/components/schemas/ApiError"}
+
+
+def test_a_batch_item_that_is_not_an_object_is_refused_alone(api: Harness) -> None:
+    key = new_key(api.engine)
+    items: list[Any] = [start_body(), "nonsense", start_body("13800000002", signature=None)]
+    response = api.client.post("/api/v1/conversations:batch", json={"items": items}, headers=auth(key))
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [(r["status"], r.get("field")) for r in results] == [(202, None), (422, "body"), (422, "signature")]
