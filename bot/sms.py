@@ -57,6 +57,8 @@ class OutboundSms:
     """Tencent's SenderId, for a number outside the Chinese mainland whose country needs one."""
     send_by: datetime | None = None
     """The reply's deadline: a retry planned past it expires the reply instead."""
+    extend_code: str | None = None
+    """Tencent's ``ExtendCode`` to send with (the rule file's ``extend``, or the one the customer wrote to)."""
 
 
 @dataclass(frozen=True)

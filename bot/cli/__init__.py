@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from bot.cli import common, db, export, rules, serving, templates, users
+from bot.cli import apikeys, common, contacts, db, export, rules, serving, start, templates, users
 
 app = typer.Typer(help="smsbot: a conversational SMS auto-responder for Tencent Cloud SMS.", no_args_is_help=True)
 
@@ -39,9 +39,12 @@ app.command("serve")(serving.serve)
 app.command("pull")(serving.pull_command)
 app.command("worker")(serving.worker_command)
 app.command("export")(export.export_command)
+app.command("start")(start.start_command)
 app.add_typer(rules.app, name="rules")
 app.add_typer(templates.app, name="templates")
 app.add_typer(db.app, name="db")
 app.add_typer(users.app, name="users")
+app.add_typer(contacts.app, name="contacts")
+app.add_typer(apikeys.app, name="apikeys")
 
 __all__ = ["app"]

@@ -42,7 +42,7 @@ _DUE = (
 # whenever its statistics lagged behind a growing table.
 _DETAILS = (
     "SELECT m.id, m.signature, m.template_id, m.params, m.text, m.rule_kind, c.nationcode, c.mobile, v.opted_out,"
-    " v.id, m.marketing, m.contact_id, m.sender_id"
+    " v.id, m.marketing, m.contact_id, m.sender_id, m.extend_code"
     " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
     " WHERE {where}"
 )
@@ -105,6 +105,7 @@ class _Details(NamedTuple):
     marketing: Any
     contact_id: int
     sender_id: str | None
+    extend_code: str | None
 
 
 @dataclass
@@ -250,6 +251,7 @@ def _decide_claim(
                 conversation_id=int(d.conversation_id),
                 sender_id=d.sender_id,
                 send_by=send_by,
+                extend_code=d.extend_code,
             )
         )
     return claim

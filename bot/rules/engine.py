@@ -22,6 +22,7 @@ from bot.rules.model import (
     CompiledCall,
     CompiledFile,
     CompiledSection,
+    CompiledTemplate,
     Conversation,
     Decision,
     InboundMessage,
@@ -318,21 +319,29 @@ def _preview(template_text: str, params: tuple[str, ...], billed_prefix: str, na
 
 
 def _reply(action: CompiledAction, params: tuple[str, ...], message: InboundMessage, sender_id: str | None) -> Reply:
-    template = action.reply
-    assert template is not None
-    if is_mainland(message.nationcode):
-        sign = message.sign.strip().removeprefix("【").removesuffix("】")
-        text, size = _preview(template.text, params, f"【{sign}】", "86")
+    assert action.reply is not None
+    return template_reply(action.reply, params, sign=message.sign, nationcode=message.nationcode, sender_id=sender_id)
+
+
+def template_reply(
+    template: CompiledTemplate, params: tuple[str, ...], *, sign: str, nationcode: str, sender_id: str | None
+) -> Reply:
+    """The SMS ``template`` with ``params`` makes for a number: text, billed length, template id (mainland or
+    international), marketing flag, why it cannot be sent at all. What replies are built with, and what a
+    conversation the business starts (``bot/outreach``) is built with too."""
+    if is_mainland(nationcode):
+        bare_sign = sign.strip().removeprefix("【").removesuffix("】")
+        text, size = _preview(template.text, params, f"【{bare_sign}】", "86")
         template_id, refused = template.id, None
     else:
         # Abroad Tencent sends no signature and takes only international templates.
-        text, size = _preview(template.text, params, "", message.nationcode.lstrip("+"))
+        text, size = _preview(template.text, params, "", nationcode.lstrip("+"))
         template_id = template.intl_id or template.id
         refused = (
             None
             if template.intl_id
             else f"template '{template.name}' has no intl_id: Tencent refuses mainland templates to numbers "
-            f"outside the Chinese mainland (+{message.nationcode.lstrip('+')}); give it the id of an approved "
+            f"outside the Chinese mainland (+{nationcode.lstrip('+')}); give it the id of an approved "
             "international template"
         )
     return Reply(
@@ -345,7 +354,7 @@ def _reply(action: CompiledAction, params: tuple[str, ...], message: InboundMess
         encoding=size.encoding,
         marketing=template.marketing,
         refused=refused,
-        sender_id=None if is_mainland(message.nationcode) else sender_id,
+        sender_id=None if is_mainland(nationcode) else sender_id,
     )
 
 

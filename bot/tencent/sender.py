@@ -58,6 +58,8 @@ class TencentSender:
         elif sms.sender_id:  # abroad: no signature, and a SenderId where the country needs one
             request.SenderId = sms.sender_id
         request.TemplateParamSet = list(sms.params)
+        if sms.extend_code:  # the reply goes back on the extend code its campaign uses
+            request.ExtendCode = sms.extend_code
         if self._contexts is not None:  # matches delivery reports and pulls to our message, and only ours
             request.SessionContext = self._contexts.context_for(sms.message_id)
         try:

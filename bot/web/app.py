@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from starlette.routing import Route
 
+from bot.api import install as install_api
 from bot.config import Settings
 from bot.console import install as install_console
 from bot.runtime.hosting import Runtime, build_runtime
@@ -131,6 +132,7 @@ def create_app(
     app.get("/metrics", summary="Prometheus metrics (bearer token, or loopback clients only)")(metrics.endpoint)
     _install_callbacks(app, CallbackRoutes(settings, runtime.pipeline, clock), metrics)
     _install_health(app)
+    install_api(app)  # /api/v1 for the business's systems (bot/api)
     # The console goes last: routes are matched in order, and Tencent's callbacks (the hot path)
     # should not be compared with every console page first.
     install_console(app, settings)  # the ops console under /console (bot/console)
