@@ -114,13 +114,15 @@ def rule_file(ruleset: Ruleset | None, signature: str, template: str | None = No
         raise StartRefused("signature", "no rules are loaded")
     if not signature.strip():
         raise StartRefused("signature", "give the SMS signature")
-    found = ruleset.for_signature(signature)
-    if found is None or found.signature == "*":
-        raise StartRefused("signature", f"no rule file answers the signature {signature!r}")
-    if template is None or template in found.templates:
-        return found
     key = signature_key(signature)
     others = [f for f in ruleset.files if f.signature != "*" and signature_key(f.signature) == key]
+    if not others:
+        raise StartRefused("signature", f"no rule file answers the signature {signature!r}")
+    found = ruleset.for_signature(signature)
+    if found is None or found.signature == "*":  # only files scoped to extend codes have this signature
+        found = others[0]
+    if template is None or template in found.templates:
+        return found
     having = [f for f in others if template in f.templates]
     if len(having) == 1:
         return having[0]
@@ -177,7 +179,7 @@ def check_start(ruleset: Ruleset | None, request: StartRequest, *, param_max_len
         expires=rules.states[state].expires,
         params=tuple(expressions),
         vars=check_vars(request.vars),
-        extend_code=str(getattr(rules, "extend", "") or "") or None,  # file-level `extend:` (rules helper)
+        extend_code=rules.extend or None,  # the file-level `extend:` it was sent with
         param_max_length=param_max_length,
     )
 

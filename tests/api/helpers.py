@@ -29,6 +29,7 @@ states:
       - keywords: [HI]
         reply: menu
   reminder:
+    entry: true
     expires: 1d
     on:
       - keywords: ["1"]
@@ -40,8 +41,14 @@ states:
 SIGN = "Acme Shop"
 
 
-def api_rules(folder: Path) -> Path:
-    write_rules(folder, "acme.yaml", RULES)
+def api_rules(folder: Path, *, extend: str | None = None) -> Path:
+    """The start flow's rule file; ``extend`` scopes it to that extend code (file-level ``extend:``)."""
+    text = (
+        RULES
+        if extend is None
+        else RULES.replace("signature: Acme Shop\n", f'signature: Acme Shop\nextend: "{extend}"\n')
+    )
+    write_rules(folder, "acme.yaml", text)
     return folder
 
 

@@ -35,10 +35,8 @@ def test_a_start_reaches_tencent_with_its_params_and_the_files_extend_code(
     make_app: Callable[..., Harness], db_url: str, fake: FakeTencentSms, tmp_path: Path
 ) -> None:
     settings = tencent_settings(fake)
-    h = make_app(db_url, settings=settings, sender=make_sender(settings), rules_path=api_rules(tmp_path / "r"))
-    assert h.rules.ruleset is not None
-    # A file-level `extend: "01"` (the rules helper's CompiledFile.extend), set on the loaded file.
-    object.__setattr__(h.rules.ruleset.files[0], "extend", "01")
+    rules = api_rules(tmp_path / "r", extend="01")
+    h = make_app(db_url, settings=settings, sender=make_sender(settings), rules_path=rules)
     response = start(h, new_key(h.engine), start_body())
     assert response.status_code == 202, response.text
     assert response.json()["extend_code"] == "01"
