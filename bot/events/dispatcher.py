@@ -156,10 +156,13 @@ class EventDispatcher:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
 
-    def _ensure_started(self) -> httpx.AsyncClient:
+    def _ensure_started(self) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
+
+    def _http(self) -> httpx.AsyncClient:
+        """The HTTP client, built on first use (it loads the CA certificates: not worth it for nothing)."""
         if self._client is None:
             self._client = httpx.AsyncClient(
                 timeout=self.timeout, transport=self.transport, follow_redirects=False, trust_env=False
@@ -168,11 +171,12 @@ class EventDispatcher:
 
     async def run_once(self) -> int:
         """Claim due events, POST them (all at once: one per endpoint and conversation), record the outcomes."""
-        client = self._ensure_started()
+        self._ensure_started()
         now = self.clock()
         claimed = await self.writer.run(lambda conn: claim_events(conn, now=now, limit=self.batch))
         if not claimed:
             return 0
+        client = self._http()
         endpoints = self.endpoints()
         attempts = await asyncio.gather(*(self._post(client, endpoints, e) for e in claimed))
         done_at = self.clock()

@@ -204,10 +204,10 @@ class ThreadPipeline:
         self.writer.start()
         if self.deliverer is not None:
             self._tasks.append(asyncio.create_task(self.deliverer.run_forever(), name="smsbot-deliverer"))
-        if self.edge is not None:
-            self._edge_tasks = self.edge.start_tasks()
         if self.watch_rules:
             self._tasks.append(asyncio.create_task(self.rules.watch(self._rules_reloaded), name="smsbot-rules-watch"))
+        if self.edge is not None:  # after the watch: their HTTP clients take a moment to build
+            self._edge_tasks = self.edge.start_tasks()
 
     async def stop(self) -> None:
         edge_tasks, self._edge_tasks = self._edge_tasks, []

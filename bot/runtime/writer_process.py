@@ -201,10 +201,10 @@ class _Child:
         tasks = []
         if self.deliverer is not None:
             tasks.append(asyncio.create_task(self.deliverer.run_forever(), name="smsbot-deliverer"))
-        if self.edge is not None:
-            tasks.extend(self.edge.start_tasks())
         if self.config.watch_rules:
             tasks.append(asyncio.create_task(self.rules.watch(self._send_rules), name="smsbot-rules-watch"))
+        if self.edge is not None:  # after the watch: their HTTP clients take a moment to build
+            tasks.extend(self.edge.start_tasks())
         await self._astop.wait()
         for task in tasks:
             # Cancel until it ends: on Python 3.11 a cancel arriving with a wake-up can be swallowed.

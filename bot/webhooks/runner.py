@@ -174,24 +174,27 @@ class WebhookRunner:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
 
-    def _ensure_started(self) -> httpx.AsyncClient:
+    def _ensure_started(self) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
+
+    def _http(self) -> httpx.AsyncClient:
+        """The HTTP client, built on first use (it loads the CA certificates: not worth it for nothing)."""
         if self._client is None:
             self._client = httpx.AsyncClient(transport=self.transport, follow_redirects=False, trust_env=False)
         return self._client
 
     async def run_once(self) -> int:
         """Claim due calls for the free slots and start them; returns how many were claimed."""
-        client = self._ensure_started()
+        self._ensure_started()
         free = self.concurrency - len(self._tasks)
         if free <= 0:
             return 0
         now = self.clock()
         claimed = await self.writer.run(lambda conn: claim_calls(conn, now=now, limit=free))
         for item in claimed:
-            task = asyncio.create_task(self._run_call(client, item), name="smsbot-webhook")
+            task = asyncio.create_task(self._run_call(self._http(), item), name="smsbot-webhook")
             self._tasks.add(task)
             task.add_done_callback(self._done)
         return len(claimed)
