@@ -172,6 +172,8 @@ class EventDispatcher:
     async def run_once(self) -> int:
         """Claim due events, POST them (all at once: one per endpoint and conversation), record the outcomes."""
         self._ensure_started()
+        if not self.endpoints():  # nothing configured: what is queued waits for its endpoint to come back
+            return 0
         now = self.clock()
         claimed = await self.writer.run(lambda conn: claim_events(conn, now=now, limit=self.batch))
         if not claimed:
