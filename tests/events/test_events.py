@@ -284,3 +284,23 @@ def test_the_body_is_frozen_at_queue_time(engine: Engine, ruleset: Ruleset, rece
     assert body["id"] == row["id"]
     assert body["type"] == "state_entered"
     assert body["created_at"] == clock().isoformat()
+
+
+def test_the_verify_snippet_in_the_docs_accepts_what_the_dispatcher_signs() -> None:
+    import re
+    import time
+    from pathlib import Path
+
+    from bot.events.signing import signed_headers
+
+    text = (Path(__file__).parents[2] / "docs" / "events.md").read_text(encoding="utf-8")
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    namespace: dict[str, object] = {}
+    exec(snippet, namespace)
+    verify_from_docs = namespace["verify"]
+    body = b'{"id":1,"type":"opted_out"}'
+    headers = signed_headers(b"k", body, kind="opted_out", event_id=1, timestamp=int(time.time()))
+    assert verify_from_docs(b"k", headers, body)  # type: ignore[operator]
+    assert not verify_from_docs(b"k", headers, body + b" ")  # type: ignore[operator]
+    old = signed_headers(b"k", body, kind="opted_out", event_id=1, timestamp=int(time.time()) - 3600)
+    assert not verify_from_docs(b"k", old, body)  # type: ignore[operator]
