@@ -27,8 +27,6 @@ from bot.rules.model import (
     OptChange,
     Reply,
     Ruleset,
-    WebhookCall,
-    WebhookOutcome,
 )
 from bot.rules.normalize import NormalizedText
 from bot.rules.sms_length import SmsLength, sms_length
@@ -82,57 +80,6 @@ def decide(
         return _apply(rules, conversation, message, text, now, fallback, {}, state_name, expired)
     decision = _nothing(conversation, text, rules_file=rules.name, state=state_name, expired=expired)
     return _with(decision, unmatched=True, expires_at=_expiry(rules, state_name, now))
-
-
-def resume(
-    ruleset: Ruleset | CompiledFile,
-    conversation: Conversation,
-    message: InboundMessage,
-    call: WebhookCall,
-    outcome: WebhookOutcome,
-    now: datetime,
-) -> Decision:
-    """Continue rule ``call.rule`` after its webhook answered (interim version: no ``on_error`` yet).
-
-    On ok: ``vars[save_as] = data``, then the rule's reply/params/goto. On failure: stay, no reply.
-    """
-    from dataclasses import replace
-
-    rules = ruleset if isinstance(ruleset, CompiledFile) else ruleset.for_signature(message.sign, message.extend)
-    text = NormalizedText.of(message.text)
-    action = _action_by_ref(rules, call.rule) if rules is not None else None
-    if rules is None or action is None:
-        nothing = _nothing(conversation, text, rules_file=rules.name if rules else None, state=conversation.state)
-        return _with(nothing, rule=call.rule, errors=(f"{call.rule}: the rule no longer exists in the loaded rules",))
-    state_name = (
-        conversation.state if conversation.state is not None and conversation.state in rules.states else rules.start
-    )
-    if not outcome.ok:
-        return _with(
-            _nothing(conversation, text, rules_file=rules.name, state=state_name), rule=call.rule, rule_kind=action.kind
-        )
-    variables: dict[str, Any] = dict(conversation.vars)
-    if call.save_as:
-        variables[call.save_as] = outcome.data
-    return _apply(
-        rules,
-        replace(conversation, vars=variables),
-        message,
-        text,
-        now,
-        replace(action, sets=()),
-        call.captures,
-        state_name,
-        False,
-    )
-
-
-def _action_by_ref(rules: CompiledFile, ref: str) -> CompiledAction | None:
-    sections = [rules.opt_out, rules.opt_in, rules.help, rules.anywhere]
-    sections += [state.rules for state in rules.states.values()]
-    actions = [a for s in sections if s is not None for a in s.actions]
-    actions += [a for a in (rules.otherwise, *(s.otherwise for s in rules.states.values())) if a is not None]
-    return next((a for a in actions if a.ref == ref), None)
 
 
 def _find(section: CompiledSection | None, text: NormalizedText) -> tuple[CompiledAction, dict[str, str]] | None:

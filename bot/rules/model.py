@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property, lru_cache
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Literal
 
 from bot.rules.matching import RuleIndex
 from bot.rules.normalize import normalize
@@ -47,39 +47,9 @@ class InboundMessage:
     sign: str
     nationcode: str = "86"
     mobile: str = ""
-    extend: str = ""
-    """Tencent's extend code of the reply."""
 
 
 # ---------------------------------------------------------------- outputs
-
-
-@dataclass(frozen=True)
-class WebhookCall:
-    """A rule asked for a webhook: the edge performs it and calls resume()."""
-
-    webhook: str
-    """The name in the file's ``webhooks:`` map."""
-    rule: str
-    """``file:line`` ref of the rule whose remaining actions follow."""
-    save_as: str | None
-    method: Literal["GET", "POST"]
-    url: str
-    body: Mapping[str, Any] | None
-    """The rendered ``body:`` (POST JSON body; GET: query parameters)."""
-    timeout: float
-    """Seconds."""
-    captures: Mapping[str, str]
-    """The rule's match captures, to continue with."""
-
-
-@dataclass(frozen=True)
-class WebhookOutcome:
-    ok: bool
-    data: Any = None
-    """Parsed JSON on success."""
-    error: str | None = None
-    """"timeout", "HTTP 500", "invalid JSON", ..."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +97,6 @@ class Decision:
     """Rendering problems; the reply they affected is not sent."""
     reply_max_delay: timedelta | None = None
     """The answering file's ``reply_max_delay`` (None: the setting's)."""
-    call: WebhookCall | None = None
-    """Set when the fired rule has ``call:``: then ``replies`` is () and state/goto are not yet applied."""
 
     def conversation(self) -> Conversation:
         """The conversation as it stands after this decision."""
@@ -183,25 +151,6 @@ class CompiledState:
 
 
 @dataclass(frozen=True)
-class CompiledWebhook:
-    """A file's ``webhooks:`` entry."""
-
-    name: str
-    url: str
-    method: Literal["GET", "POST"] = "POST"
-    timeout: float = 3.0
-
-
-@dataclass(frozen=True)
-class EventEndpointSpec:
-    """A file's ``events:`` entry (the same shape as config.yaml's ``events:``)."""
-
-    url: str
-    kinds: tuple[str, ...] = ()
-    """Empty: every kind."""
-
-
-@dataclass(frozen=True)
 class CompiledFile:
     """One rule file ready for ``decide``."""
 
@@ -224,9 +173,6 @@ class CompiledFile:
     sender_id: str | None = None
     reply_max_delay: timedelta | None = None
     """This file's override of the ``reply_max_delay`` setting."""
-    extend: str = ""
-    webhooks: Mapping[str, CompiledWebhook] = field(default_factory=dict)
-    events: Mapping[str, EventEndpointSpec] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=1024)
@@ -256,6 +202,6 @@ class Ruleset:
             digest.update(f.name.encode() + b"\0" + f.version.encode() + b"\0")
         return cls(files, MappingProxyType(by_signature), default, digest.hexdigest()[:12])
 
-    def for_signature(self, sign: str, extend: str = "") -> CompiledFile | None:
+    def for_signature(self, sign: str) -> CompiledFile | None:
         """The file answering ``sign``: its own file, else the default (``signature: "*"``)."""
         return self.by_signature.get(signature_key(sign), self.default)
