@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bot.rules.schema import Duration
@@ -38,6 +38,24 @@ SECRET_SETTINGS = (
 
 class ConfigError(Exception):
     """Settings that cannot be used, with which setting and why."""
+
+
+EVENT_KINDS = ("opted_out", "opted_in", "state_entered", "reply_failed", "unmatched")
+EVENT_ENDPOINT_NAME = r"^[a-z0-9_-]+$"
+
+
+def event_secret_env(name: str) -> str:
+    """The environment variable holding an event endpoint's signing secret."""
+    return "SMSBOT_EVENT_SECRET_" + name.upper().replace("-", "_")
+
+
+class EventEndpointConfig(BaseModel):
+    """One ``events:`` entry: where events go and which kinds (default: all); its secret is in the environment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(pattern=r"^https?://[^\s/]+", description="http(s) URL the signed events are POSTed to")
+    kinds: tuple[Literal["opted_out", "opted_in", "state_entered", "reply_failed", "unmatched"], ...] | None = None
 
 
 class Settings(BaseSettings):
@@ -198,7 +216,27 @@ class Settings(BaseSettings):
         description="environment only: when set, GET /metrics needs 'Authorization: Bearer <it>'; "
         "unset: /metrics answers loopback clients only",
     )
+    events: dict[str, EventEndpointConfig] = Field(
+        default_factory=dict,
+        description="endpoints that receive signed event POSTs (name: {url, kinds?}); each one's secret comes "
+        "only from the environment, SMSBOT_EVENT_SECRET_<NAME>",
+    )
     config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
+
+    @field_validator("events")
+    @classmethod
+    def _event_endpoints(cls, value: dict[str, EventEndpointConfig]) -> dict[str, EventEndpointConfig]:
+        import re
+
+        for name in value:
+            if not re.match(EVENT_ENDPOINT_NAME, name):
+                raise ValueError(f"events: endpoint name {name!r} must be lower-case letters, digits, '_' or '-'")
+            if not os.environ.get(event_secret_env(name)):
+                raise ValueError(
+                    f"events.{name}: no signing secret; set {event_secret_env(name)} in the environment "
+                    "(secrets never go in the file)"
+                )
+        return value
 
     @field_validator("frequency_same_content", mode="before")
     @classmethod

@@ -46,6 +46,7 @@ from bot.api.models import (
 from bot.api.queries import conversation_by_number, newest_messages, remember_answers, remembered_answers
 from bot.console.rules_page import rules_view
 from bot.console.users import audit
+from bot.events.endpoints import EventEndpoints, LiveEndpoints, config_endpoints
 from bot.numbers import mask_number
 from bot.outreach.check import (
     CheckedStart,
@@ -178,6 +179,24 @@ def _ruleset(request: Request) -> Ruleset | None:
     return rules_view(request).ruleset
 
 
+class _RulesHolder:
+    """The ruleset this process starts conversations with (``LiveEndpoints`` follows its replacements)."""
+
+    ruleset: Ruleset | None = None
+
+
+def _event_endpoints(request: Request, rt: Runtime) -> EventEndpoints:
+    """The event endpoints for the rules starts are checked against: config's and the rule files'."""
+    state = request.app.state
+    live: LiveEndpoints | None = getattr(state, "api_event_endpoints", None)
+    holder: _RulesHolder | None = getattr(state, "api_event_rules", None)
+    if live is None or holder is None:
+        holder = state.api_event_rules = _RulesHolder()
+        live = state.api_event_endpoints = LiveEndpoints(config_endpoints(rt.settings.events), holder)
+    holder.ruleset = _ruleset(request)
+    return live.current()
+
+
 def _started_answer(result: StartResult) -> Answer:
     if result.outcome == "opted_out":
         return 409, {
@@ -265,7 +284,7 @@ def _start_in_transaction(request: Request, rt: Runtime, caller: ApiCaller, item
             now=now,
             started_by=caller.actor,
             policy=inbound_policy(rt.settings),
-            event_endpoints=getattr(request.app.state, "event_endpoints", None),
+            event_endpoints=_event_endpoints(request, rt),
         )
         new_answers: dict[str, Answer] = {}
         for item, result in zip(to_start, results, strict=True):

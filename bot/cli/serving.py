@@ -190,15 +190,28 @@ def worker_command(
         options["concurrency"] = concurrency
     writer = DbWriter(engine)
     writer.start()
-    deliverer = Deliverer(writer, sender, **options)
+    # Events out and rules' webhook calls run beside the delivery loop (bot/runtime/edge.py).
+    from bot.runtime.edge import EdgeLoops, live_endpoints
+    from bot.runtime.live_rules import LiveRules, RulesInvalid
+    from bot.runtime.pipeline import inbound_policy
+
+    rules = LiveRules(settings.rules_dir, settings.param_max_length)
+    with contextlib.suppress(RulesInvalid):  # logged; webhook answers then change nothing
+        rules.load()
+    endpoints = live_endpoints(settings.events, rules)
+    deliverer = Deliverer(writer, sender, events=endpoints.current, **options)
+    edge = EdgeLoops(writer, rules, endpoints, policy=inbound_policy(settings), deliverer=deliverer)
 
     async def main() -> int:
         if once:
+            await edge.drain()
             sent = await deliverer.drain()
+            await edge.dispatcher.drain()
             if deliverer.reconciler is not None:  # cron's workers must settle ambiguous sends too
                 await deliverer.reconciler.check_due()
                 deliverer.reconciler.close()
             return sent
+        edge_tasks = edge.start_tasks()
         task = asyncio.create_task(deliverer.run_forever())
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -209,6 +222,9 @@ def worker_command(
         )
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        for edge_task in edge_tasks:
+            edge_task.cancel()
+        await asyncio.gather(*edge_tasks, return_exceptions=True)
         return deliverer.sent
 
     try:

@@ -148,6 +148,13 @@ class _Run:
 
     def __init__(self, engine: Engine, ruleset: Ruleset, settings: Settings, dry_run: bool) -> None:
         self.engine, self.ruleset, self.settings, self.dry_run = engine, ruleset, settings, dry_run
+        from bot.events.endpoints import EndpointError, LiveEndpoints, config_endpoints
+
+        try:  # the events a start causes (state_entered) go where the server would send them
+            self.endpoints = LiveEndpoints(config_endpoints(settings.events), self).current()
+        except EndpointError as exc:
+            typer.echo(f"smsbot: events: {exc}", err=True)
+            raise typer.Exit(2) from exc
         self.pending: list[tuple[str, CheckedStart]] = []
         self.summary = _Summary()
 
@@ -182,6 +189,7 @@ class _Run:
                     now=now,
                     started_by="cli",
                     policy=inbound_policy(self.settings),
+                    event_endpoints=self.endpoints,
                 )
                 counts = {"started": 0, "opted_out": 0, "refused": 0}
                 for (label, _), result in zip(self.pending, results, strict=True):

@@ -70,6 +70,7 @@ from bot.console import (
     conversations,
     dashboard,
     deliveries,
+    events_page,
     export_page,
     optouts,
     routes,
@@ -82,7 +83,7 @@ from bot.console.web import ConsoleConfig
 PAGES: list[APIRouter] = [conversations.router, unmatched.router, dashboard.router]
 """Page routers, included before the login routes."""
 PAGES += [optouts.router, deliveries.router, rules_page.router, simulator.router, export_page.router]
-PAGES += [account_caps.router]
+PAGES += [account_caps.router, events_page.router]
 
 
 def install(app: FastAPI, settings: Settings) -> None:

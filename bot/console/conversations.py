@@ -37,6 +37,7 @@ from bot.console.queries.conversations import (
     newest_messages,
     opt_out_history,
 )
+from bot.console.queries.edge import thread_edge
 from bot.console.web import PREFIX, ConsoleRouter, CurrentUser, engine, render
 
 router = ConsoleRouter(prefix=PREFIX)
@@ -213,6 +214,7 @@ def conversation_thread(request: Request, user: CurrentUser, conversation_id: st
             )
         newest = newest_messages(conn, conversation_id=convo["id"], limit=THREAD_LIMIT + 1)
         events = opt_out_history(conn, conversation_id=convo["id"])
+        edge = thread_edge(conn, conversation_id=convo["id"])
     truncated = len(newest) > THREAD_LIMIT
     shown = newest[:THREAD_LIMIT]
     if truncated and shown:
@@ -236,5 +238,6 @@ def conversation_thread(request: Request, user: CurrentUser, conversation_id: st
             "reveal_link": link(path, {"reveal": "" if reveal else "1"}) if user.is_admin else None,
             "back": link(PREFIX + "/conversations", {"reveal": "1" if reveal else ""}),
             "tz_label": DISPLAY_TZ_LABEL,
+            **edge,
         },
     )

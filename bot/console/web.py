@@ -50,6 +50,7 @@ NAV: tuple[tuple[str, str], ...] = (
     ("Unmatched", PREFIX + "/unmatched"),
     ("Opt-outs", PREFIX + "/opt-outs"),
     ("Deliveries", PREFIX + "/deliveries"),
+    ("Events", PREFIX + "/events"),
     ("Rules", PREFIX + "/rules"),
     ("Simulator", PREFIX + "/simulator"),
     ("Dashboard", PREFIX + "/dashboard"),

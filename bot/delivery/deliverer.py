@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ from bot.delivery.frequency import NO_LIMITS, FrequencyLimits
 from bot.delivery.outbox import LEASE, Number, apply_plans, claim_due
 from bot.delivery.reconcile import AmbiguousChecks, Reconciler, ambiguous_checks
 from bot.delivery.retry import Final, Retry, RetryPolicy, plan
+from bot.events.endpoints import EventEndpoints
 from bot.sms import OutboundSms, SendResult, SmsSender
 from bot.store.writer import DbWriter
 
@@ -75,6 +77,12 @@ def delivery_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _apply(
+    conn: Connection, *, plans: list[tuple[OutboundSms, Final | Retry]], at: datetime, events: EventEndpoints | None
+) -> None:
+    apply_plans(conn, plans, at, events)
+
+
 class Deliverer:
     """The delivery loop: sends queued replies, several numbers at once, each number's replies in order.
 
@@ -105,8 +113,11 @@ class Deliverer:
         rng: random.Random | None = None,
         limits: FrequencyLimits = NO_LIMITS,
         ambiguous: AmbiguousChecks | None = None,
+        events: Callable[[], EventEndpoints] | None = None,
     ) -> None:
         self.writer = writer
+        self.events = events
+        """The event endpoints now configured (``reply_failed``); None: no events."""
         self.sender = sender
         self.retry_policy = retry_policy or RetryPolicy()
         self.rng = rng or random.Random()
@@ -204,7 +215,7 @@ class Deliverer:
             (sms, plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng))
             for sms, result in outcomes
         ]
-        apply_plans(conn, plans, done_at)
+        apply_plans(conn, plans, done_at, self.events() if self.events is not None else None)
         self.sent += len(plans)
         return len(claimed)
 
@@ -271,7 +282,8 @@ class Deliverer:
         """Record outcomes, trying again for a while: a lost record means a reply sent twice."""
         for delay in (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, None):
             try:
-                await self.writer.run(lambda conn: apply_plans(conn, plans, at))
+                events = self.events() if self.events is not None else None
+                await self.writer.run(functools.partial(_apply, plans=plans, at=at, events=events))
                 return
             except Exception:
                 if delay is None:

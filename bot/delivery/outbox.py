@@ -19,8 +19,10 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection
 
+from bot.delivery.events import reply_failed_events
 from bot.delivery.frequency import NO_LIMITS, FrequencyLimits, Sent, earliest_send
 from bot.delivery.retry import DAILY_RESET, Final, Retry, marketing_hours, next_marketing_opening
+from bot.events.endpoints import EventEndpoints
 from bot.numbers import CHINA, next_china_time
 from bot.sms import OutboundSms
 from bot.store.driver_sql import PREPARE, DriverSql, chunks
@@ -429,8 +431,16 @@ def _reported(db: DriverSql, settlement: Settlement) -> Any:
     return db.bool(settlement.status in ("sent", "ambiguous"))
 
 
-def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Retry]], now: datetime) -> None:
-    """Record what each send led to: final outcomes settle the reply, retries put it back in the outbox."""
+def apply_plans(
+    conn: Connection,
+    plans: Sequence[tuple[OutboundSms, Final | Retry]],
+    now: datetime,
+    events: EventEndpoints | None = None,
+) -> None:
+    """Record what each send led to: final outcomes settle the reply, retries put it back in the outbox.
+
+    With ``events``, a reply that failed queues a ``reply_failed`` event in the same transaction.
+    """
     db = DriverSql(conn)
     finals = [(sms, p) for sms, p in plans if isinstance(p, Final)]
     settle(
@@ -472,6 +482,8 @@ def apply_plans(conn: Connection, plans: Sequence[tuple[OutboundSms, Final | Ret
         if p.error_class.alert_ops:
             log.error("reply %s failed with %s: %s (needs ops)", sms.message_id, p.code, p.error)
     _record_account_limits(db, plans, now)
+    if events:
+        reply_failed_events(conn, [(sms, p) for sms, p in finals if p.status == "failed"], events, now)
 
 
 def _record_account_limits(db: DriverSql, plans: Sequence[tuple[OutboundSms, Final | Retry]], now: datetime) -> None:

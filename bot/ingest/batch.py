@@ -27,6 +27,7 @@ from typing import Any, cast
 from sqlalchemy import Column, Connection
 from sqlalchemy.types import JSON, BigInteger, Boolean, DateTime, Integer, String, TypeDecorator, TypeEngine
 
+from bot.events.endpoints import EventEndpoints
 from bot.rules.engine import decide
 from bot.rules.model import Conversation as EngineConversation
 from bot.rules.model import Decision, InboundMessage, Reply, Ruleset
@@ -57,6 +58,8 @@ class InboundResult:
     duplicate: bool
     queued: int = 0
     decision: Decision | None = None
+    edge: int = 0
+    """Webhook calls and events this message queued (the writer wakes their loops after the commit)."""
 
 
 # ------------------------------------------------------------------ contacts and conversations
@@ -209,8 +212,12 @@ def handle_batch(
     batch: Sequence[Inbound],
     now: datetime,
     policy: Policy = Policy(),
+    events: EventEndpoints | None = None,
 ) -> list[InboundResult]:
-    """Store ``batch`` (in order) and everything it causes, on ``conn``; the caller commits."""
+    """Store ``batch`` (in order) and everything it causes, on ``conn``; the caller commits.
+
+    ``events``: the endpoints events go to (none: no event rows, and no SQL for them).
+    """
     if not batch:
         return []
     db = DriverSql(conn)
@@ -225,10 +232,51 @@ def handle_batch(
         if status != "queued":
             log.warning("reply %s not queued (%s): %s", out_id, status, reason)
 
+    edge = _edge_rows(db, ruleset, pending, id_by_index, events, now) if events or _any_call(pending) else {}
     for p in pending:
         queued = sum(1 for _, status, _ in p.reply_statuses if status == "queued")
-        results[p.index] = InboundResult(id_by_index[p.index], duplicate=False, queued=queued, decision=p.decision)
+        results[p.index] = InboundResult(
+            id_by_index[p.index], duplicate=False, queued=queued, decision=p.decision, edge=edge.get(p.index, 0)
+        )
     return [r for r in results if r is not None]
+
+
+def _any_call(pending: Sequence[_Pending]) -> bool:
+    return any(p.decision is not None and p.decision.call is not None for p in pending)
+
+
+def _edge_rows(
+    db: DriverSql,
+    ruleset: Ruleset | None,
+    pending: Sequence[_Pending],
+    id_by_index: dict[int, int],
+    events: EventEndpoints | None,
+    now: datetime,
+) -> dict[int, int]:
+    """Webhook calls and events of the batch's decisions, in its transaction; rows queued per batch index."""
+    from bot.ingest.edge import decision_events, insert_calls
+
+    queued: dict[int, int] = {}
+    calls = [(p, p.decision.call) for p in pending if p.decision is not None and p.decision.call is not None]
+    if calls:
+        version = ruleset.version if ruleset is not None else None
+        insert_calls(db, [(p.convo.id, id_by_index[p.index], call) for p, call in calls], version, now)
+        for p, _ in calls:
+            queued[p.index] = queued.get(p.index, 0) + 1
+    if events:
+        from bot.events.queue import PendingEvent, queue_events
+
+        found: list[PendingEvent] = []
+        indexes: list[int] = []
+        for p in pending:
+            if p.decision is not None:
+                these = decision_events(p.decision, p.state_before, p.convo.id, id_by_index[p.index], p.message)
+                found.extend(these)
+                indexes.extend(p.index for _ in these[:1])
+        if found and queue_events(db.conn, events, found, now):
+            for index in indexes:
+                queued[index] = queued.get(index, 0) + 1
+    return queued
 
 
 _PendingReply = tuple[_Pending, Reply, str, str | None]

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from sqlalchemy import Connection
 
+from bot.events.endpoints import LiveEndpoints
 from bot.ingest.batch import InboundResult, Policy, handle_batch
 from bot.rules.model import Ruleset
 from bot.sms import Inbound
@@ -40,20 +41,37 @@ class Wakeable(Protocol):
 
 
 class InboundStore:
-    def __init__(self, *, rules: RulesSource, policy: Policy, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        *,
+        rules: RulesSource,
+        policy: Policy,
+        clock: Callable[[], datetime],
+        events: LiveEndpoints | None = None,
+    ) -> None:
         self.rules = rules
         self.policy = policy
         self.clock = clock
+        self.events = events
+        """The event endpoints (config's and the live rules'); None: no events."""
         self.deliverer: Wakeable | None = None
         """Set once built (it needs the writer, which needs ``after_commit``)."""
+        self.edge: Wakeable | None = None
+        """The event dispatcher and webhook runner, woken after commits that queued events or calls."""
         self.queued_since_commit = False
+        self.edge_since_commit = False
         self.warned_signatures: set[str] = set()
 
     def store(self, conn: Connection, batch: list[Inbound]) -> list[InboundResult]:
         """One call may carry many requests' messages (the writer merges them)."""
-        results = handle_batch(conn, ruleset=self.rules.ruleset, batch=batch, now=self.clock(), policy=self.policy)
+        events = self.events.current() if self.events is not None else None
+        results = handle_batch(
+            conn, ruleset=self.rules.ruleset, batch=batch, now=self.clock(), policy=self.policy, events=events
+        )
         if any(r.queued for r in results):
             self.queued_since_commit = True
+        if any(r.edge for r in results):
+            self.edge_since_commit = True
         return results
 
     def after_commit(self) -> None:
@@ -61,6 +79,9 @@ class InboundStore:
         if self.queued_since_commit and self.deliverer is not None:
             self.queued_since_commit = False
             self.deliverer.wake()
+        if self.edge_since_commit and self.edge is not None:
+            self.edge_since_commit = False
+            self.edge.wake()
 
     def warn_unknown_signatures(self, items: list[Inbound], results: list[InboundResult]) -> None:
         for message, result in zip(items, results, strict=True):

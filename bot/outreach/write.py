@@ -16,7 +16,6 @@ if sent one after the other.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection
 
+from bot.events.endpoints import EventEndpoints
+from bot.events.queue import PendingEvent, queue_events
 from bot.ingest.batch import SENDING_STATUSES, Policy, contact_ids, lock_conversations
 from bot.outreach.check import CheckedStart, StartRefused, render_params
 from bot.rules.engine import template_reply
@@ -98,7 +99,7 @@ def start_conversations(
     now: datetime,
     started_by: str,
     policy: Policy = DEFAULT_POLICY,
-    event_endpoints: Any = None,
+    event_endpoints: EventEndpoints | None = None,
 ) -> list[StartResult]:
     """Start each of ``starts`` (in order) on ``conn``; one result per start, the caller commits."""
     if not starts:
@@ -165,7 +166,7 @@ def start_conversations(
         if item.status != "queued":
             log.warning("start message %s not queued (%s): %s", message_id, item.status, item.reason)
     _write(db, [item for _, item in started], message_ids, convos.values(), now, started_by, policy)
-    _queue_state_entered(conn, [item for _, item in started], message_ids, now, event_endpoints)
+    _queue_state_entered(conn, [item for _, item in started], message_ids, now, started_by, event_endpoints)
     return [r for r in results if r is not None]
 
 
@@ -233,21 +234,18 @@ def _recent_counts(db: DriverSql, conversation_ids: Sequence[int], since: dateti
 
 
 def _queue_state_entered(
-    conn: Connection, started: Sequence[_Started], message_ids: Sequence[int], now: datetime, endpoints: Any
+    conn: Connection,
+    started: Sequence[_Started],
+    message_ids: Sequence[int],
+    now: datetime,
+    started_by: str,
+    endpoints: EventEndpoints | None,
 ) -> None:
-    """A ``state_entered`` event per start, in this transaction, when events are configured.
-
-    ``bot/events`` (the events helper's package) may not be there yet: it is looked up by
-    name, and without it or without endpoints nothing happens (and no SQL runs).
-    """
+    """A ``state_entered`` event per start, in this transaction; without endpoints no SQL runs."""
     if endpoints is None or not started:
         return
-    try:
-        queue = importlib.import_module("bot.events.queue")
-    except ImportError:
-        return
     events = [
-        queue.PendingEvent(
+        PendingEvent(
             kind="state_entered",
             conversation_id=item.conversation_id,
             message_id=message_id,
@@ -256,11 +254,12 @@ def _queue_state_entered(
             mobile=item.start.mobile,
             state=item.start.state,
             vars=item.vars,
-            extra={"started_by_api": True, "template": item.start.template.name},
+            extra={"started_by": started_by, "template": item.start.template.name},
+            rules_file=item.start.rules.name,
         )
         for item, message_id in zip(started, message_ids, strict=True)
     ]
-    queue.queue_events(conn, endpoints, events, now)
+    queue_events(conn, endpoints, events, now)
 
 
 # ------------------------------------------------------------------ vars without sending

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bot.events.endpoints import endpoint_problems
 from bot.rules.loader import load_rules
 from bot.rules.model import Ruleset
 
@@ -49,8 +50,9 @@ class LiveRules:
         for warning in result.diagnostics:
             if not warning.is_error:
                 log.info("rules: %s", warning)
-        if result.ruleset is None:
-            self.last_error = [str(d) for d in sorted(result.errors)]
+        problems = endpoint_problems(result.ruleset) if result.ruleset is not None else []
+        if result.ruleset is None or problems:
+            self.last_error = [str(d) for d in sorted(result.errors)] + problems
             for line in self.last_error:
                 log.error("rules not (re)loaded: %s", line)
             raise RulesInvalid(self.last_error)

@@ -23,18 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import Engine, text
 
-from bot.config import Settings
+from bot.config import EventEndpointConfig, Settings
 from bot.delivery.deliverer import Deliverer, delivery_options
 from bot.ingest.batch import InboundResult, Policy
 from bot.ingest.delivery_reports import ReportOutcome, apply_reports
 from bot.ingest.inbound_store import InboundStore
+from bot.runtime.edge import EdgeLoops, live_endpoints, stop_tasks
 from bot.runtime.live_rules import LiveRules, RulesStatus
 from bot.runtime.writer_process import ProcessWriter, WriterConfig
 from bot.sms import ConsoleSender, Inbound, SmsSender
@@ -127,6 +128,7 @@ def build_pipeline(settings: Settings, *, engine: Engine, rules: LiveRules, opti
                     log_reveal_numbers=settings.log_reveal_numbers,
                     delivery=delivery_options(settings),
                     session_context_key=contexts.key if contexts else None,
+                    events=dict(settings.events),
                 )
             )
         )
@@ -140,6 +142,7 @@ def build_pipeline(settings: Settings, *, engine: Engine, rules: LiveRules, opti
         delivery=deliverer_options,
         watch_rules=watch_rules,
         contexts=contexts,
+        events=settings.events,
     )
 
 
@@ -159,6 +162,7 @@ class ThreadPipeline:
         delivery: dict[str, Any] | None = None,
         watch_rules: bool = True,
         contexts: SessionContexts | None = None,
+        events: Mapping[str, EventEndpointConfig] | None = None,
     ) -> None:
         """``delivery``: the ``Deliverer``'s options (``delivery_options``), or None for no delivery loop;
         ``contexts``: how delivery reports recognise our SessionContext (None: by SerialNo alone)."""
@@ -167,14 +171,25 @@ class ThreadPipeline:
         self.rules = rules
         self.clock = clock
         self.watch_rules = watch_rules
-        self.inbound = InboundStore(rules=rules, policy=policy, clock=clock)
+        self.endpoints = live_endpoints(events or {}, rules)
+        self.inbound = InboundStore(rules=rules, policy=policy, clock=clock, events=self.endpoints)
         self.writer = DbWriter(engine, on_commit=self.inbound.after_commit)
         self.deliverer = (
-            Deliverer(self.writer, sender or ConsoleSender(), clock=clock, **delivery) if delivery is not None else None
+            Deliverer(self.writer, sender or ConsoleSender(), clock=clock, events=self.endpoints.current, **delivery)
+            if delivery is not None
+            else None
         )
         self.inbound.deliverer = self.deliverer
+        self.edge = (
+            EdgeLoops(self.writer, rules, self.endpoints, policy=policy, clock=clock, deliverer=self.deliverer)
+            if delivery is not None
+            else None
+        )
+        """The event dispatcher and webhook runner, wherever the delivery loop runs."""
+        self.inbound.edge = self.edge
         self._on_rules: Callable[[RulesStatus], None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._edge_tasks: list[asyncio.Task[None]] = []
 
     async def store(self, items: list[Inbound]) -> list[InboundResult]:
         results: list[InboundResult] = await self.writer.run_batch(self.inbound.store, items)
@@ -191,8 +206,12 @@ class ThreadPipeline:
             self._tasks.append(asyncio.create_task(self.deliverer.run_forever(), name="smsbot-deliverer"))
         if self.watch_rules:
             self._tasks.append(asyncio.create_task(self.rules.watch(self._rules_reloaded), name="smsbot-rules-watch"))
+        if self.edge is not None:  # after the watch: their HTTP clients take a moment to build
+            self._edge_tasks = self.edge.start_tasks()
 
     async def stop(self) -> None:
+        edge_tasks, self._edge_tasks = self._edge_tasks, []
+        await stop_tasks(edge_tasks)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

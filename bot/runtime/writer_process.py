@@ -93,6 +93,8 @@ class WriterConfig:
     """Keyword arguments for the ``Deliverer`` (see ``bot.delivery.deliverer.delivery_options``)."""
     session_context_key: bytes | None = None
     """The key of our SessionContext marker, so delivery reports match our replies (None: by SerialNo alone)."""
+    events: dict[str, Any] = field(default_factory=dict)
+    """``Settings.events``: the config's event endpoints (their secrets are read from the environment)."""
 
 
 # ====================================================================== the writer process
@@ -113,6 +115,7 @@ class _Child:
     def __init__(self, conn: PipeEnd, config: WriterConfig) -> None:
         from bot.delivery.deliverer import Deliverer
         from bot.ingest.inbound_store import InboundStore
+        from bot.runtime.edge import EdgeLoops, live_endpoints
         from bot.runtime.live_rules import LiveRules, RulesInvalid
         from bot.sms import ConsoleSender
         from bot.store.db import make_engine
@@ -135,7 +138,10 @@ class _Child:
                 with contextlib.suppress(OSError):  # BlockingIOError: the main loop is already woken
                     os.write(wake_w, b"x")
 
-        self.inbound = InboundStore(rules=self.rules, policy=config.policy, clock=lambda: datetime.now(UTC))
+        self.endpoints = live_endpoints(config.events, self.rules)
+        self.inbound = InboundStore(
+            rules=self.rules, policy=config.policy, clock=lambda: datetime.now(UTC), events=self.endpoints
+        )
         self.writer = _Writer(self.engine, max_batch=MAX_BATCH, on_commit=self.inbound.after_commit)
         sender = config.sender if config.sender is not None else ConsoleSender()
         # On PostgreSQL the delivery loop commits on a connection (and thread) of its own: sharing the
@@ -145,11 +151,24 @@ class _Child:
             DbWriter(self.engine, max_batch=MAX_BATCH) if self.engine.dialect.name == "postgresql" else self.writer
         )
         self.deliverer = (
-            Deliverer(self.delivery_writer, sender, poll_seconds=config.poll_seconds, **config.delivery)
+            Deliverer(
+                self.delivery_writer,
+                sender,
+                poll_seconds=config.poll_seconds,
+                events=self.endpoints.current,
+                **config.delivery,
+            )
             if config.deliver
             else None
         )
         self.inbound.deliverer = self.deliverer
+        # Events and webhook calls commit through the delivery loop's writer (their own connection on PostgreSQL).
+        self.edge = (
+            EdgeLoops(self.delivery_writer, self.rules, self.endpoints, policy=config.policy, deliverer=self.deliverer)
+            if config.deliver
+            else None
+        )
+        self.inbound.edge = self.edge
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._astop: asyncio.Event | None = None
         self._athread = threading.Thread(target=self._async_main, name="smsbot-writer-async", daemon=True)
@@ -184,6 +203,8 @@ class _Child:
             tasks.append(asyncio.create_task(self.deliverer.run_forever(), name="smsbot-deliverer"))
         if self.config.watch_rules:
             tasks.append(asyncio.create_task(self.rules.watch(self._send_rules), name="smsbot-rules-watch"))
+        if self.edge is not None:  # after the watch: their HTTP clients take a moment to build
+            tasks.extend(self.edge.start_tasks())
         await self._astop.wait()
         for task in tasks:
             # Cancel until it ends: on Python 3.11 a cancel arriving with a wake-up can be swallowed.
@@ -342,7 +363,13 @@ class ProcessWriter:
         # writer's modules imported in advance, so a restart after a crash takes a fork, not seconds of imports.
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(
-            ["bot.runtime.writer_process", "bot.ingest.batch", "bot.delivery.deliverer", "bot.runtime.live_rules"]
+            [
+                "bot.runtime.writer_process",
+                "bot.ingest.batch",
+                "bot.delivery.deliverer",
+                "bot.runtime.live_rules",
+                "bot.runtime.edge",
+            ]
         )
         self._proc: Any = None
         self._conn: PipeEnd | None = None
