@@ -13,7 +13,6 @@ It is woken after commits that queued events and polls otherwise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from sqlalchemy import Connection
 
 from bot.events.endpoints import EventEndpoints
 from bot.events.signing import signed_headers
+from bot.events.woken_loop import WokenLoop
 from bot.store.driver_sql import DriverSql, chunks
 from bot.store.writer import DbWriter
 
@@ -123,7 +123,7 @@ def record_attempts(conn: Connection, attempts: Sequence[Attempt], now: datetime
     )
 
 
-class EventDispatcher:
+class EventDispatcher(WokenLoop):
     """Sends due events; ``run_forever`` beside the delivery loop, ``drain`` for tests and ``--once``."""
 
     def __init__(
@@ -137,37 +137,12 @@ class EventDispatcher:
         timeout: float = TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        super().__init__(poll_seconds=poll_seconds, timeout=timeout, transport=transport)
         self.writer = writer
         self.endpoints = endpoints
         self.clock = clock
-        self.poll_seconds = poll_seconds
         self.batch = batch
-        self.timeout = timeout
-        self.transport = transport
         self.delivered = 0
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: httpx.AsyncClient | None = None
-
-    def wake(self) -> None:
-        """Called from any thread after a commit that queued events."""
-        loop, event = self._loop, self._wake
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
-
-    def _ensure_started(self) -> None:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._wake = asyncio.Event()
-
-    def _http(self) -> httpx.AsyncClient:
-        """The HTTP client, built on first use (it loads the CA certificates: not worth it for nothing)."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=self.timeout, transport=self.transport, follow_redirects=False, trust_env=False
-            )
-        return self._client
 
     async def run_once(self) -> int:
         """Claim due events, POST them (all at once: one per endpoint and conversation), record the outcomes."""
@@ -225,17 +200,9 @@ class EventDispatcher:
                     handled = 0
                 if handled:
                     continue  # a delivered event may have let its conversation's next one through
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_seconds):
-                        await self._wake.wait()
-                self._wake.clear()
+                await self._wait()
         finally:
             await self.close()
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
 
 
 def queue_depth(conn: Connection) -> dict[str, Any]:

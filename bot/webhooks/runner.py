@@ -25,6 +25,7 @@ import httpx
 from sqlalchemy import Connection
 
 from bot.events.endpoints import NO_ENDPOINTS, EventEndpoints
+from bot.events.woken_loop import WokenLoop
 from bot.ingest.batch import Policy
 from bot.ingest.resumed import DEFAULT_POLICY, Resume, ResumedResult, handle_resumed
 from bot.rules.engine import resume
@@ -134,7 +135,7 @@ def finish_call(
     )
 
 
-class WebhookRunner:
+class WebhookRunner(WokenLoop):
     """Claims pending calls, makes them (several at once) and feeds each answer back through the engine."""
 
     def __init__(
@@ -151,39 +152,17 @@ class WebhookRunner:
         transport: httpx.AsyncBaseTransport | None = None,
         resume_fn: Resume = resume,
     ) -> None:
+        super().__init__(poll_seconds=poll_seconds, transport=transport)  # each call has its own timeout
         self.writer = writer
         self.rules = rules
         self.policy = policy
         self.events = events
         self.clock = clock
-        self.poll_seconds = poll_seconds
         self.concurrency = concurrency
         self.on_committed = on_committed
-        self.transport = transport
         self.resume_fn = resume_fn
         self.finished = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: httpx.AsyncClient | None = None
-
-    def wake(self) -> None:
-        """Called from any thread after a commit that queued calls."""
-        loop, event = self._loop, self._wake
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
-
-    def _ensure_started(self) -> None:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._wake = asyncio.Event()
-
-    def _http(self) -> httpx.AsyncClient:
-        """The HTTP client, built on first use (it loads the CA certificates: not worth it for nothing)."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(transport=self.transport, follow_redirects=False, trust_env=False)
-        return self._client
 
     async def run_once(self) -> int:
         """Claim due calls for the free slots and start them; returns how many were claimed."""
@@ -275,19 +254,14 @@ class WebhookRunner:
                     await self.run_once()
                 except Exception:
                     log.exception("webhook round failed; retrying")
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_seconds):
-                        await self._wake.wait()
-                self._wake.clear()
+                await self._wait()
         finally:
             if self._tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait(set(self._tasks), timeout=10)
                 for task in self._tasks:
                     task.cancel()
-            client, self._client = self._client, None
-            if client is not None:
-                await client.aclose()
+            await self.close()
 
 
 def calls_by_status(conn: Connection) -> dict[str, int]:
