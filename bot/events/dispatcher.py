@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 from sqlalchemy import Connection
@@ -236,9 +235,3 @@ class EventDispatcher:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-
-
-def queue_depth(conn: Connection) -> dict[str, Any]:
-    """Events by status (for /metrics and the console)."""
-    db = DriverSql(conn)
-    return {str(status): int(n) for status, n in db.rows("SELECT status, count(*) FROM events GROUP BY status")}

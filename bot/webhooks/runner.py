@@ -288,8 +288,3 @@ class WebhookRunner:
             client, self._client = self._client, None
             if client is not None:
                 await client.aclose()
-
-
-def calls_by_status(conn: Connection) -> dict[str, int]:
-    db = DriverSql(conn)
-    return {str(s): int(n) for s, n in db.rows("SELECT status, count(*) FROM webhook_calls GROUP BY status")}
