@@ -117,7 +117,8 @@ class Deliverer:
     ) -> None:
         self.writer = writer
         self.events = events
-        """The event endpoints now configured (``reply_failed``); None: no events."""
+        """The event endpoints now configured (``reply_failed``: sends failed, replies expired, failures
+        reported for sends it records or the ambiguous-send check settles); None: no events."""
         self.sender = sender
         self.retry_policy = retry_policy or RetryPolicy()
         self.rng = rng or random.Random()
@@ -143,7 +144,7 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent = 0
         self.reconciler = (
-            Reconciler(writer, ambiguous, clock=clock, tick_seconds=min(poll_seconds, 1.0))
+            Reconciler(writer, ambiguous, clock=clock, tick_seconds=min(poll_seconds, 1.0), events=events)
             if ambiguous is not None
             else None
         )
@@ -177,6 +178,7 @@ class Deliverer:
             return await self.writer.run(lambda conn: self._claim_send_record(conn, now))
         busy = frozenset(self._busy)
         left: list[int] = []
+        events = self.events() if self.events is not None else None
         claimed = await self.writer.run(
             lambda conn: claim_due(
                 conn,
@@ -187,6 +189,7 @@ class Deliverer:
                 busy=busy,
                 limits=self.limits,
                 left_for_busy=left,
+                events=events,
             )
         )
         # Only when something due waits for a number or a slot is a finished send worth a new claim.
@@ -208,14 +211,17 @@ class Deliverer:
         settled; if the transaction fails after sending, the replies are sent
         again next round, which for such a sender (the console) only prints twice.
         """
-        claimed = claim_due(conn, now=now, limit=self.batch, owner=self.owner, limits=self.limits, take_lease=False)
+        events = self.events() if self.events is not None else None
+        claimed = claim_due(
+            conn, now=now, limit=self.batch, owner=self.owner, limits=self.limits, take_lease=False, events=events
+        )
         outcomes = [(sms, self._send_one(sms)) for sms in claimed]
         done_at = self.clock()
         plans = [
             (sms, plan_for(sms, result, now=done_at, policy=self.retry_policy, rng=self.rng))
             for sms, result in outcomes
         ]
-        apply_plans(conn, plans, done_at, self.events() if self.events is not None else None)
+        apply_plans(conn, plans, done_at, events)
         self.sent += len(plans)
         return len(claimed)
 

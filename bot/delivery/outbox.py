@@ -23,6 +23,7 @@ from bot.delivery.events import reply_failed_events
 from bot.delivery.frequency import NO_LIMITS, FrequencyLimits, Sent, earliest_send
 from bot.delivery.retry import DAILY_RESET, Final, Retry, marketing_hours, next_marketing_opening
 from bot.events.endpoints import EventEndpoints
+from bot.events.reply_failed import FailedReply, queue_reply_failed
 from bot.numbers import CHINA, next_china_time
 from bot.sms import OutboundSms
 from bot.store.driver_sql import PREPARE, DriverSql, chunks
@@ -131,6 +132,7 @@ def claim_due(
     limits: FrequencyLimits = NO_LIMITS,
     left_for_busy: list[int] | None = None,
     take_lease: bool = True,
+    events: EventEndpoints | None = None,
 ) -> list[OutboundSms]:
     """Lease up to ``limit`` due outbox rows to ``owner``, in the order they were queued.
 
@@ -141,7 +143,8 @@ def claim_due(
     to one number never overtake each other (their ids go to ``left_for_busy``); numbers another worker is
     sending to or claiming are left too (``_numbers_taken_elsewhere``). On PostgreSQL ``FOR UPDATE SKIP
     LOCKED`` lets several workers claim side by side without waiting for or
-    taking each other's rows.
+    taking each other's rows. With ``events``, a reply that expired here queues
+    ``reply_failed`` (reason ``expired``) in the same transaction.
     """
     db = DriverSql(conn)
     due = db.rows(_DUE + (" FOR UPDATE SKIP LOCKED" if db.postgres else ""), (db.ts(now), db.ts(now), limit))
@@ -162,7 +165,7 @@ def claim_due(
         left_for_busy=left_for_busy,
         blocked=active_account_limits(db, now),
     )
-    settle(conn, claim.suppressed, now)
+    settle(conn, claim.suppressed, now, events)
     for at, ids in claim.deferred.items():
         for chunk in chunks(ids):
             where, params = db.in_list("id", chunk)
@@ -351,8 +354,14 @@ def _history(db: DriverSql, contacts: set[int], now: datetime, limits: Frequency
     return history
 
 
-def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -> None:
-    """Record final outcomes (one statement per table for the whole list), then reports that came first."""
+def settle(
+    conn: Connection, settlements: Sequence[Settlement], now: datetime, events: EventEndpoints | None = None
+) -> None:
+    """Record final outcomes (one statement per table for the whole list), then reports that came first.
+
+    With ``events``: an ``expired`` settlement, and a sent reply whose kept delivery report says it
+    failed, queue ``reply_failed`` (``failed`` settlements are the caller's: ``apply_plans``).
+    """
     if not settlements:
         return
     db = DriverSql(conn)
@@ -360,10 +369,15 @@ def settle(conn: Connection, settlements: Sequence[Settlement], now: datetime) -
         _settle_postgres(db, settlements, now)
     else:
         _settle_sqlite(db, settlements, now)
-    by_serial = {s.serial: s.message_id for s in settlements if s.serial}
+    failed = [FailedReply(s.message_id, "expired") for s in settlements if s.status == "expired"]
+    by_serial = {s.serial: s for s in settlements if s.serial}
     if by_serial:
         for serial, outcome in take_pending(conn, list(by_serial)).items():
-            mark_reported(conn, by_serial[serial], outcome, serial=serial, now=now)
+            settled = by_serial[serial]
+            mark_reported(conn, settled.message_id, outcome, serial=serial, now=now)
+            if not outcome.delivered and settled.status in ("sent", "ambiguous"):
+                failed.append(FailedReply(settled.message_id, "delivery_failed"))
+    queue_reply_failed(conn, failed, events, now)
 
 
 def _settle_sqlite(db: DriverSql, settlements: Sequence[Settlement], now: datetime) -> None:
@@ -439,7 +453,8 @@ def apply_plans(
 ) -> None:
     """Record what each send led to: final outcomes settle the reply, retries put it back in the outbox.
 
-    With ``events``, a reply that failed queues a ``reply_failed`` event in the same transaction.
+    With ``events``, a reply that failed or expired (or whose kept delivery report says it failed)
+    queues a ``reply_failed`` event in the same transaction.
     """
     db = DriverSql(conn)
     finals = [(sms, p) for sms, p in plans if isinstance(p, Final)]
@@ -460,6 +475,7 @@ def apply_plans(
             for sms, p in finals
         ],
         now,
+        events,  # the expired ones' reply_failed, and those of sends whose kept report says failed
     )
     ambiguous = [sms.message_id for sms, p in finals if p.status == "ambiguous"]
     for chunk in chunks(ambiguous):
@@ -482,8 +498,7 @@ def apply_plans(
         if p.error_class.alert_ops:
             log.error("reply %s failed with %s: %s (needs ops)", sms.message_id, p.code, p.error)
     _record_account_limits(db, plans, now)
-    if events:
-        reply_failed_events(conn, [(sms, p) for sms, p in finals if p.status == "failed"], events, now)
+    reply_failed_events(conn, [(sms, p) for sms, p in finals if p.status == "failed"], events, now)
 
 
 def _record_account_limits(db: DriverSql, plans: Sequence[tuple[OutboundSms, Final | Retry]], now: datetime) -> None:

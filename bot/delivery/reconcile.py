@@ -46,6 +46,8 @@ from sqlalchemy import Connection, String, and_, func, literal_column, or_, sele
 from sqlalchemy.sql.expression import ColumnClause
 
 from bot.config import ConfigError, Settings
+from bot.events.endpoints import EventEndpoints
+from bot.events.reply_failed import FailedReply, queue_reply_failed
 from bot.numbers import CHINA, parse_china_time
 from bot.store.models import contacts, messages, outbox
 from bot.store.reports import Outcome, mark_reported, reported_outcome, take_pending
@@ -249,12 +251,20 @@ class CheckResult:
 
 
 def record_check(
-    conn: Connection, reply: AmbiguousReply, finding: Finding, *, now: datetime, max_checks: int, echo_seen: bool
+    conn: Connection,
+    reply: AmbiguousReply,
+    finding: Finding,
+    *,
+    now: datetime,
+    max_checks: int,
+    echo_seen: bool,
+    events: EventEndpoints | None = None,
 ) -> CheckResult:
     """Settle ``reply`` if Tencent listed its send, else count the check (and, after the last, tell ops why).
 
     Runs after Tencent answered, so the reply is read again: a delivery
-    report (or another worker) may have settled it meanwhile.
+    report (or another worker) may have settled it meanwhile. With ``events``,
+    a send Tencent lists as failed queues ``reply_failed`` (``delivery_failed``).
     """
     row = conn.execute(select(messages.c.status, messages.c.checks).where(messages.c.id == reply.message_id)).first()
     if row is None or row.status != "ambiguous":
@@ -273,6 +283,8 @@ def record_check(
                 "no reply of ours has"
             )
         conn.execute(update(messages).where(messages.c.id == reply.message_id).values(**values))
+        if not found.outcome.delivered:
+            queue_reply_failed(conn, [FailedReply(reply.message_id, "delivery_failed")], events, now)
         return CheckResult(
             "settled",
             status="delivered" if found.outcome.delivered else "failed",
@@ -295,10 +307,17 @@ def record_check(
 
 
 def _record_check_on(
-    conn: Connection, *, reply: AmbiguousReply, finding: Finding, now: datetime, max_checks: int, echo_seen: bool
+    conn: Connection,
+    *,
+    reply: AmbiguousReply,
+    finding: Finding,
+    now: datetime,
+    max_checks: int,
+    echo_seen: bool,
+    events: EventEndpoints | None,
 ) -> CheckResult:
     """``record_check`` with the connection first and the rest by keyword, for ``functools.partial``."""
-    return record_check(conn, reply, finding, now=now, max_checks=max_checks, echo_seen=echo_seen)
+    return record_check(conn, reply, finding, now=now, max_checks=max_checks, echo_seen=echo_seen, events=events)
 
 
 def _match(
@@ -398,8 +417,11 @@ class Reconciler:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         client: SendStatusLookup | None = None,
         tick_seconds: float = TICK_SECONDS,
+        events: Callable[[], EventEndpoints] | None = None,
     ) -> None:
         self.writer = writer
+        self.events = events
+        """The event endpoints now configured (a send settled failed queues ``reply_failed``); None: none."""
         self.checks = checks
         self.clock = clock
         self.client: SendStatusLookup = client or TencentPullClient(checks.tencent)
@@ -468,6 +490,7 @@ class Reconciler:
                 now=self.clock(),
                 max_checks=checks.max_checks,
                 echo_seen=self.echo_seen,
+                events=self.events() if self.events is not None else None,
             )
             done = await self.writer.run(record)
             result.checked += 1

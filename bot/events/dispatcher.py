@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 from sqlalchemy import Connection
@@ -203,9 +202,3 @@ class EventDispatcher(WokenLoop):
                 await self._wait()
         finally:
             await self.close()
-
-
-def queue_depth(conn: Connection) -> dict[str, Any]:
-    """Events by status (for /metrics and the console)."""
-    db = DriverSql(conn)
-    return {str(status): int(n) for status, n in db.rows("SELECT status, count(*) FROM events GROUP BY status")}

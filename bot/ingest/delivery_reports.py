@@ -16,6 +16,8 @@ from datetime import datetime
 
 from sqlalchemy import Connection, and_, select
 
+from bot.events.endpoints import EventEndpoints
+from bot.events.reply_failed import FailedReply, queue_reply_failed
 from bot.numbers import parse_china_time
 from bot.store.models import messages
 from bot.store.reports import Outcome, keep_pending, mark_reported, reported_outcome
@@ -32,13 +34,24 @@ class ReportOutcome:
 
 
 def apply_reports(
-    conn: Connection, reports: list[StatusReport], *, now: datetime, contexts: SessionContexts | None = None
+    conn: Connection,
+    reports: list[StatusReport],
+    *,
+    now: datetime,
+    contexts: SessionContexts | None = None,
+    events: EventEndpoints | None = None,
 ) -> ReportOutcome:
-    """Mark each reported reply delivered or failed; returns what matched and what did not."""
+    """Mark each reported reply delivered or failed; returns what matched and what did not.
+
+    With ``events``, a reply a report turns ``failed`` queues ``reply_failed`` (``delivery_failed``)
+    in this transaction; a report repeated (Tencent's retry, or pushed and pulled) for a reply already
+    ``failed`` queues none.
+    """
     updated = 0
     unknown: list[str] = []
+    failed: list[FailedReply] = []
     for report in reports:
-        message_id = _find(conn, report, contexts)
+        message_id, status = _find(conn, report, contexts)
         outcome = _outcome(report)
         if message_id is None:
             # Perhaps the send's own answer is not recorded yet: kept, and applied when it is.
@@ -48,6 +61,9 @@ def apply_reports(
             continue
         mark_reported(conn, message_id, outcome, serial=report.sid, now=now)
         updated += 1
+        if not outcome.delivered and status != "failed":
+            failed.append(FailedReply(message_id, "delivery_failed"))
+    queue_reply_failed(conn, failed, events, now)
     return ReportOutcome(updated, unknown)
 
 
@@ -59,12 +75,14 @@ def _outcome(report: StatusReport) -> Outcome:
     )
 
 
-def _find(conn: Connection, report: StatusReport, contexts: SessionContexts | None) -> int | None:
+def _find(conn: Connection, report: StatusReport, contexts: SessionContexts | None) -> tuple[int | None, str | None]:
+    """The reported reply's id and its status before this report, or (None, None)."""
     outbound = messages.c.direction == "out"
+    columns = (messages.c.id, messages.c.status)
     found = conn.execute(
-        select(messages.c.id).where(and_(outbound, messages.c.provider_serial == report.sid)).limit(1)
-    ).scalar()
+        select(*columns).where(and_(outbound, messages.c.provider_serial == report.sid)).limit(1)
+    ).first()
     ours = contexts.message_id(report.ext) if found is None and contexts is not None else None
     if ours is not None:
-        found = conn.execute(select(messages.c.id).where(and_(outbound, messages.c.id == ours))).scalar()
-    return None if found is None else int(found)
+        found = conn.execute(select(*columns).where(and_(outbound, messages.c.id == ours))).first()
+    return (None, None) if found is None else (int(found[0]), str(found[1]))

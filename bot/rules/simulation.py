@@ -1,6 +1,6 @@
 """Running conversations through the engine without storing or sending anything.
 
-Used by ``smsbot simulate``, by the ``tests:`` of rule files and (later) by the
+Used by ``smsbot simulate``, by the ``tests:`` of rule files and by the
 console's simulator, so all three show exactly what production would do.
 
 Nothing here calls out: a rule's ``call:`` is answered from canned answers (a
@@ -86,21 +86,35 @@ def simulate(
     not made and the rule's ``on_error`` follows.
     """
     conversation = Conversation(state=state, vars=dict(variables or {}))
-    answers = webhooks or {}
     at = start
     for text in messages:
         message = InboundMessage(text=text, sign=sign, nationcode=nationcode, mobile=mobile, extend=extend)
-        decision = decide(rules, conversation, message, at)
-        if decision.call is None:
-            yield Step(text, at, decision)
-        else:
-            call = decision.call
-            outcome = answers.get(call.webhook) or WebhookOutcome(ok=False, error=NOT_CALLED)
-            final = resume(rules, decision.conversation(), message, call, outcome, at)
-            yield Step(text, at, final, call=call, outcome=outcome, called=decision)
-            decision = final
-        conversation = decision.conversation()
+        step = simulate_message(rules, conversation, message, at, webhooks=webhooks)
+        yield step
+        conversation = step.decision.conversation()
         at += gap
+
+
+def simulate_message(
+    rules: Ruleset | CompiledFile,
+    conversation: Conversation,
+    message: InboundMessage,
+    at: datetime,
+    *,
+    webhooks: Mapping[str, WebhookOutcome] | None = None,
+) -> Step:
+    """One message to a conversation as it stands (``simulate``'s step; the console's simulator too).
+
+    A rule's webhook call is answered from ``webhooks`` (by name); without an answer it is
+    not made and the rule's ``on_error`` follows (``NOT_CALLED``).
+    """
+    decision = decide(rules, conversation, message, at)
+    if decision.call is None:
+        return Step(message.text, at, decision)
+    call = decision.call
+    outcome = (webhooks or {}).get(call.webhook) or WebhookOutcome(ok=False, error=NOT_CALLED)
+    final = resume(rules, decision.conversation(), message, call, outcome, at)
+    return Step(message.text, at, final, call=call, outcome=outcome, called=decision)
 
 
 @dataclass(frozen=True)

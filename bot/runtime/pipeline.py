@@ -198,7 +198,10 @@ class ThreadPipeline:
 
     async def apply_reports(self, reports: list[StatusReport]) -> ReportOutcome:
         now = self.clock()
-        return await self.writer.run(lambda conn: apply_reports(conn, reports, now=now, contexts=self.contexts))
+        events = self.endpoints.current()
+        return await self.writer.run(
+            lambda conn: apply_reports(conn, reports, now=now, contexts=self.contexts, events=events)
+        )
 
     async def start(self) -> None:
         self.writer.start()

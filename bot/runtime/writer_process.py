@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, text
 
+from bot.events.endpoints import EventEndpoints
 from bot.ingest.batch import InboundResult, Policy
 from bot.ingest.delivery_reports import ReportOutcome, apply_reports
 from bot.runtime.logs import setup_logging
@@ -290,7 +291,9 @@ class _Child:
         elif kind == "ping":
             job = Job(self._ping, None, None)
         elif kind == "reports":
-            job = Job(functools.partial(_apply_reports_now, message[2], self.contexts), None, None)
+            job = Job(
+                functools.partial(_apply_reports_now, message[2], self.contexts, self.endpoints.current()), None, None
+            )
         else:  # pragma: no cover - both ends are this module
             log.error("unknown job kind %r from the HTTP process", kind)
             return
@@ -321,9 +324,9 @@ class _Child:
 
 
 def _apply_reports_now(
-    reports: list[StatusReport], contexts: SessionContexts | None, conn: Connection
+    reports: list[StatusReport], contexts: SessionContexts | None, events: EventEndpoints, conn: Connection
 ) -> ReportOutcome:
-    return apply_reports(conn, reports, now=datetime.now(UTC), contexts=contexts)
+    return apply_reports(conn, reports, now=datetime.now(UTC), contexts=contexts, events=events)
 
 
 def _wait_for_eof(conn: PipeEnd, timeout: float) -> bool:

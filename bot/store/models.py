@@ -395,6 +395,7 @@ class WebhookCall(Base):
     __tablename__ = "webhook_calls"
     __table_args__ = (
         Index("ix_webhook_calls_conversation_id", "conversation_id"),
+        Index("ix_webhook_calls_created_at", "created_at"),
         Index(
             "ix_webhook_calls_pending",
             "next_attempt_at",
@@ -448,6 +449,12 @@ class Event(Base):
             "next_attempt_at",
             sqlite_where=text("status = 'pending'"),
             postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_events_failed",
+            "endpoint",
+            sqlite_where=text("status = 'failed'"),
+            postgresql_where=text("status = 'failed'"),
         ),
     )
 

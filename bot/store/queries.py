@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Connection, Join, and_, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Join, String, and_, func, literal_column, or_, select
 
-from bot.store.models import account_limits, contacts, conversations, messages, outbox
+from bot.store.models import account_limits, contacts, conversations, events, messages, outbox, webhook_calls
 
 # ---------------------------------------------------------------- reply statuses
 
@@ -203,3 +203,38 @@ def unsettled_ambiguous(conn: Connection) -> int:
     """Every reply still ``ambiguous``, whatever its age (a partial index holds exactly these rows)."""
     stmt = select(func.count()).select_from(messages).where(messages.c.status == "ambiguous")
     return int(conn.execute(stmt).scalar_one())
+
+
+WEBHOOK_STATUSES = ("pending", "ok", "failed", "timeout")
+"""A webhook call's statuses (``webhook_calls.status``): /metrics reports each, at 0 until one has it."""
+
+
+def _status(value: str) -> ColumnElement[str]:
+    """A status written into the SQL, not bound, so both databases use the partial index on it."""
+    return literal_column(f"'{value}'", String)
+
+
+def events_by_endpoint(conn: Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """Events waiting (``pending``) and given up on (``failed``), by endpoint: each a partial index's rows."""
+    found: list[dict[str, int]] = []
+    for status in ("pending", "failed"):
+        stmt = select(events.c.endpoint, func.count()).where(events.c.status == _status(status))
+        found.append({str(e): int(n) for e, n in conn.execute(stmt.group_by(events.c.endpoint))})
+    return found[0], found[1]
+
+
+def webhook_calls_by_status(conn: Connection, *, since: datetime) -> dict[str, int]:
+    """Webhook calls waiting now (any age: a partial index), and those created since ``since`` by status.
+
+    Finished calls are counted over a window (a range of ``ix_webhook_calls_created_at``), as replies
+    are: a count over all time would grow with the table.
+    """
+    pending = select(func.count()).select_from(webhook_calls).where(webhook_calls.c.status == _status("pending"))
+    counts = {"pending": int(conn.execute(pending).scalar_one())}
+    finished = (
+        select(webhook_calls.c.status, func.count())
+        .where(webhook_calls.c.created_at >= since, webhook_calls.c.status != _status("pending"))
+        .group_by(webhook_calls.c.status)
+    )
+    counts.update({str(status): int(n) for status, n in conn.execute(finished)})
+    return counts

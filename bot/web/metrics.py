@@ -7,12 +7,15 @@ Two kinds of numbers, kept apart on purpose:
   still right: every callback passes through the HTTP process, and the writer
   process reports every rules (re)load to it over the pipe.
 - State that lives in the database (replies by status, outbox depth and the
-  age of its oldest row, Tencent's account-wide caps) is read at scrape time, so it is true whichever
+  age of its oldest row, Tencent's account-wide caps, the events queue by
+  endpoint, webhook calls by status) is read at scrape time, so it is true whichever
   process, worker or restart changed it, and costs nothing between scrapes.
   Those queries are bounded: replies are counted for the last
   ``REPLY_WINDOW`` only, a range on ``ix_messages_created_at``, because a
   count over all time grows with the table and a scrape must stay cheap.
-  The caps are a handful of rows (one per code and country ever met).
+  The caps are a handful of rows (one per code and country ever met); pending
+  and failed events, and pending webhook calls, are each a partial index's
+  rows; finished webhook calls are counted for ``REPLY_WINDOW`` too.
 
 Every app has its own ``CollectorRegistry``: the global one would make two
 apps in one process (the tests, an embedding) report each other's numbers.
@@ -44,12 +47,15 @@ from bot.config import Settings
 from bot.runtime.pipeline import Pipeline
 from bot.store.queries import (
     REPLY_STATUSES,
+    WEBHOOK_STATUSES,
     AccountCap,
     account_caps,
+    events_by_endpoint,
     limit_statement_time,
     outbox_backlog,
     replies_by_status,
     unsettled_ambiguous,
+    webhook_calls_by_status,
 )
 from bot.tencent.errors import EXACT, PER_COUNTRY_LIMITS, Outcome
 
@@ -88,6 +94,9 @@ class _Scrape(NamedTuple):
     caps: list[AccountCap]
     now: datetime
     ambiguous: int = 0
+    events_pending: dict[str, int] | None = None
+    events_failed: dict[str, int] | None = None
+    webhook_calls: dict[str, int] | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -103,9 +112,11 @@ def _is_loopback(host: str) -> bool:
 class _DatabaseCollector(Collector):
     """Gauges read from the database at each scrape: one grouped query per table, bounded."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime], endpoints: tuple[str, ...] = ()) -> None:
         self.engine = engine
         self.clock = clock
+        self.endpoints = endpoints
+        """config.yaml's event endpoints: reported at 0 before they have events (rule files' once they do)."""
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("smsbot_database_up", "1 if the last scrape could read the database")
@@ -139,6 +150,37 @@ class _DatabaseCollector(Collector):
             value=read.ambiguous,
         )
         yield from _cap_metrics(read.caps, read.now)
+        yield from self._edge_metrics(read)
+
+    def _edge_metrics(self, read: _Scrape) -> Iterator[Metric]:
+        """The events queue by endpoint and the rules' webhook calls by status."""
+        pending, failed = read.events_pending or {}, read.events_failed or {}
+        names = sorted(set(self.endpoints) | pending.keys() | failed.keys())
+        waiting = GaugeMetricFamily(
+            "smsbot_events_pending",
+            "events waiting to be delivered (retries included), by endpoint",
+            labels=["endpoint"],
+        )
+        given_up = GaugeMetricFamily(
+            "smsbot_events_failed",
+            "events given up on after 24 hours of retries, by endpoint, until sent again from the console",
+            labels=["endpoint"],
+        )
+        for name in names:
+            waiting.add_metric([name], pending.get(name, 0))
+            given_up.add_metric([name], failed.get(name, 0))
+        yield waiting
+        yield given_up
+        calls = read.webhook_calls or {}
+        by_status = GaugeMetricFamily(
+            "smsbot_webhook_calls",
+            f"rules' webhook calls: pending now, and the others created in the last {int(REPLY_WINDOW.total_seconds())}s"
+            ", by status",
+            labels=["status"],
+        )
+        for status in sorted(set(WEBHOOK_STATUSES) | calls.keys()):
+            by_status.add_metric([status], calls.get(status, 0))
+        yield by_status
 
     def _read(self) -> _Scrape:
         now = self.clock()
@@ -148,8 +190,10 @@ class _DatabaseCollector(Collector):
             depth, oldest_at = outbox_backlog(conn)
             caps = account_caps(conn)
             ambiguous = unsettled_ambiguous(conn)
+            events_pending, events_failed = events_by_endpoint(conn)
+            calls = webhook_calls_by_status(conn, since=now - REPLY_WINDOW)
         oldest = 0.0 if oldest_at is None else max(0.0, (now - oldest_at).total_seconds())
-        return _Scrape(replies, depth, oldest, caps, now, ambiguous)
+        return _Scrape(replies, depth, oldest, caps, now, ambiguous, events_pending, events_failed, calls)
 
 
 def _cap_metrics(caps: list[AccountCap], now: datetime) -> Iterator[Metric]:
@@ -235,7 +279,7 @@ class AppMetrics:
         for result in ("success", "failure"):
             self.rule_loads.labels(result)
         self._children: dict[tuple[str, str], Any] = {}
-        self.database = _DatabaseCollector(engine, clock)
+        self.database = _DatabaseCollector(engine, clock, tuple(sorted(settings.events)))
         self.registry.register(self.database)
         self.registry.register(_RulesCollector(rules_status))
 

@@ -262,8 +262,3 @@ class WebhookRunner(WokenLoop):
                 for task in self._tasks:
                     task.cancel()
             await self.close()
-
-
-def calls_by_status(conn: Connection) -> dict[str, int]:
-    db = DriverSql(conn)
-    return {str(s): int(n) for s, n in db.rows("SELECT status, count(*) FROM webhook_calls GROUP BY status")}

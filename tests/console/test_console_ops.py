@@ -695,12 +695,21 @@ def test_rules_page_shows_the_version_files_and_the_last_reload_error(harness: H
 # ---------------------------------------------------------------- simulator
 
 
-def _say(client: TestClient, page: httpx.Response, text: str, sign: str = SIGN, wait: str = "0") -> httpx.Response:
+def _say(
+    client: TestClient, page: httpx.Response, text: str, sign: str = SIGN, wait: str = "0", webhooks: str = ""
+) -> httpx.Response:
     found = re.search(r'name="token" value="([^"]*)"', page.text)
     assert found is not None
     answer: httpx.Response = client.post(
         "/console/simulator",
-        data={"csrf_token": csrf_from(page), "token": found.group(1), "signature": sign, "text": text, "wait": wait},
+        data={
+            "csrf_token": csrf_from(page),
+            "token": found.group(1),
+            "signature": sign,
+            "text": text,
+            "wait": wait,
+            "webhooks": webhooks,
+        },
     )
     assert answer.status_code == 200, answer.text
     return answer
@@ -780,6 +789,45 @@ def test_the_simulator_escapes_hostile_text_captured_into_replies(
     answer = _say(people.viewer, people.viewer.get("/console/simulator"), "name " + HOSTILE, sign="Evil Shop")
     assert "Hello &lt;script&gt;alert(1)&lt;/script&gt;{{ 7*7 }}" in answer.text  # the reply preview
     assert "<script>alert(1)</script>" not in answer.text
+
+
+def test_the_simulator_shows_a_webhook_call_it_does_not_make_and_takes_on_error(
+    harness: Harness, people: People
+) -> None:
+    before = stored_counts(harness.engine), harness.count(audit_events)
+    page = people.viewer.get("/console/simulator")
+    assert 'name="webhooks"' in page.text  # acme-shop.yaml has webhooks: a canned answer may be given
+    assert "<code>order_status</code>" in page.text
+
+    unanswered = _say(people.viewer, page, "ORDER 123456")
+    text = unescape(unanswered.text)
+    assert 'class="webhook">order_status<' in text
+    assert 'class="call-method">GET<' in text
+    assert 'class="call-url">http://127.0.0.1:9999/orders<' in text
+    assert '{"order": "123456", "mobile": "13800000000"}' in text  # the rendered body (a GET's query)
+    assert "the simulator did not call it (no canned answer given): taking the rule's on_error" in text
+    assert "Sorry, order lookup is down. Please try again later." in text  # on_error's reply
+
+    answered = _say(
+        people.viewer, unanswered, "ORDER 654321", webhooks='{"order_status": {"status": "packed <b>now</b>"}}'
+    )
+    assert "Order 654321: packed." in answered.text  # the reply made from the canned answer
+    assert "answered with the canned JSON" in answered.text
+    assert "<b>now</b>" not in answered.text  # the canned answer is shown escaped
+    assert "&lt;b&gt;now&lt;/b&gt;" in answered.text
+    assert "packed &lt;b&gt;now&lt;/b&gt;" in answered.text  # saved as vars.order, shown in the state card
+    # the textarea keeps what was typed for the next message
+    assert "{&#34;order_status&#34;: {&#34;status&#34;: &#34;packed &lt;b&gt;now&lt;/b&gt;&#34;}}" in answered.text
+
+    bad = people.viewer.post(
+        "/console/simulator",
+        data={"csrf_token": csrf_from(page), "signature": SIGN, "text": "ORDER 111111", "webhooks": "{not json"},
+    )
+    assert bad.status_code == 400
+    assert "webhook answers: not JSON" in bad.text
+
+    assert (stored_counts(harness.engine), harness.count(audit_events)) == before
+    assert harness.sender.sent == []
 
 
 # ---------------------------------------------------------------- export

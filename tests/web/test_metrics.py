@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 
 from bot.config import Settings
-from bot.store.models import account_limits, messages
+from bot.store.models import account_limits, conversations, events, messages, webhook_calls
 from bot.web.metrics import EVERY_NUMBER_CAPS
 from tests.support import Harness, payload, serve_process, wait_until, write_rules, writing
 
@@ -135,6 +135,92 @@ def test_ambiguous_replies_waiting_for_ops_are_counted_however_old(local: Harnes
     with writing(h.engine) as conn:  # settled at last (a late report, the check, or ops)
         conn.execute(update(messages).where(messages.c.id == reply["id"]).values(status="delivered"))
     assert value(scrape(h), "smsbot_replies_ambiguous_unsettled") == 0
+
+
+def test_the_events_queue_and_webhook_calls_are_gauges_read_from_the_database(
+    make_app: Callable[..., Harness], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SMSBOT_EVENT_SECRET_CRM", "s3cret")
+    monkeypatch.setenv("SMSBOT_EVENT_SECRET_ERP", "s3cret")
+    settings = Settings(events={"crm": {"url": "http://127.0.0.1:9/crm"}, "erp": {"url": "http://127.0.0.1:9/erp"}})
+    h = make_app(db_url, settings=settings, deliver=False)  # no dispatcher or runner: the rows stay as written
+    h.app.state.metrics.loopback_hosts.add("testclient")
+    samples = scrape(h)
+    for endpoint in ("crm", "erp"):  # configured endpoints have their series from the first scrape, at 0
+        for name in ("smsbot_events_pending", "smsbot_events_failed"):
+            assert (name, frozenset({("endpoint", endpoint)})) in samples
+            assert value(samples, name, endpoint=endpoint) == 0
+    for status in ("pending", "ok", "failed", "timeout"):
+        assert ("smsbot_webhook_calls", frozenset({("status", status)})) in samples
+        assert value(samples, "smsbot_webhook_calls", status=status) == 0
+
+    h.say("hi")  # its state_entered is queued for both endpoints
+    samples = scrape(h)
+    assert value(samples, "smsbot_events_pending", endpoint="crm") == 1
+    assert value(samples, "smsbot_events_pending", endpoint="erp") == 1
+    now = h.clock()
+    with writing(h.engine) as conn:
+        conversation = conn.execute(select(conversations.c.id)).scalar_one()
+        message = conn.execute(select(messages.c.id).where(messages.c.direction == "in")).scalar_one()
+
+        def event(endpoint: str, status: str) -> dict[str, object]:
+            return {
+                "endpoint": endpoint,
+                "kind": "state_entered",
+                "conversation_id": conversation,
+                "message_id": message,
+                "body": "{}",
+                "status": status,
+                "attempts": 1,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+
+        rows_ = [event("crm", "pending")] * 2 + [event("crm", "failed")] + [event("crm", "delivered")] * 3
+        rows_ += [event("erp", "failed")] * 2 + [event("shop-file", "pending")]  # a rule file's endpoint
+        conn.execute(insert(events), rows_)
+
+        def call(status: str, age: timedelta) -> dict[str, object]:
+            return {
+                "conversation_id": conversation,
+                "message_id": message,
+                "webhook": "order_status",
+                "rule": "acme-shop.yaml:67",
+                "method": "GET",
+                "url": "http://127.0.0.1:9999/orders",
+                "status": status,
+                "attempts": 0,
+                "next_attempt_at": now - age,
+                "created_at": now - age,
+            }
+
+        conn.execute(
+            insert(webhook_calls),
+            [
+                call("pending", timedelta(days=2)),  # stuck for two days: still counted, it waits
+                call("ok", timedelta(minutes=5)),
+                call("ok", timedelta(hours=1)),
+                call("ok", timedelta(days=3)),  # finished before the 24-hour window: not counted
+                call("timeout", timedelta(minutes=1)),
+            ],
+        )
+    samples = scrape(h)
+    assert value(samples, "smsbot_events_pending", endpoint="crm") == 3  # delivered ones are not counted
+    assert value(samples, "smsbot_events_failed", endpoint="crm") == 1
+    assert value(samples, "smsbot_events_pending", endpoint="erp") == 1
+    assert value(samples, "smsbot_events_failed", endpoint="erp") == 2
+    assert value(samples, "smsbot_events_pending", endpoint="shop-file") == 1
+    assert ("smsbot_events_failed", frozenset({("endpoint", "shop-file")})) in samples
+    assert value(samples, "smsbot_webhook_calls", status="pending") == 1
+    assert value(samples, "smsbot_webhook_calls", status="ok") == 2
+    assert value(samples, "smsbot_webhook_calls", status="timeout") == 1
+    assert value(samples, "smsbot_webhook_calls", status="failed") == 0
+
+    with writing(h.engine) as conn:  # an admin sends the failed ones again ("Retry now")
+        conn.execute(update(events).where(events.c.status == "failed").values(status="pending"))
+    samples = scrape(h)
+    assert value(samples, "smsbot_events_failed", endpoint="erp") == 0
+    assert value(samples, "smsbot_events_pending", endpoint="erp") == 3
 
 
 def _cap(h: Harness, code: str, nationcode: str, until: datetime) -> None:
