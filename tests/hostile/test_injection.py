@@ -118,14 +118,13 @@ def test_log_lines_carry_no_raw_control_characters(h: Harness) -> None:
     root = logging.getLogger()
     handler = setup_logging(stream=stream)
     try:
-        h.say("hi", sign="Evil\x1b[2J\x1b]0;owned\x07 Shop", mobile=_mobile(1))  # logged: no rules for it
+        h.say("hi", sign="Evil\x1b[2J\x1b]0;owned\x07 Shop", mobile=_mobile(1))  # its text and sign pass the request log
         bad = b'[{"sid": "x\\u001b[2J", "report_status": "MAYBE"}]'  # logged: an odd report, skipped
         assert h.client.post("/sms/status", content=bad).status_code == 200
         logging.getLogger("smsbot.test").warning("customer said %s", "\x1b]0;title\x07\rFAKE LINE")
     finally:
         root.removeHandler(handler)
     out = stream.getvalue()
-    assert "no rules answer signature 'Evil" in out
     assert "delivery report [0] skipped" in out
     assert "\\x1b]0;title\\x07\\x0dFAKE LINE" in out
     for control in ("\x1b", "\x07", "\r"):
