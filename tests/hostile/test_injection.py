@@ -118,7 +118,9 @@ def test_log_lines_carry_no_raw_control_characters(h: Harness) -> None:
     root = logging.getLogger()
     handler = setup_logging(stream=stream)
     try:
-        h.say("hi", sign="Evil\x1b[2J\x1b]0;owned\x07 Shop", mobile=_mobile(1))  # its text and sign pass the request log
+        h.say(
+            "hi", sign="Evil\x1b[2J\x1b]0;owned\x07 Shop", mobile=_mobile(1)
+        )  # its text and sign pass the request log
         bad = b'[{"sid": "x\\u001b[2J", "report_status": "MAYBE"}]'  # logged: an odd report, skipped
         assert h.client.post("/sms/status", content=bad).status_code == 200
         logging.getLogger("smsbot.test").warning("customer said %s", "\x1b]0;title\x07\rFAKE LINE")
