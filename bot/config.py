@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,14 @@ SECRET_SETTINGS = (
 
 class ConfigError(Exception):
     """Settings that cannot be used, with which setting and why."""
+
+
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
+
+
+def _hide_password(url: str) -> str:
+    """``url`` with the password of its user written as ``***`` (as SQLAlchemy's ``hide_password`` does)."""
+    return _URL_PASSWORD.sub(r"\1:***@", url)
 
 
 class Settings(BaseSettings):
@@ -199,6 +208,11 @@ class Settings(BaseSettings):
         "unset: /metrics answers loopback clients only",
     )
     config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """What ``repr()`` and ``str()`` show: every setting, the database URL's password hidden (the rest are SecretStr)."""
+        for name, value in super().__repr_args__():
+            yield name, (_hide_password(value) if name == "database_url" and isinstance(value, str) else value)
 
     @field_validator("frequency_same_content", mode="before")
     @classmethod
