@@ -135,7 +135,7 @@ async def _read_body(request: Request) -> None:
         return
     too_large = ApiProblem(413, invalid("body", f"body larger than {MAX_BODY_BYTES} bytes"))
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
     chunks: list[bytes] = []
     size = 0

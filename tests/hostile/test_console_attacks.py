@@ -130,3 +130,20 @@ def test_login_never_redirects_off_the_console(harness: Harness, db_url: str, ta
         token = csrf_from(client.get("/console/login"))
     page = client.get("/console/login", params={"next": target})
     assert target not in page.text or "evil" not in page.text
+
+
+# ---------------------------------------------------------------- odd numbers in URLs (found by the fuzz test)
+
+
+@pytest.mark.parametrize("page", ["184467440737095518", "²", "-1", "0", "9" * 40])
+def test_absurd_page_numbers_show_a_page_not_a_500(admin: Harness, page: str) -> None:
+    for path in ("/console/opt-outs", "/console/deliveries"):
+        response = admin.client.get(path, params={"page": page})
+        assert response.status_code == 200, (path, page, response.text[:300])
+
+
+@pytest.mark.parametrize("conversation_id", ["²", "9" * 40, "-1", "1e3"])
+def test_odd_conversation_ids_are_a_404(admin: Harness, conversation_id: str) -> None:
+    response = admin.client.get(f"/console/conversations/{conversation_id}")
+    assert response.status_code == 404
+    assert "there is no conversation" in response.text
