@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,14 @@ class EventEndpointConfig(BaseModel):
 
     url: str = Field(pattern=r"^https?://[^\s/]+", description="http(s) URL the signed events are POSTed to")
     kinds: tuple[Literal["opted_out", "opted_in", "state_entered", "reply_failed", "unmatched"], ...] | None = None
+
+
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
+
+
+def _hide_password(url: str) -> str:
+    """``url`` with the password of its user written as ``***`` (as SQLAlchemy's ``hide_password`` does)."""
+    return _URL_PASSWORD.sub(r"\1:***@", url)
 
 
 class Settings(BaseSettings):
@@ -226,8 +235,6 @@ class Settings(BaseSettings):
     @field_validator("events")
     @classmethod
     def _event_endpoints(cls, value: dict[str, EventEndpointConfig]) -> dict[str, EventEndpointConfig]:
-        import re
-
         for name in value:
             if not re.match(EVENT_ENDPOINT_NAME, name):
                 raise ValueError(f"events: endpoint name {name!r} must be lower-case letters, digits, '_' or '-'")
@@ -237,6 +244,11 @@ class Settings(BaseSettings):
                     "(secrets never go in the file)"
                 )
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """What ``repr()`` and ``str()`` show: every setting, the database URL's password hidden (the rest are SecretStr)."""
+        for name, value in super().__repr_args__():
+            yield name, (_hide_password(value) if name == "database_url" and isinstance(value, str) else value)
 
     @field_validator("frequency_same_content", mode="before")
     @classmethod

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bot.rules.normalize import unstorable
 
 MAX_BATCH = 1000
 
@@ -37,6 +39,17 @@ class StartBody(BaseModel):
         max_length=255,
         description="the same key from the same API key within 24 h answers the first answer again, sending nothing",
     )
+
+    @field_validator("signature", "nationcode", "mobile", "template", "params", "state", "vars", "idempotency_key")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        """No NUL or half a character anywhere: such text can be neither stored nor sent (422 naming the field)."""
+        texts = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+        for text in texts:
+            problem = unstorable(text) if isinstance(text, str) else None
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
 
 class BatchBody(BaseModel):

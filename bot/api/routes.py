@@ -16,6 +16,7 @@ FastAPI's own validation errors are turned into it by ``ApiRoute``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from bot.api.keys import ApiCaller, caller_for, touch
 from bot.api.models import (
@@ -59,6 +62,7 @@ from bot.outreach.check import (
 )
 from bot.outreach.write import StartResult, VarsChange, merge_vars, start_conversations
 from bot.rules.model import Ruleset
+from bot.rules.normalize import unstorable
 from bot.runtime.hosting import Runtime
 from bot.runtime.pipeline import inbound_policy
 from bot.store.db import WRITE_OPTIONS
@@ -100,14 +104,88 @@ class ApiRoute(APIRoute):
 
         async def answer(request: Request) -> Response:
             try:
+                await _read_body(request)
+                _check_path(request)
                 return await handler(request)
             except RequestValidationError as exc:
+                if not await run_in_threadpool(_has_a_key, request):
+                    return _unauthorized(request)  # who asks comes first: no key learns nothing about bodies
                 first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid body"}
+                if first.get("type") == "json_invalid":
+                    ctx = first.get("ctx")
+                    problem = ctx.get("error", "invalid") if isinstance(ctx, dict) else "invalid"
+                    return JSONResponse(invalid("body", f"not JSON: {problem}"), status_code=422)
                 return JSONResponse(invalid(field_of(first.get("loc", ())), str(first.get("msg"))), status_code=422)
+            except HTTPException as exc:  # FastAPI could not read the body at all
+                if not await run_in_threadpool(_has_a_key, request):
+                    return _unauthorized(request)
+                return JSONResponse(invalid("body", _unreadable(request, exc)), status_code=422)
             except ApiProblem as exc:
                 return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
         return answer
+
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""The largest API body: a full batch of starts with vars fits many times over; 10 MB of anything does not."""
+
+
+async def _read_body(request: Request) -> None:
+    """The body read up front within ``MAX_BODY_BYTES`` (413 beyond); FastAPI then parses the cached bytes."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    too_large = ApiProblem(413, invalid("body", f"body larger than {MAX_BODY_BYTES} bytes"))
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # Starlette's cache of the body: what request.body() returns from now on
+
+
+def _check_path(request: Request) -> None:
+    """A NUL or half a character in the URL's signature or number can name nothing stored: 422 naming the part."""
+    for name, value in request.path_params.items():
+        problem = unstorable(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise ApiProblem(422, invalid(name, problem))
+
+
+def _unreadable(request: Request, exc: HTTPException) -> str:
+    """What FastAPI's "error parsing the body" was: said for the developer reading it."""
+    body = getattr(request, "_body", b"")
+    try:
+        json.loads(body)
+    except RecursionError:
+        return "the JSON is nested too deeply"
+    except UnicodeDecodeError as error:
+        return f"the body is not valid UTF-8 (byte {error.start})"
+    except ValueError as error:
+        return f"not JSON: {error}"
+    return str(exc.detail)
+
+
+def _bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def _has_a_key(request: Request) -> bool:
+    key = _bearer_key(request)
+    if key is None:
+        return False
+    with _runtime(request).engine.connect() as conn:
+        return caller_for(conn, key) is not None
+
+
+def _unauthorized(request: Request) -> Response:
+    detail = "send Authorization: Bearer <API key>" if _bearer_key(request) is None else "unknown or revoked API key"
+    return JSONResponse(_refusal("unauthorized", detail), status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
 router = APIRouter(prefix=PREFIX, route_class=ApiRoute, tags=["api"])

@@ -202,7 +202,11 @@ def _timeline(message_rows: list[RowMapping], event_rows: list[RowMapping]) -> l
 @router.get("/conversations/{conversation_id}", response_class=HTMLResponse, include_in_schema=False)
 def conversation_thread(request: Request, user: CurrentUser, conversation_id: str) -> Response:
     reveal = wants_reveal(request, user)
-    key = int(conversation_id) if conversation_id.isdigit() and len(conversation_id) < 19 else None
+    key = (
+        int(conversation_id)
+        if conversation_id.isascii() and conversation_id.isdigit() and len(conversation_id) < 19
+        else None
+    )
     with engine(request).connect() as conn:
         convo = conversation_with_number(conn, conversation_id=key) if key is not None else None
         if convo is None:

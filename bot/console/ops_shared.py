@@ -60,9 +60,15 @@ class Page:
         return self.number < self.pages
 
 
+MAX_PAGE = 1_000_000
+"""Pages beyond this are this one: an offset of page x size must stay a number the database takes."""
+
+
 def page_number(request: Request) -> int:
     raw = request.query_params.get("page", "1")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else 1
+    if not (raw.isascii() and raw.isdigit()):  # "²" is a digit to str.isdigit, not to int()
+        return 1
+    return min(int(raw), MAX_PAGE) or 1
 
 
 def query_without(request: Request, *names: str, **values: Any) -> str:

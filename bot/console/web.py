@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from bot.config import Settings
 from bot.console.display import DISPLAY_TZ_LABEL, fmt_time, opt_out_source
 from bot.console.users import ConsoleUser, password_fingerprint, session_user
+from bot.rules.normalize import unstorable
 from bot.store.queries import account_caps
 
 if TYPE_CHECKING:
@@ -322,11 +323,43 @@ async def _signed_in(request: Request) -> bool:
     return True
 
 
+_DB_INT = 2**63
+"""Integers a database column holds (BIGINT, SQLite's INTEGER): an id beyond them names nothing."""
+
+
+async def _unstorable_input(request: Request, integers: frozenset[str] = frozenset()) -> str | None:
+    """Why a value in the URL or the form can be neither stored nor looked up (NUL, half a character), or None.
+
+    PostgreSQL refuses such text even in a WHERE clause, so a filter or form
+    holding one would otherwise end as a 500.
+    """
+    values: list[tuple[str, str]] = [(k, v) for k, v in request.path_params.items() if isinstance(v, str)]
+    values += list(request.query_params.multi_items())
+    if request.method in _UNSAFE_METHODS and request.headers.get("content-type", "").startswith(_FORM_TYPES):
+        values += [(k, v) for k, v in (await request.form()).multi_items() if isinstance(v, str)]
+    for name, value in values:
+        problem = unstorable(value) or unstorable(name)
+        if problem is None and name in integers and _out_of_range(value):
+            problem = "is not a number this console knows (out of range)"
+        if problem is not None:
+            return f"the field {name!r} {problem}"
+    return None
+
+
+def _out_of_range(value: str) -> bool:
+    try:
+        return not -_DB_INT <= int(value) < _DB_INT
+    except ValueError:
+        return False  # not a number at all: FastAPI's own validation says so
+
+
 class ConsoleRoute(APIRoute):
     """Wraps every console route: CSRF on unsafe methods, login/permission refusals, the session cookie."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        fields = [*self.dependant.path_params, *self.dependant.query_params, *self.dependant.body_params]
+        integers = frozenset(f.alias for f in fields if f.field_info.annotation in (int, int | None))
 
         async def console_handler(request: Request) -> Response:
             if _is_api(request) and not await _signed_in(request):
@@ -337,6 +370,8 @@ class ConsoleRoute(APIRoute):
                     403,
                     "the form's security token (CSRF) is missing or out of date: reload the page and try again",
                 )
+            elif (problem := await _unstorable_input(request, integers)) is not None:
+                response = _refusal(request, 400, problem)
             else:
                 try:
                     response = await handler(request)

@@ -20,6 +20,7 @@ import jinja2
 
 from bot.rules.engine import is_mainland
 from bot.rules.model import CompiledFile, CompiledTemplate, Ruleset, signature_key
+from bot.rules.normalize import unstorable
 from bot.rules.templating import Bag, Expression, ExpressionError, compile_expression
 
 MAX_VARS = 50
@@ -98,6 +99,9 @@ def check_vars(values: Mapping[str, Any], *, field_name: str = "vars") -> dict[s
             raise StartRefused(f"{field_name}.{name}", "vars are text: give the value as a JSON string")
         if len(value) > MAX_VAR_LENGTH:
             raise StartRefused(f"{field_name}.{name}", f"at most {MAX_VAR_LENGTH} characters")
+        problem = unstorable(value)
+        if problem is not None:
+            raise StartRefused(f"{field_name}.{name}", problem)
         checked[name] = value
     return checked
 

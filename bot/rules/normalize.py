@@ -49,6 +49,21 @@ def clean(text: str) -> str:
     return text
 
 
+def unstorable(text: str) -> str | None:
+    """Why ``text`` cannot be stored as it is (a NUL, a lone UTF-16 surrogate), or None when it can.
+
+    For input whose sender can correct it (the start API, console forms), which is
+    refused with this reason rather than repaired by ``clean``.
+    """
+    if "\x00" in text:
+        return "contains a NUL character (U+0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone UTF-16 surrogate (half of a character), which is not text"
+    return None
+
+
 def trim(text: str) -> str:
     """NFKC, surrounding whitespace removed and inner whitespace collapsed; case and punctuation kept.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -66,6 +67,38 @@ class MaskNumbers(logging.Filter):
         for key, value in list(record.__dict__.items()):
             if key not in _STANDARD_ATTRS and isinstance(value, str):
                 setattr(record, key, mask_phone_numbers(value))
+        return True
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters (ESC, BEL, CR, ...) written as ``\\xNN``; newlines and tabs kept.
+
+    A customer's text reaches log lines (a signature, a skipped report), and a
+    raw ``\\x1b[2J`` or ``\\x1b]0;...\\x07`` there would clear or retitle the
+    terminal of whoever tails the log; a CR could forge the start of a line.
+    """
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class EscapeControls(logging.Filter):
+    """Escapes control characters in the message, string ``extra`` fields and the traceback (every format)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: let the handler report it as usual
+            return True
+        record.msg, record.args = escape_controls(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = escape_controls(record.exc_text)
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD_ATTRS and isinstance(value, str):
+                setattr(record, key, escape_controls(value))
         return True
 
 
@@ -139,6 +172,7 @@ def setup_logging(
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     if not reveal_numbers:
         handler.addFilter(MaskNumbers())
+    handler.addFilter(EscapeControls())
     root.addHandler(handler)
     root.setLevel(level)
     return handler

@@ -188,7 +188,10 @@ def export_chunks(
     in each chunk just before it is yielded.
     """
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n") if fmt == "csv" else None
+    # "\r\n" (RFC 4180), not "\n": the csv module quotes a field holding a character of the line
+    # terminator, and with "\n" alone a customer's "\r=cmd" stayed unquoted, so a spreadsheet
+    # started a new row at the CR with the formula first in its cell.
+    writer = csv.writer(buffer, lineterminator="\r\n") if fmt == "csv" else None
     if writer is not None:
         writer.writerow(COLUMNS)
     pending = 0

@@ -45,6 +45,8 @@ def json_items(body: bytes, *, max_items: int, noun: str, error: type[BadBody] =
         raise error(f"body is not valid UTF-8 (byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise error(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:  # [[[[...: Python's parser gives up; not a crash, a bad body
+        raise error("body is nested too deeply to be a callback") from exc
     is_array = isinstance(data, list)
     items = data if is_array else [data]
     if not items:
@@ -200,6 +202,12 @@ class StatusReport(BaseModel):
     description: str | None = None
     ext: str | None = None
 
+    @field_validator("sid", "user_receive_time", "ext", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        """NUL and lone surrogates replaced (as in replies): PostgreSQL could not store or even compare them."""
+        return clean(value) if isinstance(value, str) else value
+
     @field_validator("report_status", mode="before")
     @classmethod
     def _any_case(cls, value: Any) -> Any:
@@ -216,9 +224,11 @@ class StatusReport(BaseModel):
     @field_validator("nationcode", "mobile", "errmsg", "description", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
-        if value is None or isinstance(value, str):
+        if value is None:
             return value
-        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else str(value)
+        if not isinstance(value, str):
+            value = json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else str(value)
+        return clean(value)
 
 
 @dataclass(frozen=True)
