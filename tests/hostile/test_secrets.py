@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,10 @@ from typer.testing import CliRunner
 
 from bot.cli import app as cli
 from bot.config import Settings
-from bot.store.models import messages
+from bot.store.models import audit_events, events, messages
+from tests.api.helpers import api_rules, auth, new_key, start_body
+from tests.console.test_console_ops import People
+from tests.fakes.receiver import Receiver
 from tests.fakes.tencent_sms import FakeTencentSms
 from tests.support import PG_URL, Harness, payload, wait_until
 from tests.tencent.test_tencent_sender import APP_ID, SECRET_ID, SECRET_KEY, sender_for
@@ -157,3 +161,31 @@ def test_api_keys_are_not_logged_or_stored(
             str(tuple(r)) for t in ("api_keys", "audit_events") for r in conn.exec_driver_sql(f"SELECT * FROM {t}")
         )
     assert leaks(dump, [key]) == []
+
+
+def test_event_secrets_are_not_logged_stored_or_shown(
+    make_app: Callable[..., Harness],
+    db_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    every_log: Callable[[], str],
+) -> None:
+    secret = "evsecret-6Qw4"
+    monkeypatch.setenv("SMSBOT_EVENT_SECRET_CRM", secret)
+    refusing = Receiver(status=500)  # the dispatcher's error path: it records and logs what went wrong
+    try:
+        h = make_app(
+            db_url,
+            rules_path=api_rules(tmp_path / "start-rules"),
+            settings=Settings(events={"crm": {"url": refusing.url + "/hooks"}}),
+        )
+        response = h.client.post("/api/v1/conversations", json=start_body(), headers=auth(new_key(h.engine)))
+        assert response.status_code == 202, response.text
+        wait_until(lambda: any(r["last_status"] == 500 for r in h.rows(events)), timeout=15, what="a refused event")
+        assert refusing.received[0].headers["X-Smsbot-Signature"].startswith("sha256=")  # it was signed with it
+        stored = "\n".join(str(row) for table in (events, audit_events) for row in h.rows(table))
+        people = People(h)
+        shown = people.admin.get("/console/events").text + h.client.get("/readyz").text + repr(h.settings)
+        assert leaks(every_log() + stored + shown, [secret]) == []
+    finally:
+        refusing.close()
