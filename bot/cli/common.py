@@ -45,6 +45,11 @@ def config_errors() -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
+def current_config() -> Path | None:
+    """The ``--config`` this command was given (None: $SMSBOT_CONFIG, then ./config.yaml)."""
+    return _State.config
+
+
 def read_settings() -> Settings:
     with config_errors():
         return load_settings(_State.config)
