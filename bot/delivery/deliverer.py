@@ -84,7 +84,8 @@ class Deliverer:
     one after another on a thread pool (the SDK blocks) and records each
     outcome as soon as it is known, so a slow send never holds up the record
     of the others and a crash loses at most the sends in flight (their lease
-    runs out and they are marked for a check, see ``bot/delivery/retry.py``).
+    runs out and the one in flight per number is marked ambiguous, for a check with
+    Tencent, while those behind it are sent: ``outbox.recover_expired_leases``).
 
     With ``ambiguous`` (the Tencent sender), ``run_forever`` also runs the
     ``Reconciler`` beside it: a task of its own on this loop, its SDK calls
@@ -275,7 +276,11 @@ class Deliverer:
                 return
             except Exception:
                 if delay is None:
-                    log.exception("could not record the outcome of %d send(s): they will be retried", len(plans))
+                    log.exception(
+                        "could not record the outcome of %d send(s): when their lease runs out they are marked "
+                        "ambiguous, not resent",
+                        len(plans),
+                    )
                     return
                 log.warning("recording a send's outcome failed; trying again in %.1fs", delay, exc_info=True)
                 await asyncio.sleep(delay)
