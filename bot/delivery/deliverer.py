@@ -70,6 +70,7 @@ def delivery_options(settings: Settings) -> dict[str, Any]:
     return {
         "concurrency": settings.send_concurrency,
         "send_timeout": float(settings.tencent_timeout),
+        "lease": settings.delivery_lease,
         "limits": frequency_limits(settings),
         "ambiguous": ambiguous_checks(settings),
     }
@@ -106,6 +107,7 @@ class Deliverer:
         rng: random.Random | None = None,
         limits: FrequencyLimits = NO_LIMITS,
         ambiguous: AmbiguousChecks | None = None,
+        lease: timedelta = LEASE,
     ) -> None:
         self.writer = writer
         self.sender = sender
@@ -117,7 +119,7 @@ class Deliverer:
         self.batch = batch or concurrency * 4
         # A claimed reply waits for at most batch/concurrency sends before its own, each bounded by
         # the sender's timeout; the lease must outlast that or another worker would send it again.
-        self.lease = max(LEASE, timedelta(seconds=send_timeout * (self.batch // concurrency + 2)))
+        self.lease = max(lease, timedelta(seconds=send_timeout * (self.batch // concurrency + 2)))
         self.limits = limits
         # A sender that never waits on the network (the console) is called on the loop itself:
         # a thread hand-off per reply would cost more than the send.
