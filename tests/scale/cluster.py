@@ -86,8 +86,11 @@ def rules_text(menu_template: str = "menu") -> str:
 def script(i: int) -> list[tuple[str, str, str]]:
     """Conversation ``i``: (text, template id of the reply, state after) for each step."""
     choice = "1" if i % 2 == 0 else "2"
-    return [("HI", "2000001", "menu"), (choice, "2000002" if choice == "1" else "2000003", "chose"),
-            ("BYE", "2000004", "done")]  # fmt: skip
+    return [
+        ("HI", "2000001", "menu"),
+        (choice, "2000002" if choice == "1" else "2000003", "chose"),
+        ("BYE", "2000004", "done"),
+    ]
 
 
 def mobile(i: int) -> str:
@@ -227,8 +230,9 @@ class Cluster:
 
     def worker(self, name: str, *, concurrency: int = 8, **env: str) -> Proc:
         proc = self._start(name, ["worker", "--concurrency", str(concurrency)], self.env(**env))
-        wait_until(lambda: "sending queued replies" in proc.output() or not proc.alive(), timeout=60,
-                   what=f"{name} to start")  # fmt: skip
+        wait_until(
+            lambda: "sending queued replies" in proc.output() or not proc.alive(), timeout=60, what=f"{name} to start"
+        )
         assert proc.alive(), f"{name} exited:\n{proc.output()[-4000:]}"
         return proc
 

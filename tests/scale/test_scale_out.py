@@ -53,8 +53,19 @@ def fake_process(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     from tests.scale.cluster import SECRET_ID, SECRET_KEY, TEMPLATES
 
-    argv = [sys.executable, "-m", "tests.fakes.tencent_sms", "--secret-id", SECRET_ID, "--secret-key", SECRET_KEY,
-            "--signature", SIGN, "--no-limits", "--echo-session-context"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.fakes.tencent_sms",
+        "--secret-id",
+        SECRET_ID,
+        "--secret-key",
+        SECRET_KEY,
+        "--signature",
+        SIGN,
+        "--no-limits",
+        "--echo-session-context",
+    ]
     for tid, body in TEMPLATES.items():
         argv += ["--template", f"{tid}={body}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
@@ -85,10 +96,15 @@ def test_two_servers_and_three_workers_answer_every_conversation_once(tmp_path: 
         assert len(result.ok) == 3 * CONVERSATIONS
 
         expected = 3 * CONVERSATIONS
-        wait_until(lambda: fake_send_count(fake_process) >= expected and outbox_count(engine) == 0,
-                   timeout=180, what="every reply to be sent")  # fmt: skip
-        print(f"\n{CONVERSATIONS} conversations, {expected} callbacks driven in {driven:.1f}s; "
-              f"all sent after {time.monotonic() - started:.1f}s")  # fmt: skip
+        wait_until(
+            lambda: fake_send_count(fake_process) >= expected and outbox_count(engine) == 0,
+            timeout=180,
+            what="every reply to be sent",
+        )
+        print(
+            f"\n{CONVERSATIONS} conversations, {expected} callbacks driven in {driven:.1f}s; "
+            f"all sent after {time.monotonic() - started:.1f}s"
+        )
 
         sends = fake_sends(fake_process)
         replies = outbound(engine)
@@ -124,13 +140,25 @@ def test_two_servers_and_three_workers_answer_every_conversation_once(tmp_path: 
 
         new = wait_until(reloaded, timeout=60, what="serve-b to reload the rules")
         # serve-a has two workers, each with its own writer process; serve-b one
-        wait_until(lambda: rules_loaded(servers[0], new) == 2 and rules_loaded(servers[1], new) == 1,
-                   timeout=60, what="every writer process to load the new rules")  # fmt: skip
+        wait_until(
+            lambda: rules_loaded(servers[0], new) == 2 and rules_loaded(servers[1], new) == 1,
+            timeout=60,
+            what="every writer process to load the new rules",
+        )
         probe = range(CONVERSATIONS, CONVERSATIONS + 60)
         for i in probe:  # a new connection each: spread over serve-a's two workers as well
-            response = httpx.post(f"{bases[i % 2]}/sms/callback", timeout=30,
-                                  json={"extend": "", "mobile": mobile(i), "nationcode": "86", "sign": SIGN,
-                                        "text": "HI", "time": int(time.time()) - 60})  # fmt: skip
+            response = httpx.post(
+                f"{bases[i % 2]}/sms/callback",
+                timeout=30,
+                json={
+                    "extend": "",
+                    "mobile": mobile(i),
+                    "nationcode": "86",
+                    "sign": SIGN,
+                    "text": "HI",
+                    "time": int(time.time()) - 60,
+                },
+            )
             assert response.json() == {"result": 0, "errmsg": "OK"}
         wait_until(lambda: outbox_count(engine) == 0, timeout=60, what="the probes' replies to be sent")
         probes = [r for r in outbound(engine) if r["mobile"] in {mobile(i) for i in probe}]
