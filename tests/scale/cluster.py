@@ -218,9 +218,19 @@ class Cluster:
         self.procs.append(started)
         return started
 
-    def serve(self, name: str, *, workers: int = 1, port: int | None = None, wait: bool = True, **env: str) -> Proc:
+    def serve(
+        self,
+        name: str,
+        *,
+        workers: int = 1,
+        port: int | None = None,
+        wait: bool = True,
+        deliver: bool = False,
+        **env: str,
+    ) -> Proc:
+        """``smsbot serve``; ``--no-deliver`` (workers send) unless ``deliver``."""
         port = port or free_port()
-        argv = ["serve", "--port", str(port), "--no-deliver"]
+        argv = ["serve", "--port", str(port), *([] if deliver else ["--no-deliver"])]
         if workers > 1:
             argv += ["--workers", str(workers)]
         proc = self._start(name, argv, self.env(**env), port)
@@ -288,16 +298,18 @@ def drive(
     retry_for: float = 0.0,
     stop_on_failure: bool = True,
     t0: int | None = None,
+    into: Drive | None = None,
 ) -> Drive:
     """Run each conversation's script, its steps in order, step k of conversation i to server (i + k) % n.
 
     A step not answered with result 0 is tried again for ``retry_for`` seconds
     (as Tencent retries a callback); after that the conversation stops there
     when ``stop_on_failure``. ``bases`` is asked again for every request, so a
-    test can swap a restarted server in.
+    test can swap a restarted server in. ``into``: fill this ``Drive`` as answers
+    come (another thread watches it to time a fault).
     """
     at = t0 if t0 is not None else int(time.time()) - 600
-    result = Drive()
+    result = into if into is not None else Drive()
 
     async def one(client: httpx.AsyncClient, gate: asyncio.Semaphore, i: int) -> None:
         async with gate:
