@@ -27,7 +27,7 @@ from bot.delivery.outbox import LEASE, Number, apply_plans, claim_due
 from bot.delivery.reconcile import AmbiguousChecks, Reconciler, ambiguous_checks
 from bot.delivery.retry import Final, Retry, RetryPolicy, plan
 from bot.sms import OutboundSms, SendResult, SmsSender
-from bot.store.writer import DbWriter
+from bot.store.writer import DbWriter, RepeatedFailure
 
 log = logging.getLogger("smsbot.outbox")
 
@@ -302,13 +302,16 @@ class Deliverer:
             if self.reconciler is not None
             else None
         )
+        failures = RepeatedFailure(log, "delivery round (retried every poll)")
         try:
             while True:
                 try:
                     handled = await self.run_once()
-                except Exception:
-                    log.exception("delivery round failed; retrying")
+                except Exception as exc:  # the database is down or its disk full: once in full, then a line a minute
+                    failures.failed(exc)
                     handled = 0
+                else:
+                    failures.succeeded()
                 if handled >= self.batch:
                     continue  # a full batch: more may be due at once
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
