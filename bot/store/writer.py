@@ -63,6 +63,8 @@ class RepeatedFailure:
         if self.failures:
             self.logger.warning("%s works again after %d failure(s)", self.what, self.failures)
             self.failures = 0
+
+
 T = TypeVar("T")
 _STOP = object()
 
