@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     send_concurrency: int = Field(
         default=8, ge=1, le=64, description="replies sent at once (to different numbers) by one delivery loop"
     )
+    delivery_lease: Duration = Field(
+        default=timedelta(seconds=60),
+        description="how long a claimed reply stays with the delivery loop that claimed it (at least "
+        "tencent_timeout times the sends queued before it); if the loop dies, another takes the reply after "
+        "this: the send it was making becomes ambiguous, never resent blindly",
+    )
     frequency_same_content: Duration | None = Field(
         default=timedelta(seconds=30),
         description="hold a reply with the same text as one sent to the number within this time (Tencent's "

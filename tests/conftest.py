@@ -176,3 +176,24 @@ def make_app(clock: FakeClock, rules_dir: Path) -> Iterator[Callable[..., Harnes
 def harness(make_app: Callable[..., Harness], db_url: str) -> Harness:
     """The default app: example rules, default settings, recording sender, fake clock."""
     return make_app(db_url)
+
+
+# ---------------------------------------------------------------- slow tests
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--skip-slow",
+        action="store_true",
+        default=False,
+        help="leave out the tests marked slow (multi-process, fault and browser tests); CI runs everything",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--skip-slow"):
+        return
+    deselected = [item for item in items if item.get_closest_marker("slow") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]

@@ -45,6 +45,11 @@ def config_errors() -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
+def current_config() -> Path | None:
+    """The ``--config`` this command was given (None: $SMSBOT_CONFIG, then ./config.yaml)."""
+    return _State.config
+
+
 def read_settings() -> Settings:
     with config_errors():
         return load_settings(_State.config)
@@ -66,14 +71,32 @@ def safe_url(url: str) -> str:
 
 
 def checked_engine(settings: Settings) -> Engine:
-    """The database engine, or exit 2 naming `smsbot db upgrade` when the schema is out of date."""
-    from bot.store.db import SchemaOutOfDate, check_schema, make_engine
+    """The database engine, or exit 2 with one line: the schema is out of date (naming `smsbot db upgrade`),
+    or the database cannot be opened or written (down, a read-only or full disk)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from bot.store.db import WRITE_OPTIONS, SchemaOutOfDate, check_schema, make_engine
 
     engine = make_engine(settings.database_url)
     try:
         check_schema(engine)
+        if engine.dialect.name == "sqlite":
+            # Every long-running command writes: find a read-only file or disk now, not at the first callback.
+            with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+                pass
     except SchemaOutOfDate as exc:
         engine.dispose()
         typer.echo(f"smsbot: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except DBAPIError as exc:
+        engine.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        hint = (
+            " (SQLite writes the database file and its -wal and -shm files beside it: the folder must be on a "
+            "writable disk with free space)"
+            if engine.dialect.name == "sqlite"
+            else ""
+        )
+        typer.echo(f"smsbot: cannot use the database {safe_url(settings.database_url)}: {reason}{hint}", err=True)
         raise typer.Exit(2) from exc
     return engine

@@ -11,15 +11,22 @@ without them.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bot.cli.common import checked_engine, config_errors, read_settings, safe_url
+from bot.cli.common import checked_engine, config_errors, current_config, read_settings, safe_url, use_config
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from sqlalchemy import Engine
+
     from bot.config import Settings
     from bot.runtime.live_rules import LiveRules
+    from bot.sms import SmsSender
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -60,13 +67,21 @@ def serve(
         bool,
         typer.Option("--no-deliver", help="only store and queue: `smsbot worker` processes send (SMSBOT_DELIVER)"),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=32,
+            help="HTTP processes (uvicorn workers), each with its own writer process; more than 1 needs PostgreSQL",
+        ),
+    ] = 1,
 ) -> None:
     """Run the callback server and the delivery loop (in a writer process unless SMSBOT_WRITER=thread)."""
 
     import uvicorn
 
     from bot.delivery.senders import make_sender
-    from bot.web.app import create_app
 
     settings = read_settings()
     if pull:
@@ -80,6 +95,8 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
+    if workers > 1:
+        _refuse_workers(settings, workers)
     with config_errors():
         sender = make_sender(settings)
         if settings.pull:
@@ -91,17 +108,91 @@ def serve(
     rules = _loaded_rules(settings)
     if no_deliver:
         settings = settings.model_copy(update={"deliver": False})
+    described = (
+        f"(database {safe_url(settings.database_url)}, writer {settings.writer}"
+        f"{f', {workers} workers' if workers > 1 else ''}"
+        f"{f', pulling from Tencent every {settings.pull_interval:g}s' if settings.pull else ''}"
+        f"{'' if settings.deliver else ', not delivering'})"
+    )
+    if workers > 1:
+        # Each worker is a process of its own (uvicorn starts them fresh): it builds its app from the same
+        # settings through ``worker_app``; this process only checked them and supervises the workers.
+        engine.dispose()
+        config = current_config()
+        os.environ[_WORKER_OPTIONS] = json.dumps(
+            {"config": str(config) if config else None, "pull": settings.pull, "deliver": settings.deliver}
+        )
+        typer.echo(f"smsbot: listening on http://{bind_host}:{bind_port} {described}")
+        uvicorn.run(
+            "bot.cli.serving:worker_app",
+            factory=True,
+            workers=workers,
+            host=bind_host,
+            port=bind_port,
+            log_level="info",
+            access_log=False,
+            log_config=None,
+        )
+        return
+    application = _build_app(settings, engine, rules, sender)
+    typer.echo(f"smsbot: listening on http://{bind_host}:{bind_port} {described}")
+    # log_config=None: uvicorn's own lines go through the root handler, so they are masked and JSON too.
+    uvicorn.run(application, host=bind_host, port=bind_port, log_level="info", access_log=False, log_config=None)
+
+
+_WORKER_OPTIONS = "SMSBOT_INTERNAL_SERVE_WORKER"
+"""How ``serve --workers N`` hands its command-line choices to the worker processes uvicorn starts."""
+
+
+def _refuse_workers(settings: Settings, workers: int) -> None:
+    """``--workers`` needs PostgreSQL, and only one process may pull from Tencent."""
+    from sqlalchemy.engine import make_url
+
+    if make_url(settings.database_url).get_backend_name() == "sqlite":
+        typer.echo(
+            f"smsbot: --workers {workers} needs PostgreSQL: SQLite lets one process write at a time, so more "
+            "HTTP processes would only wait for each other (one `smsbot serve` already commits in a writer "
+            "process of its own); set SMSBOT_DATABASE_URL to a postgresql+psycopg:// URL or drop --workers",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if settings.pull:
+        typer.echo(
+            f"smsbot: --pull with --workers {workers} would pull from Tencent in every worker; "
+            "run one `smsbot pull` beside them instead",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+def _build_app(settings: Settings, engine: Engine, rules: LiveRules, sender: SmsSender | None) -> FastAPI:
+    from bot.web.app import create_app
+
     application = create_app(
         settings, engine=engine, rules=rules, sender=sender, writer_mode=settings.writer, deliver=settings.deliver
     )
     if settings.writer == "process":
         engine.dispose()  # the writer process opens its own; this one only checked the schema
-    typer.echo(
-        f"smsbot: listening on http://{bind_host}:{bind_port} (database {safe_url(settings.database_url)}, "
-        f"writer {settings.writer}{f', pulling from Tencent every {settings.pull_interval:g}s' if settings.pull else ''})"
-    )
-    # log_config=None: uvicorn's own lines go through the root handler, so they are masked and JSON too.
-    uvicorn.run(application, host=bind_host, port=bind_port, log_level="info", access_log=False, log_config=None)
+    return application
+
+
+def worker_app() -> FastAPI:
+    """The app of one ``serve --workers N`` worker: the settings ``serve`` checked, read again in this process.
+
+    Each worker has its own writer process (its own connection, rules watch and,
+    unless ``--no-deliver``, delivery loop): on PostgreSQL the conversation row
+    locks keep one number's messages in order across them, and the outbox
+    claims (leases, ``SKIP LOCKED``, advisory locks) keep every reply to one sender.
+    """
+    from bot.delivery.senders import make_sender
+
+    options = json.loads(os.environ[_WORKER_OPTIONS])
+    use_config(Path(options["config"]) if options["config"] else None)
+    settings = read_settings().model_copy(update={"pull": options["pull"], "deliver": options["deliver"]})
+    _setup_logging(settings)
+    with config_errors():
+        sender = make_sender(settings)
+    return _build_app(settings, checked_engine(settings), _loaded_rules(settings), sender)
 
 
 def pull_command(

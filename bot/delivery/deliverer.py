@@ -29,7 +29,7 @@ from bot.delivery.reconcile import AmbiguousChecks, Reconciler, ambiguous_checks
 from bot.delivery.retry import Final, Retry, RetryPolicy, plan
 from bot.events.endpoints import EventEndpoints
 from bot.sms import OutboundSms, SendResult, SmsSender
-from bot.store.writer import DbWriter
+from bot.store.writer import DbWriter, RepeatedFailure
 
 log = logging.getLogger("smsbot.outbox")
 
@@ -72,6 +72,7 @@ def delivery_options(settings: Settings) -> dict[str, Any]:
     return {
         "concurrency": settings.send_concurrency,
         "send_timeout": float(settings.tencent_timeout),
+        "lease": settings.delivery_lease,
         "limits": frequency_limits(settings),
         "ambiguous": ambiguous_checks(settings),
     }
@@ -92,7 +93,8 @@ class Deliverer:
     one after another on a thread pool (the SDK blocks) and records each
     outcome as soon as it is known, so a slow send never holds up the record
     of the others and a crash loses at most the sends in flight (their lease
-    runs out and they are marked for a check, see ``bot/delivery/retry.py``).
+    runs out and the one in flight per number is marked ambiguous, for a check with
+    Tencent, while those behind it are sent: ``outbox.recover_expired_leases``).
 
     With ``ambiguous`` (the Tencent sender), ``run_forever`` also runs the
     ``Reconciler`` beside it: a task of its own on this loop, its SDK calls
@@ -114,6 +116,7 @@ class Deliverer:
         limits: FrequencyLimits = NO_LIMITS,
         ambiguous: AmbiguousChecks | None = None,
         events: Callable[[], EventEndpoints] | None = None,
+        lease: timedelta = LEASE,
     ) -> None:
         self.writer = writer
         self.events = events
@@ -128,7 +131,7 @@ class Deliverer:
         self.batch = batch or concurrency * 4
         # A claimed reply waits for at most batch/concurrency sends before its own, each bounded by
         # the sender's timeout; the lease must outlast that or another worker would send it again.
-        self.lease = max(LEASE, timedelta(seconds=send_timeout * (self.batch // concurrency + 2)))
+        self.lease = max(lease, timedelta(seconds=send_timeout * (self.batch // concurrency + 2)))
         self.limits = limits
         # A sender that never waits on the network (the console) is called on the loop itself:
         # a thread hand-off per reply would cost more than the send.
@@ -293,7 +296,11 @@ class Deliverer:
                 return
             except Exception:
                 if delay is None:
-                    log.exception("could not record the outcome of %d send(s): they will be retried", len(plans))
+                    log.exception(
+                        "could not record the outcome of %d send(s): when their lease runs out they are marked "
+                        "ambiguous, not resent",
+                        len(plans),
+                    )
                     return
                 log.warning("recording a send's outcome failed; trying again in %.1fs", delay, exc_info=True)
                 await asyncio.sleep(delay)
@@ -313,13 +320,16 @@ class Deliverer:
             if self.reconciler is not None
             else None
         )
+        failures = RepeatedFailure(log, "delivery round (retried every poll)")
         try:
             while True:
                 try:
                     handled = await self.run_once()
-                except Exception:
-                    log.exception("delivery round failed; retrying")
+                except Exception as exc:  # the database is down or its disk full: once in full, then a line a minute
+                    failures.failed(exc)
                     handled = 0
+                else:
+                    failures.succeeded()
                 if handled >= self.batch:
                     continue  # a full batch: more may be due at once
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that

@@ -63,6 +63,15 @@ _PASSED_OVER = (
 """Due rows of these numbers that this claim did not get (PostgreSQL: another claim has them locked)."""
 CLAIM_LOCK_SPACE = 0x534D53
 """First key of the claim's advisory locks ("SMS"), so they cannot meet another application's."""
+_EXPIRED_LEASES = (
+    "SELECT o.id, o.message_id, o.leased_by, o.lease_until, m.contact_id FROM outbox o"
+    " JOIN messages m ON m.id = o.message_id WHERE o.lease_until IS NOT NULL AND o.lease_until < ?"
+    " ORDER BY o.next_attempt_at, o.id"
+)
+"""Replies whose sender stopped before recording them (few, by the partial index on ``lease_until``)."""
+_RECOVERY_LOCK = "SELECT pg_try_advisory_xact_lock(?::int, 0)"
+"""On PostgreSQL one claim at a time looks at expired leases, so two never split one number's rows between them."""
+RECOVERY_LOCK_SPACE = CLAIM_LOCK_SPACE + 1
 _HISTORY = (
     "SELECT contact_id, sent_at, text FROM messages"
     " WHERE {where} AND sent_at IS NOT NULL AND sent_at >= ? AND direction = 'out'"
@@ -73,6 +82,14 @@ AMBIGUOUS_REASON = (
     "SessionContext) or a check with Tencent a few minutes later (PullSmsSendStatusByPhoneNumber) settles it; "
     "without either, check Tencent's console before sending again"
 )
+
+LEASE_EXPIRED_REASON = (
+    "the worker sending it stopped (its lease ran out) before it recorded Tencent's answer: the SMS may have "
+    "gone out, so it is not resent; its delivery report (by SessionContext) or a check with Tencent a few "
+    "minutes later (PullSmsSendStatusByPhoneNumber) settles it; without either, check Tencent's console "
+    "before sending again"
+)
+"""Why a reply whose send was in flight when its worker died is ``ambiguous`` (``recover_expired_leases``)."""
 
 Number = tuple[str, str]
 """(nationcode, mobile): replies to one number go out one at a time, in order."""
@@ -147,6 +164,7 @@ def claim_due(
     ``reply_failed`` (reason ``expired``) in the same transaction.
     """
     db = DriverSql(conn)
+    recover_expired_leases(conn, now=now, lease=lease)
     due = db.rows(_DUE + (" FOR UPDATE SKIP LOCKED" if db.postgres else ""), (db.ts(now), db.ts(now), limit))
     if not due:
         return []
@@ -177,6 +195,63 @@ def claim_due(
                 f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + lease), owner, *params]
             )
     return claim.claimed
+
+
+def recover_expired_leases(conn: Connection, *, now: datetime, lease: timedelta = LEASE) -> list[int]:
+    """Replies leased by a worker that stopped before recording them: never resent blindly.
+
+    A worker sends one number's claimed replies one after another and records
+    each outcome before the next send starts. So of the rows one worker holds
+    for one number, only the first in queue order can have been handed to
+    Tencent when it died: that one becomes ``ambiguous`` (``sent_at`` is the
+    claim's time, for the check with Tencent; ``bot/delivery/reconcile.py``),
+    and the rows behind it, never tried, are released to be sent as usual.
+    Returns the message ids made ambiguous. On PostgreSQL only one claim at a
+    time does this (an advisory lock tried without waiting; the others skip it).
+    """
+    db = DriverSql(conn)
+    if db.postgres and not db.rows(_RECOVERY_LOCK, (RECOVERY_LOCK_SPACE,))[0][0]:
+        return []
+    expired = db.rows(_EXPIRED_LEASES + (" FOR UPDATE OF o SKIP LOCKED" if db.postgres else ""), (db.ts(now),))
+    if not expired:
+        return []
+    in_flight: list[Settlement] = []
+    release: list[int] = []
+    seen: set[tuple[int, str | None]] = set()
+    for outbox_id, message_id, leased_by, lease_until, contact_id in expired:
+        key = (int(contact_id), leased_by)
+        if key in seen:
+            release.append(int(outbox_id))
+            continue
+        seen.add(key)
+        until = db.read_ts(lease_until)
+        assert until is not None  # IS NOT NULL above
+        in_flight.append(
+            Settlement(
+                int(outbox_id),
+                int(message_id),
+                "ambiguous",
+                LEASE_EXPIRED_REASON,
+                error="its worker stopped during the send (lease expired)",
+                sent_at=until - lease,
+            )
+        )
+    settle(conn, in_flight, now)
+    ambiguous = [s.message_id for s in in_flight]
+    for chunk in chunks(ambiguous):
+        where, params = db.in_list("id", chunk)
+        db.execute(f"UPDATE messages SET checks = NULL, checked_at = NULL WHERE {where}", params)
+    for chunk in chunks(release):
+        where, params = db.in_list("id", chunk)
+        db.execute(f"UPDATE outbox SET lease_until = NULL, leased_by = NULL WHERE {where}", params)
+    log.error(
+        "%d repl%s left in flight by a stopped worker marked ambiguous (not resent: %s); %d queued behind released",
+        len(ambiguous),
+        "y" if len(ambiguous) == 1 else "ies",
+        ", ".join(map(str, ambiguous[:10])),
+        len(release),
+    )
+    return ambiguous
 
 
 def _details(db: DriverSql, due: Sequence[Any]) -> dict[int, _Details]:

@@ -27,6 +27,44 @@ from sqlalchemy import Connection, Engine
 from bot.store.db import WRITE_OPTIONS
 
 log = logging.getLogger("smsbot.writer")
+
+
+class RepeatedFailure:
+    """Logs a failure that repeats until fixed (a full or read-only disk, a database that is down) without flooding.
+
+    The first failure is logged in full (with its traceback when ``exc_info``),
+    repeats as one line at most every ``every`` seconds with a count, and the
+    first success after them says it works again. A background loop that fails
+    every second would otherwise write a traceback every second for as long as
+    the fault lasts.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, *, every: float = 60.0) -> None:
+        self.logger = logger
+        self.what = what
+        self.every = every
+        self.failures = 0
+        self._last_logged = 0.0
+
+    def failed(self, exc: BaseException, *, level: int = logging.ERROR, exc_info: bool = True) -> None:
+        import time
+
+        self.failures += 1
+        now = time.monotonic()
+        if self.failures == 1:
+            self.logger.log(level, "%s failed: %s", self.what, exc, exc_info=exc if exc_info else None)
+            self._last_logged = now
+        elif now - self._last_logged >= self.every:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.logger.log(level, "%s still failing (%d times so far): %s", self.what, self.failures, first_line)
+            self._last_logged = now
+
+    def succeeded(self) -> None:
+        if self.failures:
+            self.logger.warning("%s works again after %d failure(s)", self.what, self.failures)
+            self.failures = 0
+
+
 T = TypeVar("T")
 _STOP = object()
 
@@ -313,6 +351,7 @@ class _Checkpointer:
     def __init__(self, engine: Engine, *, interval: float = 0.5) -> None:
         self.engine = engine
         self.interval = interval
+        self._failures = RepeatedFailure(log, "SQLite checkpoint")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="smsbot-sqlite-checkpoint", daemon=True)
 
@@ -330,7 +369,9 @@ class _Checkpointer:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
         except Exception as exc:  # a missed checkpoint only means a longer WAL until the next one
-            log.warning("SQLite checkpoint failed: %s", exc)
+            self._failures.failed(exc, level=logging.WARNING, exc_info=False)
+        else:
+            self._failures.succeeded()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from bot.cli import app
 from bot.rules.yaml_source import load_located
-from tests.support import CONTRACT
+from tests.support import CONTRACT, PG_URL, PG_URL_ENV, REPO, reset_postgres
 
 SIGN = "Acme Shop"
 REPLY_KEYS = {"template", "template_id", "params", "text"}
@@ -490,3 +490,53 @@ def test_console_script_runs_from_another_directory(tmp_path: Path) -> None:
     lines = json_lines(done.stdout)
     assert [line["replies"][0]["template"] for line in lines] == ["menu", "hours"]  # type: ignore[index]
     assert lines[1]["replies"][0]["text"] == "We are open 9:00 to 18:00 today."  # type: ignore[index]
+
+
+def test_serve_workers_is_refused_on_sqlite_and_with_pull(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More HTTP processes on SQLite would only queue for its one write lock; and only one process may pull."""
+    import uvicorn
+
+    monkeypatch.chdir(tmp_path)
+    started: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    env = {"SMSBOT_RULES_DIR": str(REPO / "rules"), "SMSBOT_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    result = CliRunner().invoke(app, ["serve", "--workers", "2"], env=env)
+    assert result.exit_code == 2
+    assert "--workers 2 needs PostgreSQL" in result.stderr
+    env["SMSBOT_DATABASE_URL"] = "postgresql+psycopg://nobody@127.0.0.1:1/none"
+    result = CliRunner().invoke(app, ["serve", "--workers", "2", "--pull"], env=env)
+    assert result.exit_code == 2
+    assert "run one `smsbot pull`" in result.stderr
+    assert started == []
+
+
+@pytest.mark.skipif(not PG_URL, reason=f"{PG_URL_ENV} is not set")
+def test_serve_workers_hands_each_worker_the_same_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--workers`` starts uvicorn with the worker factory, which builds each worker's app from the same choices."""
+    import uvicorn
+
+    from bot.cli import serving
+    from bot.store.db import upgrade
+
+    assert PG_URL is not None
+    reset_postgres(PG_URL)
+    upgrade(PG_URL)
+    db_url = PG_URL
+    monkeypatch.setenv(serving._WORKER_OPTIONS, "")  # restored after: serve sets it for its workers
+    monkeypatch.chdir(tmp_path)
+    runs: list[tuple[object, dict[str, object]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append((app, kw)))
+    env = {"SMSBOT_RULES_DIR": str(REPO / "rules"), "SMSBOT_DATABASE_URL": db_url}
+    result = CliRunner().invoke(app, ["serve", "--workers", "3", "--no-deliver"], env=env)
+    assert result.exit_code == 0, result.output
+    [(target, options)] = runs
+    assert target == "bot.cli.serving:worker_app"
+    assert (options["factory"], options["workers"]) == (True, 3)
+    assert "3 workers" in result.stdout
+    assert "not delivering" in result.stdout
+    # what one worker process then does: the same settings, --no-deliver kept
+    monkeypatch.setenv("SMSBOT_RULES_DIR", str(REPO / "rules"))
+    monkeypatch.setenv("SMSBOT_DATABASE_URL", db_url)
+    worker = serving.worker_app()
+    assert worker.state.runtime.settings.deliver is False
+    assert worker.state.runtime.pipeline.mode == "process"

@@ -147,6 +147,56 @@ def test_transient_error_leaves_the_reply_queued_for_a_backed_off_retry(tencent:
     assert len(fake.sends) == 1
 
 
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        (lambda f: f.http_error(502, times=2), "ServerNetworkError"),  # a 5xx from a proxy or Tencent's edge
+        (lambda f: f.fail_requests("RequestLimitExceeded", times=2), "RequestLimitExceeded"),  # API rate limit
+        (lambda f: f.fail_requests("InternalError.SendAndRecvFail", times=2), "InternalError.SendAndRecvFail"),
+    ],
+    ids=["http-5xx", "rate-limited", "tencent-internal"],
+)
+def test_retryable_failures_back_off_longer_each_time_then_the_reply_goes_once(
+    tencent: Harness, fake: FakeTencentSms, fault: Callable[[FakeTencentSms], None], code: str
+) -> None:
+    fault(fake)
+    h = tencent
+    h.say("hi")
+    attempted(h)
+    delays = []
+    for attempt in (1, 2):
+        wait_until(lambda n=attempt: h.rows(outbox)[0]["attempts"] == n, timeout=10, what=f"attempt {attempt}")
+        [row] = h.rows(outbox)
+        assert h.outbound()[0]["status"] == "queued"
+        assert h.outbound()[0]["error_code"] == code
+        delays.append(row["next_attempt_at"] - h.clock.now)
+        h.clock.advance(delays[-1] + timedelta(seconds=1))
+    assert timedelta(seconds=4) <= delays[0] <= timedelta(seconds=6)  # 5 s, then twice that, with 20% jitter
+    assert timedelta(seconds=8) <= delays[1] <= timedelta(seconds=12)
+    [reply] = h.wait_settled()
+    assert reply["status"] == "sent"
+    assert len(fake.sends) == 1
+
+
+def test_a_retryable_failure_that_never_ends_fails_with_its_code_after_the_last_attempt(
+    tencent: Harness, fake: FakeTencentSms
+) -> None:
+    fake.http_error(503, times=None)
+    h = tencent
+    h.say("hi")
+    for attempt in range(1, 6):
+        wait_until(
+            lambda n=attempt: h.count(outbox) and h.rows(outbox)[0]["attempts"] == n,
+            timeout=10,
+            what=f"attempt {attempt}",
+        )
+        h.clock.advance(timedelta(minutes=11))  # past any backoff (capped at 10 minutes)
+    [reply] = h.wait_settled()
+    assert (reply["status"], reply["error_code"]) == ("failed", "ServerNetworkError")
+    assert "gave up after 6 attempts" in reply["error_message"]
+    assert fake.sends == []
+
+
 def test_frequency_limit_defers_the_reply_by_its_window(tencent: Harness, fake: FakeTencentSms) -> None:
     fake.fail_number("+8613800000000", "LimitExceeded.PhoneNumberThirtySecondLimit")
     h = tencent

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from bot.cli import app as cli
 from bot.config import Settings
 from bot.delivery.deliverer import Deliverer, plan_for
-from bot.delivery.outbox import apply_plans, claim_due
+from bot.delivery.outbox import apply_plans, claim_due, recover_expired_leases
 from bot.delivery.retry import RetryPolicy
 from bot.ingest.delivery_reports import apply_reports
 from bot.sms import OutboundSms, SendResult
@@ -224,23 +224,59 @@ def test_a_claim_passes_over_a_number_whose_earlier_reply_another_claim_holds(
     assert [sms.message_id for sms in claimed] == [first, second]
 
 
-def test_a_crashed_workers_lease_runs_out_and_another_worker_takes_over(
+def test_a_crashed_workers_send_in_flight_becomes_ambiguous_and_the_replies_behind_it_are_sent(
     make_app: Callable[..., Harness], db_url: str, clock: FakeClock
 ) -> None:
+    """A worker claims a number's three replies and dies during the first send (kill -9: no record).
+
+    The first may have reached Tencent: when the lease runs out it is marked
+    ambiguous (for a check with Tencent), never sent again; the two behind it
+    were never tried (one number's replies go one at a time) and another worker sends them.
+    """
     h = make_app(db_url, deliver=False)
-    [reply] = _queue(h, NUMBERS[:1])
-    with writing(h.engine) as conn:  # a worker claims the reply, then dies before sending it
-        [claimed] = claim_due(conn, now=clock(), limit=10, owner="crashed-host:4242")
-    assert claimed.message_id == reply
+    for text in ("hi", "1", "MENU"):
+        h.say(text, mobile=NUMBERS[0])
+    [other] = _queue_more(h, NUMBERS[1])
+    first, second, third = (m["id"] for m in h.outbound() if m["id"] != other)
+    claimed_at = clock()
+    with writing(h.engine) as conn:
+        claimed = claim_due(conn, now=claimed_at, limit=10, owner="crashed-host:4242")
+    assert sorted(sms.message_id for sms in claimed) == sorted([first, second, third, other])
 
     sender = RecordingSender()
     assert _worker(db_url, sender, clock) == 0, "a leased reply was taken while its lease ran"
     clock.advance(timedelta(seconds=61))
-    assert _worker(db_url, sender, clock) == 1
-    assert [sms.message_id for sms in sender.sent] == [reply]
-    [row] = h.outbound()
-    assert row["status"] == "sent"
+    assert _worker(db_url, sender, clock) == 2
+    assert [sms.message_id for sms in sender.sent] == [second, third], "a send in flight was repeated blindly"
+    by_id = {m["id"]: m for m in h.outbound()}
+    for in_flight in (first, other):  # each number's first reply: handed to Tencent or not, nobody knows
+        assert by_id[in_flight]["status"] == "ambiguous"
+        assert "lease ran out" in by_id[in_flight]["status_reason"]
+        assert by_id[in_flight]["sent_at"].replace(tzinfo=None) == claimed_at.replace(tzinfo=None)  # the window
+    assert [by_id[m]["status"] for m in (second, third)] == ["sent", "sent"]
     assert h.count(outbox) == 0
+
+
+def test_a_live_workers_leases_are_left_alone(make_app: Callable[..., Harness], db_url: str, clock: FakeClock) -> None:
+    """Only an expired lease is recovered: a worker still sending (lease running) keeps its replies."""
+    h = make_app(db_url, deliver=False)
+    [reply] = _queue(h, NUMBERS[:1])
+    with writing(h.engine) as conn:
+        claim_due(conn, now=clock(), limit=10, owner="busy-host:1")
+    clock.advance(timedelta(seconds=59))
+    with writing(h.engine) as conn:
+        assert recover_expired_leases(conn, now=clock()) == []
+        assert claim_due(conn, now=clock(), limit=10, owner="other-host:2") == []
+    [row] = h.outbound()
+    assert row["id"] == reply
+    assert row["status"] == "queued"
+    assert h.count(outbox) == 1
+
+
+def _queue_more(h: Harness, mobile: str) -> list[int]:
+    before = {m["id"] for m in h.outbound()}
+    h.say("hi", mobile=mobile)
+    return [m["id"] for m in h.outbound() if m["id"] not in before]
 
 
 def test_worker_command_sends_what_is_queued(
