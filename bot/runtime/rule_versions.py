@@ -109,3 +109,47 @@ class VersionStore:
         with self._lock:
             self._compiled[version_id] = ruleset
         return ruleset
+
+
+# ---------------------------------------------------------------- changes of the control row (CLI and console)
+
+
+class RolloutRefused(ValueError):  # noqa: N818 - named for what the user sees
+    """A promote, pin or unpin that cannot be done as asked (nothing changed)."""
+
+
+def promote_candidate(conn: Connection, *, by: str, now: datetime) -> Control:
+    """Make the candidate live for everyone (one UPDATE); RolloutRefused when there is none."""
+    done = sql.promote(conn, by=by, now=now)
+    if done is None:
+        raise RolloutRefused("there is no candidate to promote (with rollout: staged, a new valid version is one)")
+    return done
+
+
+def pin_version(
+    conn: Connection, ref: str, *, by: str, now: datetime, param_max_length: int | None = None
+) -> tuple[Control, RowMapping]:
+    """Serve stored version ``ref`` to everyone; refused unless it compiles and its own tests passed."""
+    try:
+        row = find_stored(conn, ref)
+    except VersionNotFound as exc:
+        raise RolloutRefused(str(exc)) from exc
+    if not row["ok"]:
+        problems = list((row["check"] or {}).get("errors") or []) + list(
+            ((row["check"] or {}).get("tests") or {}).get("failures") or []
+        )
+        raise RolloutRefused(
+            f"rules version {row['hash']} (#{row['id']}) was refused when it loaded and cannot be pinned: "
+            + "; ".join(problems[:3])
+        )
+    try:
+        compile_stored(row, param_max_length=param_max_length)
+    except VersionUnusable as exc:
+        raise RolloutRefused(str(exc)) from exc
+    return sql.pin(conn, int(row["id"]), by=by, now=now), row
+
+
+def unpin_version(conn: Connection, *, by: str, now: datetime) -> Control:
+    if sql.read_control(conn).pinned_id is None:
+        raise RolloutRefused("no rules version is pinned")
+    return sql.unpin(conn, by=by, now=now)
