@@ -23,7 +23,7 @@ from bot.runtime.live_rules import RulesInvalid
 from bot.runtime.rule_versions import stored_rules
 from bot.store.models import audit_events, messages, rule_versions
 from bot.store.rule_versions import read_control
-from tests.support import Harness, wait_until
+from tests.support import Harness, copy_rules, serve_process, wait_until
 
 runner = CliRunner()
 
@@ -298,3 +298,44 @@ def test_rule_changes_name_the_changed_rule_by_its_new_line() -> None:
     new = {"a.yaml": "# top\nstates:\n  idle:\n    on:\n      - keywords: [HI]\n        reply: other\n"}
     [change] = rule_changes(old, new)
     assert str(change) == 'changed  a.yaml:5: states.idle.on {"keywords": ["HI"]}'
+
+
+# ---------------------------------------------------------------- real servers: smsbot serve, writer processes
+
+
+@pytest.mark.slow
+def test_promote_and_pin_reach_two_real_servers_with_writer_processes(db_url: str, tmp_path: Path) -> None:
+    """Two ``smsbot serve`` (each with its writer process) on one database: the CLI's changes reach both."""
+    rules_dir = copy_rules(tmp_path / "rules")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    env = {"SMSBOT_ROLLOUT": "staged", "SMSBOT_TESTERS": TESTER}
+    with (
+        serve_process(db_url, tmp_path / "a", rules=rules_dir, env=env) as one,
+        serve_process(db_url, tmp_path / "b", rules=rules_dir, env=env) as two,
+    ):
+        live = one.ready().json()["rules"]["live"]
+        assert two.ready().json()["rules"]["live"] == live
+        edit_menu(rules_dir)
+        for server in (one, two):
+            wait_until(
+                lambda s=server: s.ready().json()["rules"]["candidate"], timeout=15, what="the candidate in /readyz"
+            )
+        candidate = one.ready().json()["rules"]["candidate"]
+        cli_env = {"SMSBOT_DATABASE_URL": db_url, "SMSBOT_RULES_DIR": str(rules_dir)}
+
+        result = runner.invoke(cli, ["rules", "promote"], env=cli_env)
+        assert result.exit_code == 0, result.output
+        for server in (one, two):
+            wait_until(lambda s=server: s.ready().json()["rules"]["live"] == candidate, timeout=6, what="the promote")
+        two.say("hi", mobile=CUSTOMER)
+        # Either server's delivery loop may send it (they share the outbox).
+        wait_until(lambda: one.printed(NEW_MENU) + two.printed(NEW_MENU) == 1, what="the promoted menu")
+
+        result = runner.invoke(cli, ["rules", "pin", str(live["id"])], env=cli_env)
+        assert result.exit_code == 0, result.output
+        for server in (one, two):
+            wait_until(lambda s=server: s.ready().json()["rules"]["pinned"] == live, timeout=6, what="the pin")
+        assert one.ready().json()["rules"]["version"] == live["version"]
+        one.say("MENU", mobile=CUSTOMER)
+        wait_until(lambda: one.printed(MENU) + two.printed(MENU) == 1, what="the pinned (old) menu")
