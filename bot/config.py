@@ -16,11 +16,11 @@ import re
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bot.rules.schema import Duration
 
@@ -65,6 +65,21 @@ _URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
 def _hide_password(url: str) -> str:
     """``url`` with the password of its user written as ``***`` (as SQLAlchemy's ``hide_password`` does)."""
     return _URL_PASSWORD.sub(r"\1:***@", url)
+
+
+def tester_number(text: str) -> str:
+    """A tester's number as ``+<country code><number>``: ``+8613800138000``, ``0086 138...`` or ``13800138000`` (+86)."""
+    compact = "".join(ch for ch in text.strip() if ch not in " -()")
+    if compact.startswith("00"):
+        compact = "+" + compact[2:]
+    if compact.startswith("+") and compact[1:].isdigit() and 6 <= len(compact) <= 21:
+        return compact
+    if compact.isdigit() and len(compact) == 11 and compact.startswith("1"):
+        return "+86" + compact
+    raise ValueError(
+        f"testers: {text!r} is not a phone number: give +<country code><number> (e.g. +8613800138000) "
+        "or an 11-digit mainland China mobile number"
+    )
 
 
 class Settings(BaseSettings):
@@ -236,7 +251,31 @@ class Settings(BaseSettings):
         description="endpoints that receive signed event POSTs (name: {url, kinds?}); each one's secret comes "
         "only from the environment, SMSBOT_EVENT_SECRET_<NAME>",
     )
+    rollout: Literal["immediate", "staged"] = Field(
+        default="immediate",
+        description="how a new valid rules version goes live: 'immediate' (everyone, at once) or 'staged' "
+        "(the tester numbers only, until 'smsbot rules promote' or the console's Promote)",
+    )
+    testers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="tester numbers a staged candidate answers: '+8613800138000', or '13800138000' for +86; "
+        "SMSBOT_TESTERS takes them comma-separated",
+    )
     config_file: Path | None = Field(default=None, description="the config file these came from (set by smsbot)")
+
+    @field_validator("testers", mode="before")
+    @classmethod
+    def _tester_numbers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            return value
+        return [tester_number(str(item)) for item in value]
+
+    @property
+    def tester_numbers(self) -> frozenset[str]:
+        """``testers`` as the callbacks' numbers are compared with them: ``+<nationcode><mobile>``."""
+        return frozenset(self.testers)
 
     @field_validator("events")
     @classmethod

@@ -13,18 +13,34 @@ simulator its rules and this page the per-file details the pipe does not carry.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi import Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import Connection
 
-from bot.console.web import PREFIX, ConsoleRouter, CurrentUser, render, runtime
+from bot.console.users import ConsoleUser, audit
+from bot.console.web import PREFIX, AdminUser, ConsoleRouter, CurrentUser, engine, now, render, runtime
 from bot.rules.loader import load_rules
 from bot.rules.model import Ruleset
+from bot.rules.versions import check_summary
+from bot.runtime.rule_versions import (
+    RolloutRefused,
+    VersionNotFound,
+    VersionUnusable,
+    pin_version,
+    promote_candidate,
+    stored_rules,
+    unpin_version,
+)
+from bot.store.db import WRITE_OPTIONS
+from bot.store.rule_versions import Control, list_versions, read_control
 
 router = ConsoleRouter(prefix=PREFIX)
 
@@ -83,6 +99,12 @@ def _refresh(request: Request, copy: ConsoleRules, wanted: str | None) -> None:
         copy.tried_at = time.monotonic()
         rules = runtime(request).rules
         result = load_rules(rules.path, param_max_length=rules.param_max_length)
+        if wanted is not None and (result.ruleset is None or result.ruleset.version != wanted):
+            # The writer serves a stored version (pinned, or live while the folder holds a candidate).
+            with contextlib.suppress(VersionNotFound, VersionUnusable), engine(request).connect() as conn:
+                copy.ruleset = stored_rules(conn, wanted, param_max_length=rules.param_max_length)
+                copy.loaded_at, copy.errors = datetime.now(UTC), []
+                return
         if result.ruleset is None:
             copy.errors = [str(d) for d in sorted(result.errors)]  # the old copy stays, like the writer's rules
             return
@@ -126,9 +148,95 @@ def rules_view(request: Request) -> RulesView:
     )
 
 
+DONE = {
+    "promoted": "Promoted: the candidate is live for every number (each server within 2 seconds).",
+    "pinned": "Pinned: that version answers every number, whatever the rules folder holds, until Unpin.",
+    "unpinned": "Unpinned: the live version answers again (and the candidate, for testers).",
+}
+
+
+def _versions(request: Request) -> tuple[Control, list[dict[str, Any]]]:
+    """The control row and the newest stored versions, with their markers, for the page."""
+    with engine(request).connect() as conn:
+        control = read_control(conn)
+        rows = list_versions(conn, limit=VERSIONS_SHOWN)
+    listed = []
+    for row in rows:
+        markers = [
+            name
+            for name, wanted in (
+                ("live", control.live_id),
+                ("candidate", control.candidate_id),
+                ("pinned", control.pinned_id),
+            )
+            if wanted == row["id"]
+        ]
+        listed.append({**row, "markers": markers, "summary": check_summary(row["check"])})
+    return control, listed
+
+
+VERSIONS_SHOWN = 20
+
+
+def _changed(
+    request: Request, admin: ConsoleUser, action: str, change: Callable[[Connection, datetime], Any]
+) -> Response:
+    """Make ``change`` to the control row in one transaction with its audit entry, then show the page."""
+    at = now(request)
+    try:
+        with engine(request).connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
+            control, detail = change(conn, at)
+            audit(
+                conn,
+                actor=admin.name,
+                action=action,
+                target="rules",
+                detail={**detail, "live": control.live, "candidate": control.candidate, "pinned": control.pinned},
+                now=at,
+            )
+    except RolloutRefused as exc:
+        return render(request, "error.html", {"status": 409, "message": str(exc)}, status_code=409)
+    live = runtime(request).pipeline.live_rules
+    if live is not None:  # this process serves: follow the change now rather than at the next poll
+        with contextlib.suppress(Exception):
+            live.refresh()
+    done = {"rules.promote": "promoted", "rules.pin": "pinned", "rules.unpin": "unpinned"}[action]
+    return RedirectResponse(f"{PREFIX}/rules?done={done}", status_code=303)
+
+
+@router.post("/rules/promote", include_in_schema=False)
+def promote(request: Request, admin: AdminUser) -> Response:
+    def change(conn: Connection, at: datetime) -> tuple[Control, dict[str, Any]]:
+        control = promote_candidate(conn, by=admin.name, now=at)
+        return control, {"version": control.live}
+
+    return _changed(request, admin, "rules.promote", change)
+
+
+@router.post("/rules/pin", include_in_schema=False)
+def pin(request: Request, admin: AdminUser, version_id: Annotated[int, Form()]) -> Response:
+    limit = runtime(request).rules.param_max_length
+
+    def change(conn: Connection, at: datetime) -> tuple[Control, dict[str, Any]]:
+        control, row = pin_version(conn, str(version_id), by=admin.name, now=at, param_max_length=limit)
+        return control, {"version": row["hash"]}
+
+    return _changed(request, admin, "rules.pin", change)
+
+
+@router.post("/rules/unpin", include_in_schema=False)
+def unpin(request: Request, admin: AdminUser) -> Response:
+    def change(conn: Connection, at: datetime) -> tuple[Control, dict[str, Any]]:
+        return unpin_version(conn, by=admin.name, now=at), {}
+
+    return _changed(request, admin, "rules.unpin", change)
+
+
 @router.get("/rules", response_class=HTMLResponse, include_in_schema=False)
 def rules_page(request: Request, _user: CurrentUser) -> Response:
     view = rules_view(request)
+    control, versions = _versions(request)
+    status = runtime(request).pipeline.rules_status()
     details = {f.name: f for f in view.ruleset.files} if view.ruleset and view.ruleset.version == view.version else {}
     files = [
         {
@@ -145,5 +253,15 @@ def rules_page(request: Request, _user: CurrentUser) -> Response:
     return render(
         request,
         "rules_page.html",
-        {"view": view, "files": files, "folder": str(runtime(request).rules.path)},
+        {
+            "view": view,
+            "files": files,
+            "folder": str(runtime(request).rules.path),
+            "control": control,
+            "versions": versions,
+            "refused": status.get("refused"),
+            "rollout": runtime(request).settings.rollout,
+            "testers": len(runtime(request).settings.testers),
+            "done": DONE.get(request.query_params.get("done", "")),
+        },
     )

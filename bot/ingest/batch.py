@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -203,6 +203,8 @@ class _Pending:
     state_before: str | None
     decision: Decision | None
     reply_statuses: list[tuple[Reply, str, str | None]] = field(default_factory=list)
+    rules_version: str | None = None
+    """The version of the rules that decided it (``messages.rules_version`` of it and its replies)."""
 
 
 def handle_batch(
@@ -213,10 +215,14 @@ def handle_batch(
     now: datetime,
     policy: Policy = Policy(),
     events: EventEndpoints | None = None,
+    candidate: Ruleset | None = None,
+    testers: frozenset[str] = frozenset(),
 ) -> list[InboundResult]:
     """Store ``batch`` (in order) and everything it causes, on ``conn``; the caller commits.
 
     ``events``: the endpoints events go to (none: no event rows, and no SQL for them).
+    ``candidate``: the rules a staged rollout serves to ``testers`` (numbers as ``+<nationcode><mobile>``)
+    only; everyone else gets ``ruleset``.
     """
     if not batch:
         return []
@@ -224,7 +230,8 @@ def handle_batch(
     keys = [m.dedupe_key for m in batch]
     ids, convos, seen, counts, spare_ids = _read_batch(db, batch, keys, now, now - policy.loop_window)
     results: list[InboundResult | None] = [None] * len(batch)
-    pending = _decide_batch(ruleset, batch, keys, ids, convos, seen, counts, results, now, policy)
+    choose = _chooser(ruleset, candidate, testers)
+    pending = _decide_batch(choose, batch, keys, ids, convos, seen, counts, results, now, policy)
     replies = [(p, reply, status, reason) for p in pending for reply, status, reason in p.reply_statuses]
     id_by_index, out_ids = _take_ids(db, pending, len(replies), spare_ids)
     _write_batch(db, pending, replies, out_ids, id_by_index, convos, keys, now, policy.reply_max_delay)
@@ -232,7 +239,7 @@ def handle_batch(
         if status != "queued":
             log.warning("reply %s not queued (%s): %s", out_id, status, reason)
 
-    edge = _edge_rows(db, ruleset, pending, id_by_index, events, now) if events or _any_call(pending) else {}
+    edge = _edge_rows(db, pending, id_by_index, events, now) if events or _any_call(pending) else {}
     for p in pending:
         queued = sum(1 for _, status, _ in p.reply_statuses if status == "queued")
         results[p.index] = InboundResult(
@@ -245,9 +252,25 @@ def _any_call(pending: Sequence[_Pending]) -> bool:
     return any(p.decision is not None and p.decision.call is not None for p in pending)
 
 
+def _chooser(
+    ruleset: Ruleset | None, candidate: Ruleset | None, testers: frozenset[str]
+) -> Callable[[Inbound], Ruleset | None]:
+    """Which rules decide a message: the candidate for a tester's number, else ``ruleset``.
+
+    Without a candidate (the usual case) it is ``ruleset`` for everyone at no cost;
+    with one, a non-tester costs one set lookup.
+    """
+    if candidate is None or not testers:
+        return lambda _message: ruleset
+
+    def choose(message: Inbound) -> Ruleset | None:
+        return candidate if f"+{message.nationcode}{message.mobile}" in testers else ruleset
+
+    return choose
+
+
 def _edge_rows(
     db: DriverSql,
-    ruleset: Ruleset | None,
     pending: Sequence[_Pending],
     id_by_index: dict[int, int],
     events: EventEndpoints | None,
@@ -259,8 +282,13 @@ def _edge_rows(
     queued: dict[int, int] = {}
     calls = [(p, p.decision.call) for p in pending if p.decision is not None and p.decision.call is not None]
     if calls:
-        version = ruleset.version if ruleset is not None else None
-        insert_calls(db, [(p.convo.id, id_by_index[p.index], call) for p, call in calls], version, now)
+        for version in sorted({p.rules_version or "" for p, _ in calls}):
+            insert_calls(
+                db,
+                [(p.convo.id, id_by_index[p.index], call) for p, call in calls if (p.rules_version or "") == version],
+                version or None,
+                now,
+            )
         for p, _ in calls:
             queued[p.index] = queued.get(p.index, 0) + 1
     if events:
@@ -295,7 +323,7 @@ def _read_batch(db: DriverSql, batch: Sequence[Inbound], keys: Sequence[str], no
 
 
 def _decide_batch(
-    ruleset: Ruleset | None,
+    choose: Callable[[Inbound], Ruleset | None],
     batch: Sequence[Inbound],
     keys: Sequence[str],
     ids: dict[tuple[str, str], int],
@@ -319,7 +347,16 @@ def _decide_batch(
         seen.add(key)
         contact_id = ids[(message.nationcode, message.mobile)]
         convo = convos[(message.sign, contact_id)]
-        item = _Pending(index, message, contact_id, convo, convo.state, _decide(ruleset, convo, message, now))
+        ruleset = choose(message)
+        item = _Pending(
+            index,
+            message,
+            contact_id,
+            convo,
+            convo.state,
+            _decide(ruleset, convo, message, now),
+            rules_version=ruleset.version if ruleset is not None else None,
+        )
         if item.decision is not None:
             _apply_to_convo(convo, item.decision, index)
             for reply in item.decision.replies:
@@ -476,6 +513,7 @@ def _inbound_row(db: DriverSql, p: _Pending, message_id: int, key: str, now: dat
         None,
         p.message.extend or None,
         None,
+        p.rules_version,
     )
 
 
@@ -520,6 +558,7 @@ def _outbound_row(
         reply.sender_id,
         p.message.extend or None,  # the reply goes out on the extend code the customer wrote to
         None,
+        p.rules_version,
     )
 
 
@@ -532,7 +571,9 @@ def _check_message_rows() -> None:
     """
     db = SimpleNamespace(ts=lambda v: v, bool=lambda v: v, json=lambda v: v)
     message = SimpleNamespace(sign="", text="", time=0, extend="")
-    p = SimpleNamespace(decision=None, convo=SimpleNamespace(id=0), contact_id=0, message=message, state_before=None)
+    p = SimpleNamespace(
+        decision=None, convo=SimpleNamespace(id=0), contact_id=0, message=message, state_before=None, rules_version=None
+    )
     rows = {"_inbound_row": _inbound_row(cast(Any, db), cast(Any, p), 0, "", _EPOCH)}
     p.decision = SimpleNamespace(rule=None, rule_kind=None, state=None)
     reply = SimpleNamespace(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -32,6 +33,19 @@ class RulesSource(Protocol):
 
     @property
     def ruleset(self) -> Ruleset | None: ...
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What answers whom, replaced whole (one assignment) when it changes: readers never see a mix.
+
+    ``ruleset`` answers everyone (the pinned version, else the live one); ``candidate``, in a staged
+    rollout, answers the ``testers`` (numbers as ``+<nationcode><mobile>``) only.
+    """
+
+    ruleset: Ruleset | None = None
+    candidate: Ruleset | None = None
+    testers: frozenset[str] = frozenset()
 
 
 class Wakeable(Protocol):
@@ -65,8 +79,18 @@ class InboundStore:
     def store(self, conn: Connection, batch: list[Inbound]) -> list[InboundResult]:
         """One call may carry many requests' messages (the writer merges them)."""
         events = self.events.current() if self.events is not None else None
+        serving: Serving | None = getattr(self.rules, "serving", None)
+        if serving is None:
+            serving = Serving(self.rules.ruleset)
         results = handle_batch(
-            conn, ruleset=self.rules.ruleset, batch=batch, now=self.clock(), policy=self.policy, events=events
+            conn,
+            ruleset=serving.ruleset,
+            batch=batch,
+            now=self.clock(),
+            policy=self.policy,
+            events=events,
+            candidate=serving.candidate,
+            testers=serving.testers,
         )
         if any(r.queued for r in results):
             self.queued_since_commit = True

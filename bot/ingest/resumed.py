@@ -93,7 +93,7 @@ def handle_resumed(
     decision = resume_fn(ruleset, convo.engine_view(), message, call, outcome, now)
     _apply_to_convo(convo, decision, 0)
     counts = _recent_reply_counts(db, [convo.id], now - policy.loop_window)
-    p = _Pending(0, inbound, int(contact_id), convo, state_before, decision)
+    p = _Pending(0, inbound, int(contact_id), convo, state_before, decision, rules_version=ruleset.version)
     for reply in decision.replies:
         status, reason = _reply_status(decision, reply, counts, convo.id, policy)
         if status == "queued":

@@ -73,6 +73,8 @@ class CheckedStart:
     vars: Mapping[str, str]
     extend_code: str | None
     param_max_length: int | None
+    rules_version: str | None = None
+    """The version of the rules it was checked against (``messages.rules_version`` of the message)."""
 
 
 def check_number(nationcode: str, mobile: str) -> tuple[str, str]:
@@ -185,6 +187,7 @@ def check_start(ruleset: Ruleset | None, request: StartRequest, *, param_max_len
         vars=check_vars(request.vars),
         extend_code=rules.extend or None,  # the file-level `extend:` it was sent with
         param_max_length=param_max_length,
+        rules_version=ruleset.version if ruleset is not None else None,
     )
 
 

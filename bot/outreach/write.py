@@ -79,11 +79,11 @@ class _Started:
 _MESSAGE_COLUMNS = (
     "id, direction, conversation_id, contact_id, signature, text, rule, rule_kind, unmatched, state_before,"
     " state_after, template_name, template_id, params, segments, status, status_reason, marketing, created_at,"
-    " updated_at, sender_id, extend_code, started_by"
+    " updated_at, sender_id, extend_code, started_by, rules_version"
 )
 _INSERT_MESSAGE = (
     f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, 'out', ?, ?, ?, ?, NULL, '{RULE_KIND}', ?, ?, ?, ?, ?, ?,"
-    " ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_CONVERSATION = "UPDATE conversations SET state = ?, variables = ?, expires_at = ?, updated_at = ? WHERE id = ?"
 _INSERT_OUTBOX = (
@@ -205,6 +205,7 @@ def _write(
                 item.sender_id,
                 start.extend_code,
                 started_by,
+                start.rules_version,
             )
         )
         if item.status == "queued":

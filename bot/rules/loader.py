@@ -6,6 +6,7 @@ refused whole, so a half-edited folder can never become live.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ class LoadResult:
     ruleset: Ruleset | None
     diagnostics: list[Diagnostic] = field(default_factory=list)
     files: list[FileResult] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)
+    """Every file's text by name (the path relative to the folder): the version a rules store keeps."""
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -50,15 +53,32 @@ def load_rules(path: str | Path, *, param_max_length: int | None = None) -> Load
     if not files:
         result.diagnostics.append(Diagnostic(str(root), 1, 1, "error", "no rule files (*.yaml, *.yml) found"))
         return result
-    claimed: dict[tuple[str, str], FileResult] = {}
+    paths: dict[str, str] = {}
     for file in files:
         name = file.name if root.is_file() else file.relative_to(root).as_posix()
         try:
-            text = file.read_text(encoding="utf-8")
+            result.texts[name] = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             result.diagnostics.append(Diagnostic(str(file), 1, 1, "error", f"cannot read the file: {exc}"))
-            continue
-        compiled = compile_file(text, path=str(file), name=name, param_max_length=param_max_length)
+        paths[name] = str(file)
+    return _compile(result, paths, param_max_length)
+
+
+def compile_texts(texts: Mapping[str, str], *, param_max_length: int | None = None) -> LoadResult:
+    """Check and compile rule files given as ``{name: text}`` (a stored version), exactly as ``load_rules`` would."""
+    result = LoadResult(None, texts={name: texts[name] for name in sorted(texts)})
+    if not texts:
+        result.diagnostics.append(Diagnostic("(version)", 1, 1, "error", "no rule files in this version"))
+        return result
+    return _compile(result, {name: name for name in texts}, param_max_length)
+
+
+def _compile(result: LoadResult, paths: Mapping[str, str], param_max_length: int | None) -> LoadResult:
+    """Compile ``result.texts`` (``paths``: where each name is shown in diagnostics) into ``result``."""
+    claimed: dict[tuple[str, str], FileResult] = {}
+    for name, text in result.texts.items():
+        file = paths.get(name, name)
+        compiled = compile_file(text, path=file, name=name, param_max_length=param_max_length)
         result.files.append(compiled)
         result.diagnostics.extend(compiled.diagnostics)
         if compiled.signature is not None:

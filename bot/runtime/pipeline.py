@@ -37,6 +37,7 @@ from bot.ingest.delivery_reports import ReportOutcome, apply_reports
 from bot.ingest.inbound_store import InboundStore
 from bot.runtime.edge import EdgeLoops, live_endpoints, stop_tasks
 from bot.runtime.live_rules import LiveRules, RulesStatus
+from bot.runtime.rule_versions import VersionStore
 from bot.runtime.writer_process import ProcessWriter, WriterConfig
 from bot.sms import ConsoleSender, Inbound, SmsSender
 from bot.store.writer import DbWriter
@@ -111,6 +112,7 @@ def build_pipeline(settings: Settings, *, engine: Engine, rules: LiveRules, opti
     """The one place that picks a mode: the pipeline ``options`` ask for."""
     policy = inbound_policy(settings)
     contexts = session_contexts(settings)
+    rules.rollout, rules.testers = settings.rollout, settings.tester_numbers
     sender, clock, deliver, watch_rules = options.sender, options.clock, options.deliver, options.watch_rules
     if options.writer_mode == "process":
         return ProcessPipeline(
@@ -129,6 +131,8 @@ def build_pipeline(settings: Settings, *, engine: Engine, rules: LiveRules, opti
                     delivery=delivery_options(settings),
                     session_context_key=contexts.key if contexts else None,
                     events=dict(settings.events),
+                    rollout=settings.rollout,
+                    testers=settings.tester_numbers,
                 )
             )
         )
@@ -204,7 +208,11 @@ class ThreadPipeline:
         )
 
     async def start(self) -> None:
+        # Every version this process loads is stored, and what answers whom follows the control row.
+        versions = VersionStore(self.writer.engine, param_max_length=self.rules.param_max_length)
+        await asyncio.to_thread(self.rules.attach, versions)
         self.writer.start()
+        self._tasks.append(asyncio.create_task(self.rules.follow(), name="smsbot-rules-control"))
         if self.deliverer is not None:
             self._tasks.append(asyncio.create_task(self.deliverer.run_forever(), name="smsbot-deliverer"))
         if self.watch_rules:

@@ -15,7 +15,8 @@ The two talk over one ``multiprocessing`` pipe. HTTP -> writer:
 ``("batch", job_id, [Inbound, ...])``, ``("ping", job_id)`` or ``("reports", job_id, [StatusReport, ...])``)
 ``("wake",)`` (look at the outbox now: the console requeued a reply) and ``("stop",)``.
 Writer -> HTTP: ``("ready", pid)``, ``("rules", status)`` at start and after
-every reload attempt, and ``("done", [(job_id, ok, payload), ...])`` once per
+every reload attempt, ``("rules_state", status)`` when the control row changed what is served (a
+promote, a pin), and ``("done", [(job_id, ok, payload), ...])`` once per
 committed transaction (payload: ``[(message_id, duplicate, queued), ...]``
 for a batch, an error text otherwise). The HTTP side reads the pipe from its
 event loop (``add_reader``). If the writer process dies, the pipe reaches
@@ -96,6 +97,8 @@ class WriterConfig:
     """The key of our SessionContext marker, so delivery reports match our replies (None: by SerialNo alone)."""
     events: dict[str, Any] = field(default_factory=dict)
     """``Settings.events``: the config's event endpoints (their secrets are read from the environment)."""
+    rollout: Literal["immediate", "staged"] = "immediate"
+    testers: frozenset[str] = frozenset()
 
 
 # ====================================================================== the writer process
@@ -118,6 +121,7 @@ class _Child:
         from bot.ingest.inbound_store import InboundStore
         from bot.runtime.edge import EdgeLoops, live_endpoints
         from bot.runtime.live_rules import LiveRules, RulesInvalid
+        from bot.runtime.rule_versions import VersionStore
         from bot.sms import ConsoleSender
         from bot.store.db import make_engine
 
@@ -128,7 +132,10 @@ class _Child:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.engine = make_engine(config.database_url)
-        self.rules = LiveRules(config.rules_dir, config.param_max_length)
+        self.rules = LiveRules(
+            config.rules_dir, config.param_max_length, rollout=config.rollout, testers=config.testers
+        )
+        self.rules.attach(VersionStore(self.engine, param_max_length=config.param_max_length))
         with contextlib.suppress(RulesInvalid):  # logged; /readyz shows it, callbacks store without replies
             self.rules.load()
         wake_w = self._wake_w
@@ -184,6 +191,11 @@ class _Child:
         with contextlib.suppress(OSError):  # the HTTP process is gone; the main loop notices
             self.send(("rules", self.rules.status()))
 
+    def _send_rules_state(self) -> None:
+        """What answers whom changed (a promote or pin in the control row): not a load attempt."""
+        with contextlib.suppress(OSError):
+            self.send(("rules_state", self.rules.status()))
+
     # ---------------------------------------------------------------- batch handlers (writer main thread)
 
     @staticmethod
@@ -204,6 +216,7 @@ class _Child:
             tasks.append(asyncio.create_task(self.deliverer.run_forever(), name="smsbot-deliverer"))
         if self.config.watch_rules:
             tasks.append(asyncio.create_task(self.rules.watch(self._send_rules), name="smsbot-rules-watch"))
+        tasks.append(asyncio.create_task(self.rules.follow(self._send_rules_state), name="smsbot-rules-control"))
         if self.edge is not None:  # after the watch: their HTTP clients take a moment to build
             tasks.extend(self.edge.start_tasks())
         await self._astop.wait()
@@ -532,6 +545,8 @@ class ProcessWriter:
             self.rules_status = message[1]
             if self.on_rules_status is not None:
                 self.on_rules_status(message[1])
+        elif kind == "rules_state":  # a promote or pin, not a load attempt: /metrics does not count it
+            self.rules_status = message[1]
         elif kind == "ready" and self._ready is not None and not self._ready.done():
             self._ready.set_result(message[1])
 

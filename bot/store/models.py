@@ -199,6 +199,8 @@ class Message(Base):
     ``ExtendCode`` it is sent with (a reply keeps its message's, a started conversation the rule file's)."""
     started_by: Mapped[str | None] = mapped_column(String(128))
     """For an outbound message that started a conversation: ``api:<key name>`` or ``cli``."""
+    rules_version: Mapped[str | None] = mapped_column(String(64))
+    """The rules version (``rule_versions.hash``) that decided it: the inbound message and its replies."""
 
 
 class Outbox(Base):
@@ -477,6 +479,49 @@ class Event(Base):
     delivered_at: Mapped[datetime | None]
 
 
+class RuleVersion(Base):
+    """One rules version that loaded somewhere (valid or not), stored once by the hash of its text.
+
+    ``files`` is the whole text, ``{name: text}``, so a reply can be explained
+    and a version served again (``smsbot rules pin``) whatever the folder holds now.
+    """
+
+    __tablename__ = "rule_versions"
+    __table_args__ = (UniqueConstraint("hash", name="uq_rule_versions_hash"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    """``texts_version`` of the files: the same as ``Ruleset.version`` and ``messages.rules_version``."""
+    files: Mapped[dict[str, Any]]
+    check: Mapped[dict[str, Any]]
+    """``Check.as_json``: errors, warnings, tests passed and failed."""
+    ok: Mapped[bool] = mapped_column(Boolean)
+    """No errors and every test passed: only such a version is ever served."""
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(255))
+    """The host and process that loaded it first (``host pid N``)."""
+    last_loaded_at: Mapped[datetime]
+    last_loaded_by: Mapped[str] = mapped_column(String(255))
+    loads: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+
+
+class RulesControl(Base):
+    """The one row (``id = 1``) every serving process follows: which stored version serves whom.
+
+    ``pinned`` (when set) serves everyone; otherwise ``live`` serves everyone and
+    ``candidate`` the tester numbers. Promote is one UPDATE of this row.
+    """
+
+    __tablename__ = "rules_control"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    live_version_id: Mapped[int | None] = mapped_column(ForeignKey("rule_versions.id"))
+    candidate_version_id: Mapped[int | None] = mapped_column(ForeignKey("rule_versions.id"))
+    pinned_version_id: Mapped[int | None] = mapped_column(ForeignKey("rule_versions.id"))
+    updated_at: Mapped[datetime | None]
+    updated_by: Mapped[str | None] = mapped_column(String(128))
+
+
 contacts = cast(Table, Contact.__table__)
 conversations = cast(Table, Conversation.__table__)
 messages = cast(Table, Message.__table__)
@@ -491,3 +536,5 @@ api_keys = cast(Table, ApiKey.__table__)
 api_idempotency = cast(Table, ApiIdempotency.__table__)
 webhook_calls = cast(Table, WebhookCall.__table__)
 events = cast(Table, Event.__table__)
+rule_versions = cast(Table, RuleVersion.__table__)
+rules_control = cast(Table, RulesControl.__table__)
