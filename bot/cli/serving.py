@@ -285,10 +285,13 @@ def worker_command(
     from bot.runtime.edge import EdgeLoops, live_endpoints
     from bot.runtime.live_rules import LiveRules, RulesInvalid
     from bot.runtime.pipeline import inbound_policy
+    from bot.runtime.rule_versions import VersionStore
 
     rules = LiveRules(settings.rules_dir, settings.param_max_length)
     with contextlib.suppress(RulesInvalid):  # logged; webhook answers then change nothing
         rules.load()
+    # Webhook answers are fed to the version serving now (a pin or promote made anywhere).
+    rules.attach(VersionStore(engine, param_max_length=settings.param_max_length))
     endpoints = live_endpoints(settings.events, rules)
     deliverer = Deliverer(writer, sender, events=endpoints.current, **options)
     edge = EdgeLoops(writer, rules, endpoints, policy=inbound_policy(settings), deliverer=deliverer)
@@ -302,7 +305,7 @@ def worker_command(
                 await deliverer.reconciler.check_due()
                 deliverer.reconciler.close()
             return sent
-        edge_tasks = edge.start_tasks()
+        edge_tasks = [*edge.start_tasks(), asyncio.create_task(rules.follow(), name="smsbot-rules-control")]
         task = asyncio.create_task(deliverer.run_forever())
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
