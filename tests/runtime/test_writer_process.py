@@ -316,7 +316,10 @@ def test_a_console_retry_wakes_the_writer_process_delivery_loop(
     async def scenario() -> tuple[list[str], list[str]]:
         await writer.start()
         try:
-            await writer.ping()  # its delivery loop has had its first look at the (empty) outbox
+            await writer.ping()
+            # Its delivery loop starts after the rules are loaded, stored and checked: give it time for its
+            # first look at the (empty) outbox, after which it waits the 60 s poll unless woken.
+            await asyncio.sleep(2.0)
             h.say("hi")  # queued by another writer, as the console requeues a retry
             await asyncio.sleep(1.0)
             before = outbound_statuses()
