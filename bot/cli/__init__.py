@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from bot.cli import apikeys, common, contacts, db, export, rules, serving, start, templates, users
+from bot.cli import apikeys, common, contacts, db, export, replay, report, rules, serving, start, templates, users
 
 app = typer.Typer(help="smsbot: a conversational SMS auto-responder for Tencent Cloud SMS.", no_args_is_help=True)
 
@@ -40,6 +40,8 @@ app.command("pull")(serving.pull_command)
 app.command("worker")(serving.worker_command)
 app.command("export")(export.export_command)
 app.command("start")(start.start_command)
+app.command("report")(report.report_command)
+rules.app.command("replay")(replay.replay_command)
 app.add_typer(rules.app, name="rules")
 app.add_typer(templates.app, name="templates")
 app.add_typer(db.app, name="db")
