@@ -98,8 +98,8 @@ def activity_page(request: Request, _user: CurrentUser) -> Response:
     top = sorted(rules, key=lambda r: -r["fired"])[:30]
     fired_chart = (
         _chart(
-            "Times fired per rule (the 30 most fired)",
-            [{"label": f"{r['rule']}@{r['state']}", "fired": r["fired"]} for r in top],
+            "Times fired per rule (the 30 most fired; :line@state)",
+            [{"label": f":{r['rule'].rpartition(':')[2]}@{r['state']}", "fired": r["fired"]} for r in top],
             [("fired", "fired", "#7a5af8")],
         )
         if top
