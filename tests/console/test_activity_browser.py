@@ -20,7 +20,6 @@ from bot.web.app import create_app
 from tests.support import (
     ARTIFACTS,
     NO_FREQUENCY_LIMITS,
-    REPO,
     RecordingSender,
     copy_rules,
     free_port,

@@ -158,3 +158,31 @@ def test_compare_tells_added_removed_changed_and_state() -> None:
     assert (report.replies_removed, group.messages, len(group.examples)) == (3, 3, 1)
     assert group.examples[0].number == "+86 139****5678"
     assert group.examples[0].text == "call me on 139****5678"
+
+
+def test_the_cli_prints_the_same_counts_and_refuses_a_version_without_stored_versions(
+    engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    a, b = rules_a(tmp_path), rules_b(tmp_path)
+    start = datetime.now(UTC) - timedelta(hours=3)
+    ingest_history(engine, a, history(start))
+    with engine.connect() as conn:
+        expected = replay(conn, b, since=start - timedelta(hours=1))
+    monkeypatch.chdir(tmp_path)
+    env = {"SMSBOT_DATABASE_URL": db_url, "SMSBOT_RULES_DIR": str(tmp_path / "b")}
+    printed = CliRunner().invoke(app, ["rules", "replay", "--since", "7d", "--json"], env=env)
+    assert printed.exit_code == 0, printed.output
+    got = json.loads(printed.stdout)
+    assert (got["messages"], got["replies_changed"], got["states_changed"]) == (12, 3, 1)
+    assert got["groups"] == expected.as_json()["groups"]
+    table = CliRunner().invoke(app, ["rules", "replay", "--since", "7d"], env=env)
+    assert "replies that would change: 3 (different 3, added 0, removed 0)" in table.stdout
+    assert "138****0001" in table.stdout
+    assert "13800000001" not in table.stdout
+    stored = CliRunner().invoke(app, ["rules", "replay", "--since", "7d", "abc123"], env=env)
+    assert stored.exit_code == 1
+    assert "stored rule versions are not available in this database yet" in stored.output
