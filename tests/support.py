@@ -508,3 +508,21 @@ def tencent_settings(fake: FakeTencentSms, **extra: Any) -> Settings:
         tencent_secret_key=SecretStr(fake.secret_key),
         **extra,
     )
+
+
+def ingest_history(
+    engine: Engine, ruleset: Any, history: Sequence[tuple[str, str, datetime]], *, sign: str = SIGN
+) -> None:
+    """Store ``history`` ((mobile, text, when) in order) the way production does: ``handle_batch``, one
+    transaction per message, its clock at ``when``, so the rows are exactly what real callbacks leave."""
+    from bot.ingest.batch import handle_batch
+    from bot.sms import Inbound
+
+    for mobile, text, at in history:
+        with writing(engine) as conn:
+            handle_batch(
+                conn,
+                ruleset=ruleset,
+                batch=[Inbound(NATIONCODE, mobile, sign, text, int(at.timestamp()))],
+                now=at,
+            )

@@ -18,7 +18,21 @@ from typing import Annotated
 
 import typer
 
-from bot.cli import apikeys, common, contacts, db, export, rule_versions, rules, serving, start, templates, users
+from bot.cli import (
+    apikeys,
+    common,
+    contacts,
+    db,
+    export,
+    replay,
+    report,
+    rule_versions,
+    rules,
+    serving,
+    start,
+    templates,
+    users,
+)
 
 app = typer.Typer(help="smsbot: a conversational SMS auto-responder for Tencent Cloud SMS.", no_args_is_help=True)
 
@@ -41,6 +55,8 @@ app.command("worker")(serving.worker_command)
 app.command("export")(export.export_command)
 app.command("start")(start.start_command)
 rule_versions.register(rules.app)
+app.command("report")(report.report_command)
+rules.app.command("replay")(replay.replay_command)
 app.add_typer(rules.app, name="rules")
 app.add_typer(templates.app, name="templates")
 app.add_typer(db.app, name="db")

@@ -67,6 +67,7 @@ from fastapi import APIRouter, FastAPI
 from bot.config import Settings
 from bot.console import (
     account_caps,
+    activity,
     conversations,
     dashboard,
     deliveries,
@@ -83,7 +84,7 @@ from bot.console.web import ConsoleConfig
 PAGES: list[APIRouter] = [conversations.router, unmatched.router, dashboard.router]
 """Page routers, included before the login routes."""
 PAGES += [optouts.router, deliveries.router, rules_page.router, simulator.router, export_page.router]
-PAGES += [account_caps.router, events_page.router]
+PAGES += [account_caps.router, events_page.router, activity.router]
 
 
 def install(app: FastAPI, settings: Settings) -> None:
