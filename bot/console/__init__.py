@@ -72,6 +72,7 @@ from bot.console import (
     dashboard,
     deliveries,
     events_page,
+    explain,
     export_page,
     optouts,
     routes,
@@ -84,7 +85,7 @@ from bot.console.web import ConsoleConfig
 PAGES: list[APIRouter] = [conversations.router, unmatched.router, dashboard.router]
 """Page routers, included before the login routes."""
 PAGES += [optouts.router, deliveries.router, rules_page.router, simulator.router, export_page.router]
-PAGES += [account_caps.router, events_page.router, activity.router]
+PAGES += [account_caps.router, events_page.router, activity.router, explain.router]
 
 
 def install(app: FastAPI, settings: Settings) -> None:

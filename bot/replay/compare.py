@@ -153,6 +153,8 @@ class ReplayReport:
     calls_not_made: int = 0
     """Of those, calls with no recorded answer for the message: not made, ``on_error`` followed."""
     groups: dict[tuple[str | None, str | None, str | None], Group] = field(default_factory=dict)
+    cut: bool = False
+    """The replay stopped at its message limit: later conversations of the period are not in the counts."""
 
     def add(
         self,
@@ -230,6 +232,7 @@ class ReplayReport:
             "would_call": dict(sorted(self.would_call.items())),
             "calls_not_made": self.calls_not_made,
             "groups": [g.as_json() for g in self.sorted_groups()],
+            "cut": self.cut,
         }
 
 

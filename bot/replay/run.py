@@ -31,7 +31,8 @@ How each conversation is replayed (and what cannot be known):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -103,18 +104,26 @@ def replay(
     chunk: int = CHUNK,
     cache: bool = True,
     progress: Callable[[int], None] | None = None,
+    limit: int | None = None,
 ) -> ReplayReport:
     """Replay the inbound messages stored in ``[since, until)`` (of ``signature``) with ``ruleset``.
 
     Reads only; the caller owns the connection (one read transaction gives one snapshot).
     ``progress`` is called with the number of inbound messages replayed so far, after each chunk.
+    ``limit``: stop before the next conversation once that many inbound messages are replayed
+    (``report.cut`` says a conversation was left out; a conversation is never replayed in part).
     """
     report = ReplayReport(since, until, signature, ruleset.version, max_examples=max_examples)
     db = DriverSql(conn)
     decider = _Decider(ruleset, cache=cache)
-    for rows, known in _conversations(db, since, until, signature, chunk, bool(_has_webhooks(ruleset)), progress):
-        report.conversations += 1
-        _replay_conversation(rows, known, decider, report)
+    stream = _conversations(db, since, until, signature, chunk, bool(_has_webhooks(ruleset)), progress)
+    with closing(stream):
+        for rows, known in stream:
+            if limit is not None and report.messages >= limit:
+                report.cut = True
+                break
+            report.conversations += 1
+            _replay_conversation(rows, known, decider, report)
     return report
 
 
@@ -295,7 +304,7 @@ def _conversations(
     chunk: int,
     with_calls: bool,
     progress: Callable[[int], None] | None,
-) -> Iterator[tuple[list[_Row], _Known]]:
+) -> Generator[tuple[list[_Row], _Known], None, None]:
     """Each conversation's rows of the period, in id order, with what the conversations table says of it."""
     where = ["m.created_at >= ?", "m.conversation_id IS NOT NULL"]
     params: list[Any] = [db.ts(since)]

@@ -136,6 +136,24 @@ _MATCHERS = ("keywords", "first_word", "contains", "regex")
 _SINGLE = ("opt_out", "opt_in", "help", "otherwise")
 
 
+def _rule_paths(data: dict[str, Any]) -> Iterator[tuple[str, tuple[str | int, ...], object, int | None]]:
+    """Every rule of a parsed file: (section, path, value, index in its list)."""
+    for name in _SINGLE:
+        if name in data:
+            yield name, (name,), data[name], None
+    for index, rule in enumerate(data.get("anywhere") or []):
+        yield "anywhere", ("anywhere", index), rule, index
+    states = data.get("states")
+    if isinstance(states, dict):
+        for state, spec in states.items():
+            if not isinstance(spec, dict):
+                continue
+            for index, rule in enumerate(spec.get("on") or []):
+                yield f"states.{state}.on", ("states", state, "on", index), rule, index
+            if "otherwise" in spec:
+                yield f"states.{state}.otherwise", ("states", state, "otherwise"), spec["otherwise"], None
+
+
 def _rules_of(text: str) -> dict[tuple[str, str], tuple[int, str]]:
     """The rules of one file: (section, identity) -> (line, canonical text); {} when it does not parse."""
     try:
@@ -146,30 +164,71 @@ def _rules_of(text: str) -> dict[tuple[str, str], tuple[int, str]]:
     if not isinstance(data, dict):
         return {}
     found: dict[tuple[str, str], tuple[int, str]] = {}
-
-    def add(section: str, path: tuple[str | int, ...], value: object, index: int | None) -> None:
+    for section, path, value, index in _rule_paths(data):
         matcher = {k: value[k] for k in _MATCHERS if isinstance(value, dict) and k in value}
         what = json.dumps(matcher, ensure_ascii=False, sort_keys=True) if matcher else f"#{(index or 0) + 1}"
         key = (section, what)
         if key in found:  # the same matcher twice in one section: keep them apart by position
             key = (section, f"{what} #{(index or 0) + 1}")
         found[key] = (located.position(path).line, json.dumps(value, ensure_ascii=False, sort_keys=True, default=str))
-
-    for name in _SINGLE:
-        if name in data:
-            add(name, (name,), data[name], None)
-    for index, rule in enumerate(data.get("anywhere") or []):
-        add("anywhere", ("anywhere", index), rule, index)
-    states = data.get("states")
-    if isinstance(states, dict):
-        for state, spec in states.items():
-            if not isinstance(spec, dict):
-                continue
-            for index, rule in enumerate(spec.get("on") or []):
-                add(f"states.{state}.on", ("states", state, "on", index), rule, index)
-            if "otherwise" in spec:
-                add(f"states.{state}.otherwise", ("states", state, "otherwise"), spec["otherwise"], None)
     return found
+
+
+@dataclass(frozen=True)
+class RuleText:
+    """The lines of one rule in a file's text (what a reply's ``file:line`` points at), with some context."""
+
+    first: int
+    """The 1-based line number of ``lines[0]``."""
+    lines: tuple[str, ...]
+    rule_first: int
+    rule_last: int
+    """The rule's own lines, ``rule_first`` to ``rule_last`` (1-based, inclusive)."""
+    exact: bool
+    """True: a rule starts at that line and these are its lines; False: a window of lines around it."""
+
+    def numbered(self) -> list[tuple[int, str, bool]]:
+        """(line number, text, part of the rule) for each line shown."""
+        return [
+            (self.first + i, text, self.rule_first <= self.first + i <= self.rule_last)
+            for i, text in enumerate(self.lines)
+        ]
+
+
+def rule_text(text: str, line: int, *, context: int = 2, window: int = 3) -> RuleText | None:
+    """The rule at ``line`` of a file's ``text``: from its line to the next line indented less than the rule.
+
+    When no rule starts at that line (or the text does not parse), ``window`` lines either side of it,
+    the line itself marked (``exact`` False). None when the text has no such line.
+    """
+    source = text.splitlines()
+    if not 1 <= line <= len(source):
+        return None
+    col: int | None = None
+    try:
+        located = load_located(text)
+    except YamlProblem:
+        located = None
+    if located is not None and isinstance(located.data, dict):
+        for _, path, _, _ in _rule_paths(located.data):
+            position = located.position(path)
+            if position.line == line:
+                col = position.col
+                break
+    if col is None:
+        first, last = max(1, line - window), min(len(source), line + window)
+        return RuleText(first, tuple(source[first - 1 : last]), line, line, exact=False)
+    last = line
+    for number in range(line + 1, len(source) + 1):
+        current = source[number - 1]
+        stripped = current.lstrip(" ")
+        if not stripped or stripped.startswith("#"):
+            continue  # blank lines and comments neither end nor extend the rule
+        if len(current) - len(stripped) < col - 1:
+            break
+        last = number
+    first, end = max(1, line - context), min(len(source), last + context)
+    return RuleText(first, tuple(source[first - 1 : end]), line, last, exact=True)
 
 
 def rule_changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[RuleChange]:

@@ -210,5 +210,10 @@ def find_version(conn: Connection, ref: str) -> RowMapping | None:
     return found[0] if found else None
 
 
+def version_by_hash(conn: Connection, hash: str) -> RowMapping | None:
+    """The stored version (with its ``files``) whose hash is exactly ``hash`` (a message's ``rules_version``)."""
+    return conn.execute(select(rule_versions).where(rule_versions.c.hash == hash)).mappings().first()
+
+
 def version_count(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(rule_versions)).scalar_one())

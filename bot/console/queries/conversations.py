@@ -136,6 +136,12 @@ def newest_messages(conn: Connection, *, conversation_id: int, limit: int) -> li
     return list(conn.execute(stmt).mappings())
 
 
+def one_message(conn: Connection, *, conversation_id: int, message_id: int) -> RowMapping | None:
+    """One message of the conversation, every column (None: no such message in that conversation)."""
+    stmt = select(messages).where(messages.c.id == message_id, messages.c.conversation_id == conversation_id)
+    return conn.execute(stmt).mappings().first()
+
+
 def opt_out_history(conn: Connection, *, conversation_id: int) -> list[RowMapping]:
     """Every opt-out and opt-in of the conversation, in the order they were written."""
     stmt = (
