@@ -90,7 +90,7 @@ def group_rows(page: str) -> list[list[str]]:
 def test_the_replay_page_shows_what_the_candidate_would_change(staged_app: Harness, rules_dir: Path) -> None:
     h = staged_app
     people = People(h)
-    live, candidate = seeded_candidate(h, rules_dir)
+    _, candidate = seeded_candidate(h, rules_dir)
     [candidate_row] = h.rows(rule_versions, rule_versions.c.hash == candidate)
 
     url = href(people.viewer.get("/console/rules").text, "replay-candidate")
@@ -164,7 +164,7 @@ def test_any_stored_version_can_be_replayed_and_a_long_replay_says_where_it_stop
 ) -> None:
     h = staged_app
     people = People(h)
-    live, candidate = seeded_candidate(h, rules_dir)
+    live, _ = seeded_candidate(h, rules_dir)
     [live_row] = h.rows(rule_versions, rule_versions.c.hash == live)
     rules = people.admin.get("/console/rules").text
     links = re.findall(r'class="replay-version" href="([^"]+)"', rules)
