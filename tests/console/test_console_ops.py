@@ -32,7 +32,6 @@ from bot.store.models import (
     conversations,
     messages,
     opt_out_events,
-    outbox,
 )
 from tests.support import (
     MOBILE,
@@ -40,6 +39,7 @@ from tests.support import (
     Harness,
     RecordingSender,
     count,
+    outbox,
     rows,
     serve_process,
     stored_counts,
