@@ -490,7 +490,8 @@ def outbox_left(url: str) -> int:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return int(conn.execute(text("SELECT COUNT(*) FROM outbox")).scalar_one())
+            # the outbox: the queued replies (bot/delivery/outbox.py)
+            return int(conn.execute(text("SELECT COUNT(*) FROM messages WHERE status = 'queued'")).scalar_one())
     finally:
         engine.dispose()
 
