@@ -875,6 +875,19 @@ def print_rounds(rows: Sequence[Row]) -> None:
                 f"{database:<10} this - other: {difference:+.3f} in the median ratio; the larger spread of the "
                 f"rounds is {noise:.3f}: {verdict}"
             )
+            # The same round's two runs share the machine's load at that moment: their quotient is steadier.
+            paired = [
+                this.result.rps / other.result.rps
+                for this in groups[(database, "this")]
+                for other in groups[(database, "other")]
+                if this.round == other.round and other.result.rps
+            ]
+            if paired:
+                print(
+                    f"{database:<10} this / other in the same round: "
+                    + ", ".join(f"{p:.3f}" for p in paired)
+                    + f" (median {statistics.median(paired):.3f})"
+                )
 
 
 def _git_head(root: Path) -> str:
