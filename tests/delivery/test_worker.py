@@ -24,7 +24,6 @@ from bot.store.db import make_engine
 from bot.store.models import messages
 from bot.store.writer import DbWriter
 from bot.tencent.callbacks import StatusReport
-from bot.tencent.session_context import SessionContexts
 from tests.support import FakeClock, Harness, RecordingSender, outbox, wait_until, writing
 
 NUMBERS = [f"1380000{n:04d}" for n in range(40)]
@@ -342,40 +341,4 @@ def test_a_delivery_report_that_beats_the_sends_own_record_is_kept(
     [row] = h.outbound()
     assert (row["status"], row["provider_serial"]) == ("delivered", "5000:77")
     assert row["sent_at"] == clock()
-    assert h.count(outbox) == 0
-
-
-def test_a_crashed_workers_send_that_tencent_reported_is_not_ambiguous_and_the_reply_behind_it_is_sent(
-    make_app: Callable[..., Harness], db_url: str, clock: FakeClock
-) -> None:
-    """The worker died after Tencent took its send, whose delivery report (by our SessionContext) came first.
-
-    The report settles the first reply (delivered); the reply behind it, leased by
-    the same claim, was never tried: it is sent when the lease runs out, not made
-    ambiguous, and the delivered one is not sent again.
-    """
-    h = make_app(db_url, deliver=False)
-    for text in ("hi", "1"):
-        h.say(text, mobile=NUMBERS[0])
-    first, second = (m["id"] for m in h.outbound())
-    with writing(h.engine) as conn:
-        claimed = claim_due(conn, now=clock(), limit=10, owner="crashed-host:4242")
-    assert [sms.message_id for sms in claimed] == [first, second]
-    contexts = SessionContexts(b"test-key")
-    report = StatusReport(
-        sid="5000:78",
-        report_status="SUCCESS",
-        user_receive_time="2026-01-05 10:00:03",
-        ext=contexts.context_for(first),
-    )
-    with writing(h.engine) as conn:
-        assert apply_reports(conn, [report], now=clock(), contexts=contexts).updated == 1
-
-    clock.advance(timedelta(seconds=61))
-    sender = RecordingSender()
-    assert _worker(db_url, sender, clock) == 1
-    assert [sms.message_id for sms in sender.sent] == [second]
-    by_id = {m["id"]: m for m in h.outbound()}
-    assert (by_id[first]["status"], by_id[first]["provider_serial"]) == ("delivered", "5000:78")
-    assert by_id[second]["status"] == "sent"
     assert h.count(outbox) == 0
