@@ -32,6 +32,7 @@ from bot.store.models import (
     conversations,
     messages,
     opt_out_events,
+    outbox,
 )
 from tests.support import (
     MOBILE,
@@ -39,7 +40,6 @@ from tests.support import (
     Harness,
     RecordingSender,
     count,
-    outbox,
     rows,
     serve_process,
     stored_counts,
