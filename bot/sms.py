@@ -42,8 +42,8 @@ class Inbound:
 class OutboundSms:
     """One reply ready for the provider."""
 
+    outbox_id: int
     message_id: int
-    """The reply's row in ``messages`` (the queue: ``bot/delivery/outbox.py``)."""
     nationcode: str
     mobile: str
     sign: str

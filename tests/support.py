@@ -22,7 +22,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import Connection, Engine, Subquery, Table, create_engine, func, select
+from sqlalchemy import Connection, Engine, Table, create_engine, func, select
 from sqlalchemy.engine import RowMapping, make_url
 
 from bot.config import Settings
@@ -31,7 +31,7 @@ from bot.rules.model import CompiledFile
 from bot.runtime.live_rules import LiveRules
 from bot.sms import OutboundSms, SendResult
 from bot.store.db import WRITE_OPTIONS, make_engine
-from bot.store.models import Base, contacts, conversations, messages, opt_out_events
+from bot.store.models import Base, contacts, conversations, messages, opt_out_events, outbox
 from bot.web.app import create_app
 from tests.fakes.tencent_sms import FakeTencentSms
 
@@ -80,22 +80,6 @@ NATIONCODE = "86"
 
 OUR_TABLES = (*(table.name for table in reversed(Base.metadata.sorted_tables)), "alembic_version")
 """Every table the migrations create, dependants first (from the models, so a new table needs no edit here)."""
-outbox = (
-    select(
-        messages.c.id,
-        messages.c.id.label("message_id"),
-        messages.c.attempts,
-        messages.c.next_attempt_at,
-        messages.c.lease_until,
-        messages.c.leased_by,
-        messages.c.queued_at.label("created_at"),
-        messages.c.send_by,
-    )
-    .where(messages.c.status == "queued")
-    .subquery("outbox")
-)
-"""The outbox as the tests read it: the queued replies with their queue columns (``bot/delivery/outbox.py``)."""
-
 ALL_TABLES = (contacts, conversations, messages, outbox, opt_out_events)
 
 
@@ -111,12 +95,12 @@ def reset_postgres(url: str) -> None:
         admin.dispose()
 
 
-def count(engine: Engine, table: Table | Subquery, *where: Any) -> int:
+def count(engine: Engine, table: Table, *where: Any) -> int:
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
 
 
-def rows(engine: Engine, table: Table | Subquery, *where: Any) -> list[RowMapping]:
+def rows(engine: Engine, table: Table, *where: Any) -> list[RowMapping]:
     with engine.connect() as conn:
         return list(conn.execute(select(table).where(*where).order_by(table.c.id)).mappings())
 
@@ -253,10 +237,10 @@ class Harness:
         """A browser of its own on the running app, connecting from ``host`` (logins are counted per address)."""
         return TestClient(self.app, raise_server_exceptions=False, client=(host, 50000))
 
-    def count(self, table: Table | Subquery, *where: Any) -> int:
+    def count(self, table: Table, *where: Any) -> int:
         return count(self.engine, table, *where)
 
-    def rows(self, table: Table | Subquery, *where: Any) -> list[RowMapping]:
+    def rows(self, table: Table, *where: Any) -> list[RowMapping]:
         return rows(self.engine, table, *where)
 
     def outbound(self) -> list[RowMapping]:
@@ -484,13 +468,12 @@ def serve_process(
         engine.dispose()
 
 
-def fail_queued_inserts(engine: Engine) -> None:
-    """Make every insert of a queued reply fail: the last write of a message that gets a reply, so its whole
-    batch fails."""
+def fail_inserts_into_outbox(engine: Engine) -> None:
+    """Make every INSERT INTO outbox fail: the last write of a message that gets a reply, so its whole batch fails."""
     with engine.begin() as conn:
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql(
-                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON messages WHEN NEW.status = 'queued' "
+                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON outbox "
                 "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END"
             )
         else:
@@ -499,18 +482,18 @@ def fail_queued_inserts(engine: Engine) -> None:
                 "$$ BEGIN RAISE EXCEPTION 'simulated failure'; END $$"
             )
             conn.exec_driver_sql(
-                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON messages "
-                "FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION smsbot_test_fail()"
+                "CREATE TRIGGER smsbot_test_fail BEFORE INSERT ON outbox "
+                "FOR EACH ROW EXECUTE FUNCTION smsbot_test_fail()"
             )
 
 
 def store_again(engine: Engine) -> None:
-    """Undo ``fail_queued_inserts``."""
+    """Undo ``fail_inserts_into_outbox``."""
     with engine.begin() as conn:
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail")
         else:
-            conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail ON messages")
+            conn.exec_driver_sql("DROP TRIGGER smsbot_test_fail ON outbox")
             conn.exec_driver_sql("DROP FUNCTION smsbot_test_fail()")
 
 

@@ -139,7 +139,7 @@ def _requeue(conn: Connection, message_id: int, *, confirmed: bool, at: datetime
     status = row["status"]
     if status in ("sent", "delivered"):
         raise RetryRefused(409, f"reply {message_id} was already {status}: the customer has it, it is not sent again")
-    if status == "queued":
+    if row["outbox_id"] is not None or status == "queued":
         raise RetryRefused(409, f"reply {message_id} is already waiting in the outbox")
     if status == "expired":
         raise RetryRefused(

@@ -1,14 +1,11 @@
 """The outbox's SQL: claiming due replies with a lease, and recording what became of each.
 
-The outbox is the outbound ``messages`` rows whose status is ``queued`` (with
-their queue columns ``next_attempt_at``, ``send_by``, ``attempts``,
-``lease_until``, ``leased_by``, and a partial index on each of the two times):
-the pipeline commits a reply as one queued row, and the delivery loop
-(``bot/delivery/deliverer.py``) takes it out through these functions. Each
-claim leases due rows (so a crashed process's rows are taken over when the
-lease runs out), re-checks opt-out right before sending and keeps marketing
-hours and frequency limits; settling records the outcome on the same row,
-whose new status takes it out of the queue.
+The pipeline only ever writes replies into the ``outbox`` table; the delivery
+loop (``bot/delivery/deliverer.py``) takes them out through these functions.
+Each claim leases due rows (so a crashed process's rows are taken over when
+the lease runs out), re-checks opt-out right before sending and keeps
+marketing hours and frequency limits; settling records the outcome on the
+reply's message row and removes it from the outbox.
 """
 
 from __future__ import annotations
@@ -38,16 +35,12 @@ log = logging.getLogger("smsbot.outbox")
 LEASE = timedelta(seconds=60)
 
 
-QUEUED = "status = 'queued'"
-"""The outbox: the predicate of the partial indexes ``ix_messages_queued`` and ``ix_messages_queued_lease_until``
-(a query must say it, word for word, for PostgreSQL and SQLite to use them)."""
-
 _DUE = (
-    f"SELECT id, attempts, next_attempt_at, send_by FROM messages WHERE {QUEUED}"
-    " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+    "SELECT id, message_id, attempts, next_attempt_at, send_by FROM outbox"
+    " WHERE next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
     " ORDER BY next_attempt_at, id LIMIT ?"
 )
-# Two steps rather than one join: the due rows come from the queue's partial index, then their
+# Two steps rather than one join: the due rows come from the outbox index alone, then their
 # details by primary key; a four-table join let PostgreSQL pick hash joins over whole tables
 # whenever its statistics lagged behind a growing table.
 _DETAILS = (
@@ -56,35 +49,26 @@ _DETAILS = (
     " FROM messages m JOIN contacts c ON c.id = m.contact_id JOIN conversations v ON v.id = m.conversation_id"
     " WHERE {where}"
 )
-_LEASED = f"SELECT contact_id FROM messages WHERE {QUEUED} AND lease_until IS NOT NULL AND lease_until >= ?"
-"""Numbers a reply is being sent to somewhere (a live lease; the claim's own candidates never have one): few,
-by the partial index on ``lease_until``."""
+_LEASED = "SELECT message_id FROM outbox WHERE lease_until IS NOT NULL AND lease_until >= ?"
+"""Replies being sent somewhere (a live lease; the claim's own candidates never have one): few, by an index."""
 _CLAIM_NUMBERS = (
     "SELECT c FROM unnest(?::bigint[]) AS c WHERE NOT pg_try_advisory_xact_lock(?::int, mod(c, 2147483647)::int)"
 )
 """On PostgreSQL, the numbers another worker is claiming at this moment (its transaction holds their lock)."""
 _PASSED_OVER = (
-    f"SELECT id, next_attempt_at, contact_id FROM messages WHERE {QUEUED}"
-    " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?) AND NOT (id = ANY(?))"
-    " AND contact_id = ANY(?)"
+    "SELECT o.id, o.next_attempt_at, m.contact_id FROM outbox o JOIN messages m ON m.id = o.message_id"
+    " WHERE o.next_attempt_at <= ? AND (o.lease_until IS NULL OR o.lease_until < ?) AND NOT (o.id = ANY(?))"
+    " AND m.contact_id = ANY(?)"
 )
 """Due rows of these numbers that this claim did not get (PostgreSQL: another claim has them locked)."""
-_SKIP_LOCKED = " FOR NO KEY UPDATE SKIP LOCKED"
-"""PostgreSQL: rows another claim holds are skipped, not waited for. ``NO KEY``: the lock an UPDATE of the row
-takes anyway, which does not block a foreign key check against the message (``FOR KEY SHARE``)."""
 CLAIM_LOCK_SPACE = 0x534D53
 """First key of the claim's advisory locks ("SMS"), so they cannot meet another application's."""
 _EXPIRED_LEASES = (
-    f"SELECT id, leased_by, lease_until, contact_id, conversation_id FROM messages WHERE {QUEUED}"
-    " AND lease_until IS NOT NULL AND lease_until < ? ORDER BY next_attempt_at, id"
+    "SELECT o.id, o.message_id, o.leased_by, o.lease_until, m.contact_id FROM outbox o"
+    " JOIN messages m ON m.id = o.message_id WHERE o.lease_until IS NOT NULL AND o.lease_until < ?"
+    " ORDER BY o.next_attempt_at, o.id"
 )
 """Replies whose sender stopped before recording them (few, by the partial index on ``lease_until``)."""
-_REPORTED_IN_FLIGHT = (
-    "SELECT id, contact_id, leased_by, lease_until FROM messages WHERE {where} AND direction = 'out'"
-    f" AND NOT ({QUEUED}) AND lease_until IS NOT NULL AND lease_until < ?"
-)
-"""Of the same conversations, replies a delivery report settled while their send was in flight and whose
-worker stopped before recording the send (settling clears ``lease_until``; a report does not)."""
 _RECOVERY_LOCK = "SELECT pg_try_advisory_xact_lock(?::int, 0)"
 """On PostgreSQL one claim at a time looks at expired leases, so two never split one number's rows between them."""
 RECOVERY_LOCK_SPACE = CLAIM_LOCK_SPACE + 1
@@ -113,8 +97,9 @@ Number = tuple[str, str]
 
 @dataclass(frozen=True)
 class Settlement:
-    """The final state of one reply: its message row is updated, which takes it out of the queue."""
+    """The final state of one reply: its message row is updated and its outbox row removed."""
 
+    outbox_id: int
     message_id: int
     status: str
     reason: str | None = None
@@ -150,7 +135,7 @@ class _Claim:
     claimed: list[OutboundSms] = field(default_factory=list)
     suppressed: list[Settlement] = field(default_factory=list)
     deferred: dict[datetime, list[int]] = field(default_factory=dict)
-    """Message ids by the time they may go (marketing hours, frequency limits, an account cap)."""
+    """Outbox ids by the time they may go (marketing hours, frequency limits, an account cap)."""
 
 
 def claim_due(
@@ -166,7 +151,7 @@ def claim_due(
     take_lease: bool = True,
     events: EventEndpoints | None = None,
 ) -> list[OutboundSms]:
-    """Lease up to ``limit`` due queued replies to ``owner``, in the order they were queued.
+    """Lease up to ``limit`` due outbox rows to ``owner``, in the order they were queued.
 
     Rows of opted-out numbers are suppressed instead; marketing replies outside
     08:00-22:00 China time and replies that would break a number's frequency
@@ -180,7 +165,7 @@ def claim_due(
     """
     db = DriverSql(conn)
     recover_expired_leases(conn, now=now, lease=lease)
-    due = db.rows(_DUE + (_SKIP_LOCKED if db.postgres else ""), (db.ts(now), db.ts(now), limit))
+    due = db.rows(_DUE + (" FOR UPDATE SKIP LOCKED" if db.postgres else ""), (db.ts(now), db.ts(now), limit))
     if not due:
         return []
     details = _details(db, due)
@@ -202,13 +187,12 @@ def claim_due(
     for at, ids in claim.deferred.items():
         for chunk in chunks(ids):
             where, params = db.in_list("id", chunk)
-            db.execute(f"UPDATE messages SET next_attempt_at = ? WHERE {where}", [db.ts(at), *params])
+            db.execute(f"UPDATE outbox SET next_attempt_at = ? WHERE {where}", [db.ts(at), *params])
     if take_lease:  # (not when the caller settles these rows in this same transaction)
-        for chunk in chunks([sms.message_id for sms in claim.claimed]):
+        for chunk in chunks([sms.outbox_id for sms in claim.claimed]):
             where, params = db.in_list("id", chunk)
             db.execute(
-                f"UPDATE messages SET lease_until = ?, leased_by = ? WHERE {where}",
-                [db.ts(now + lease), owner, *params],
+                f"UPDATE outbox SET lease_until = ?, leased_by = ? WHERE {where}", [db.ts(now + lease), owner, *params]
             )
     return claim.claimed
 
@@ -228,32 +212,23 @@ def recover_expired_leases(conn: Connection, *, now: datetime, lease: timedelta 
     db = DriverSql(conn)
     if db.postgres and not db.rows(_RECOVERY_LOCK, (RECOVERY_LOCK_SPACE,))[0][0]:
         return []
-    expired = db.rows(_EXPIRED_LEASES + (_SKIP_LOCKED if db.postgres else ""), (db.ts(now),))
+    expired = db.rows(_EXPIRED_LEASES + (" FOR UPDATE OF o SKIP LOCKED" if db.postgres else ""), (db.ts(now),))
     if not expired:
         return []
     in_flight: list[Settlement] = []
     release: list[int] = []
-    # A number's send in flight that a delivery report already settled (it left the queue): the rows of
-    # the same lease behind it were never tried.
-    reported: list[int] = []
-    seen: set[tuple[int, str | None, Any]] = set()
-    for chunk in chunks(sorted({int(row[4]) for row in expired if row[4] is not None})):
-        where, params = db.in_list("conversation_id", chunk)
-        for message_id, contact_id, leased_by, lease_until in db.rows(
-            _REPORTED_IN_FLIGHT.format(where=where), [*params, db.ts(now)]
-        ):
-            reported.append(int(message_id))
-            seen.add((int(contact_id), leased_by, db.read_ts(lease_until)))
-    for message_id, leased_by, lease_until, contact_id, _ in expired:
-        key = (int(contact_id), leased_by, db.read_ts(lease_until))
+    seen: set[tuple[int, str | None]] = set()
+    for outbox_id, message_id, leased_by, lease_until, contact_id in expired:
+        key = (int(contact_id), leased_by)
         if key in seen:
-            release.append(int(message_id))
+            release.append(int(outbox_id))
             continue
         seen.add(key)
         until = db.read_ts(lease_until)
         assert until is not None  # IS NOT NULL above
         in_flight.append(
             Settlement(
+                int(outbox_id),
                 int(message_id),
                 "ambiguous",
                 LEASE_EXPIRED_REASON,
@@ -266,9 +241,9 @@ def recover_expired_leases(conn: Connection, *, now: datetime, lease: timedelta 
     for chunk in chunks(ambiguous):
         where, params = db.in_list("id", chunk)
         db.execute(f"UPDATE messages SET checks = NULL, checked_at = NULL WHERE {where}", params)
-    for chunk in chunks(release + reported):
+    for chunk in chunks(release):
         where, params = db.in_list("id", chunk)
-        db.execute(f"UPDATE messages SET lease_until = NULL, leased_by = NULL WHERE {where}", params)
+        db.execute(f"UPDATE outbox SET lease_until = NULL, leased_by = NULL WHERE {where}", params)
     log.error(
         "%d repl%s left in flight by a stopped worker marked ambiguous (not resent: %s); %d queued behind released",
         len(ambiguous),
@@ -282,7 +257,7 @@ def recover_expired_leases(conn: Connection, *, now: datetime, lease: timedelta 
 def _details(db: DriverSql, due: Sequence[Any]) -> dict[int, _Details]:
     """The due rows' messages, numbers and conversations, by message id (by primary key, see ``_DETAILS``)."""
     details: dict[int, _Details] = {}
-    for chunk in chunks(sorted({int(row[0]) for row in due})):
+    for chunk in chunks(sorted({int(row[1]) for row in due})):
         where, params = db.in_list("m.id", chunk)
         for row in db.rows(_DETAILS.format(where=where), params):
             found = _Details._make(row)
@@ -291,12 +266,12 @@ def _details(db: DriverSql, due: Sequence[Any]) -> dict[int, _Details]:
 
 
 def _first_of(db: DriverSql, due: Sequence[Any], details: dict[int, _Details]) -> dict[int, tuple[datetime, int]]:
-    """Each number's (contact id's) first row in this claim, as ``(next_attempt_at, message id)``: the queue order."""
+    """Each number's (contact id's) first row in this claim, as ``(next_attempt_at, outbox id)``: the queue order."""
     first_of: dict[int, tuple[datetime, int]] = {}
-    for message_id, _, next_attempt_at, _ in due:
+    for outbox_id, message_id, _, next_attempt_at, _ in due:
         at = db.read_ts(next_attempt_at)
-        assert at is not None  # set on every queued row
-        first_of.setdefault(int(details[int(message_id)].contact_id), (at, int(message_id)))
+        assert at is not None  # NOT NULL
+        first_of.setdefault(int(details[int(message_id)].contact_id), (at, int(outbox_id)))
     return first_of
 
 
@@ -315,15 +290,17 @@ def _decide_claim(
 ) -> _Claim:
     """Which due rows go now and which are suppressed, deferred or left for later (see ``claim_due``); no SQL."""
     claim = _Claim()
-    for message_id, attempts, _, raw_send_by in due:
+    for outbox_id, message_id, attempts, _, raw_send_by in due:
         d = details[int(message_id)]
         send_by = db.read_ts(raw_send_by)
         if d.opted_out and d.rule_kind != "opt_out":
-            claim.suppressed.append(Settlement(message_id, "suppressed", "the number opted out before sending"))
+            claim.suppressed.append(
+                Settlement(outbox_id, message_id, "suppressed", "the number opted out before sending")
+            )
             continue
         if (d.nationcode, d.mobile) in busy:
             if left_for_busy is not None:
-                left_for_busy.append(int(message_id))
+                left_for_busy.append(int(outbox_id))
             continue
         if int(d.contact_id) in elsewhere:  # another worker is sending to this number: its turn comes after
             continue
@@ -332,16 +309,17 @@ def _decide_claim(
         if held is not None:  # it may not go now: wait, or expire when the wait outlasts its deadline
             at, why = held
             if send_by is not None and at > send_by:
-                claim.suppressed.append(Settlement(message_id, "expired", _expired(why, at, send_by)))
+                claim.suppressed.append(Settlement(outbox_id, message_id, "expired", _expired(why, at, send_by)))
             else:
-                claim.deferred.setdefault(at, []).append(int(message_id))
+                claim.deferred.setdefault(at, []).append(int(outbox_id))
             continue
         if send_by is not None and now > send_by:  # it waited in the queue (a backlog, a stopped worker)
-            claim.suppressed.append(Settlement(message_id, "expired", _expired(None, now, send_by)))
+            claim.suppressed.append(Settlement(outbox_id, message_id, "expired", _expired(None, now, send_by)))
             continue
         sent_before.append(Sent(now, d.text))  # the next reply to this number in the batch counts this one
         claim.claimed.append(
             OutboundSms(
+                outbox_id=outbox_id,
                 message_id=message_id,
                 nationcode=d.nationcode,
                 mobile=d.mobile,
@@ -405,7 +383,7 @@ def _numbers_taken_elsewhere(
 
     On SQLite claims never overlap (one writer at a time): the leases say it all.
     ``first_of`` maps each number (contact id) to its first row in this claim,
-    as ``(next_attempt_at, message id)``; ``claimed`` are this claim's rows.
+    as ``(next_attempt_at, outbox id)``; ``claimed`` are this claim's rows.
     """
     if not first_of:
         return set()
@@ -422,14 +400,17 @@ def _numbers_taken_elsewhere(
             lease_cursor.execute(db.sql(_LEASED), (now,), prepare=PREPARE)
             skipped_cursor.execute(db.sql(_PASSED_OVER), (latest, now, list(claimed), contacts), prepare=PREPARE)
         taken.update(int(row[0]) for row in lock_cursor.fetchall())
-        taken.update(int(row[0]) for row in lease_cursor.fetchall())
-        for message_id, next_attempt_at, contact in skipped_cursor.fetchall():
-            if (next_attempt_at, int(message_id)) < first_of[int(contact)]:
+        leased = [int(row[0]) for row in lease_cursor.fetchall()]
+        for outbox_id, next_attempt_at, contact in skipped_cursor.fetchall():
+            if (next_attempt_at, int(outbox_id)) < first_of[int(contact)]:
                 taken.add(int(contact))
         for cursor in (lock_cursor, lease_cursor, skipped_cursor):
             cursor.close()
     else:
-        taken.update(int(row[0]) for row in db.rows(_LEASED, (db.ts(now),)))
+        leased = [int(row[0]) for row in db.rows(_LEASED, (db.ts(now),))]
+    for chunk in chunks(leased):
+        where, params = db.in_list("id", chunk)
+        taken.update(int(row[0]) for row in db.rows(f"SELECT contact_id FROM messages WHERE {where}", params))
     return taken & set(contacts)
 
 
@@ -483,8 +464,7 @@ def _settle_sqlite(db: DriverSql, settlements: Sequence[Settlement], now: dateti
         " status_reason = CASE WHEN status IN ('delivered', 'failed') AND ? THEN status_reason ELSE ? END,"
         " error_code = CASE WHEN status IN ('delivered', 'failed') AND ? THEN error_code ELSE ? END,"
         " error_message = CASE WHEN status IN ('delivered', 'failed') AND ? THEN error_message ELSE ? END,"
-        " provider_serial = coalesce(?, provider_serial), sent_at = ?, updated_at = ?, lease_until = NULL"
-        " WHERE id = ?",
+        " provider_serial = coalesce(?, provider_serial), sent_at = ?, updated_at = ? WHERE id = ?",
         [
             (
                 *[item for value in (s.status, s.reason, s.code, s.error) for item in (_reported(db, s), value)],
@@ -496,6 +476,9 @@ def _settle_sqlite(db: DriverSql, settlements: Sequence[Settlement], now: dateti
             for s in settlements
         ],
     )
+    for chunk in chunks([s.outbox_id for s in settlements]):
+        where, params = db.in_list("id", chunk)
+        db.execute(f"DELETE FROM outbox WHERE {where}", params)
 
 
 _SETTLE_POSTGRES = (
@@ -504,7 +487,7 @@ _SETTLE_POSTGRES = (
     " status_reason = CASE WHEN m.status IN ('delivered', 'failed') AND x.keep THEN m.status_reason ELSE x.reason END,"
     " error_code = CASE WHEN m.status IN ('delivered', 'failed') AND x.keep THEN m.error_code ELSE x.code END,"
     " error_message = CASE WHEN m.status IN ('delivered', 'failed') AND x.keep THEN m.error_message ELSE x.error END,"
-    " provider_serial = coalesce(x.serial, m.provider_serial), sent_at = x.sent_at, updated_at = ?, lease_until = NULL"
+    " provider_serial = coalesce(x.serial, m.provider_serial), sent_at = x.sent_at, updated_at = ?"
     " FROM json_to_recordset(?::json) AS x(id bigint, status text, reason text, serial text, code text, error text,"
     " sent_at timestamptz, keep boolean)"
     " WHERE m.id = x.id"
@@ -527,6 +510,9 @@ def _settle_postgres(db: DriverSql, settlements: Sequence[Settlement], now: date
         for s in settlements
     ]
     db.execute(_SETTLE_POSTGRES, [now, json.dumps(rows, ensure_ascii=False)])
+    for chunk in chunks([s.outbox_id for s in settlements]):
+        where, params = db.in_list("id", chunk)
+        db.execute(f"DELETE FROM outbox WHERE {where}", params)
 
 
 def _reported(db: DriverSql, settlement: Settlement) -> Any:
@@ -540,7 +526,7 @@ def apply_plans(
     now: datetime,
     events: EventEndpoints | None = None,
 ) -> None:
-    """Record what each send led to: final outcomes settle the reply, retries put it back in the queue.
+    """Record what each send led to: final outcomes settle the reply, retries put it back in the outbox.
 
     With ``events``, a reply that failed or expired (or whose kept delivery report says it failed)
     queues a ``reply_failed`` event in the same transaction.
@@ -551,6 +537,7 @@ def apply_plans(
         conn,
         [
             Settlement(
+                sms.outbox_id,
                 sms.message_id,
                 p.status,
                 AMBIGUOUS_REASON if p.status == "ambiguous" else p.error if p.status == "expired" else None,
@@ -573,11 +560,12 @@ def apply_plans(
         db.execute(f"UPDATE messages SET checks = NULL, checked_at = NULL WHERE {where}", params)
     retries = [(sms, p) for sms, p in plans if isinstance(p, Retry)]
     db.executemany(
-        # Only while it is still queued: a delivery report that came first (by our SessionContext) says
-        # Tencent took the send after all, so it is not sent again.
-        "UPDATE messages SET attempts = ?, next_attempt_at = ?, lease_until = NULL, leased_by = NULL,"
-        f" error_code = ?, error_message = ?, updated_at = ? WHERE id = ? AND {QUEUED}",
-        [(p.attempts, db.ts(p.at), p.code, p.error, db.ts(now), sms.message_id) for sms, p in retries],
+        "UPDATE outbox SET attempts = ?, next_attempt_at = ?, lease_until = NULL, leased_by = NULL WHERE id = ?",
+        [(p.attempts, db.ts(p.at), sms.outbox_id) for sms, p in retries],
+    )
+    db.executemany(
+        "UPDATE messages SET error_code = ?, error_message = ?, updated_at = ? WHERE id = ?",
+        [(p.code, p.error, db.ts(now), sms.message_id) for sms, p in retries],
     )
     for sms, p in finals:
         if p.error_class.opted_out and sms.conversation_id:

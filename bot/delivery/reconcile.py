@@ -42,15 +42,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, String, func, literal_column, or_, select, update
+from sqlalchemy import Connection, String, and_, func, literal_column, or_, select, update
 from sqlalchemy.sql.expression import ColumnClause
 
 from bot.config import ConfigError, Settings
 from bot.events.endpoints import EventEndpoints
 from bot.events.reply_failed import FailedReply, queue_reply_failed
 from bot.numbers import CHINA, parse_china_time
-from bot.store.models import contacts, messages
-from bot.store.queries import queued
+from bot.store.models import contacts, messages, outbox
 from bot.store.reports import Outcome, mark_reported, reported_outcome, take_pending
 from bot.store.writer import DbWriter
 from bot.tencent.config import TencentConfig, e164, tencent_config
@@ -361,12 +360,9 @@ def _match(
     if others:
         return None, None, f"{others + 1} sends of ours to this number in the window have no SerialNo"
     in_flight = conn.execute(
-        select(func.count()).where(
-            queued(),  # (a send a report settled while in flight left the queue: its serial is known)
-            messages.c.lease_until.is_not(None),
-            messages.c.lease_until >= now,
-            messages.c.contact_id == reply.contact_id,
-        )
+        select(func.count())
+        .select_from(outbox.join(messages, messages.c.id == outbox.c.message_id))
+        .where(and_(messages.c.contact_id == reply.contact_id, outbox.c.lease_until >= now))
     ).scalar_one()
     if in_flight:
         return None, None, "a send to this number was in flight, so Tencent's unknown send could be that one"

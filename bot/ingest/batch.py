@@ -368,26 +368,25 @@ def _write_batch(
         _opt_event_row(db, p, id_by_index[p.index], now) for p in pending if p.decision and p.decision.opt_change
     ]
     outbound_rows = [
-        _outbound_row(
-            db,
-            p,
-            out_id,
-            id_by_index[p.index],
-            reply,
-            status,
-            reason,
-            now,
-            now + (p.decision.reply_max_delay if p.decision and p.decision.reply_max_delay else max_delay),
-        )
+        _outbound_row(db, p, out_id, id_by_index[p.index], reply, status, reason, now)
         for out_id, (p, reply, status, reason) in zip(out_ids, replies, strict=True)
     ]
+    outbox_rows = [
+        (out_id, db.ts(now + (p.decision.reply_max_delay if p.decision and p.decision.reply_max_delay else max_delay)))
+        for out_id, (p, _, status, _) in zip(out_ids, replies, strict=True)
+        if status == "queued"
+    ]
     if db.postgres:
-        _write_postgres(db, inbound_rows + outbound_rows, conversation_rows, opt_event_rows)
+        _write_postgres(db, inbound_rows + outbound_rows, conversation_rows, opt_event_rows, outbox_rows, now)
         return
     db.executemany(_INSERT_MESSAGE, inbound_rows)
     db.executemany(_UPDATE_CONVERSATION, conversation_rows)
     db.executemany(_INSERT_OPT_EVENT, opt_event_rows)
-    db.executemany(_INSERT_MESSAGE, outbound_rows)  # the queued ones are the outbox (bot/delivery/outbox.py)
+    db.executemany(_INSERT_MESSAGE, outbound_rows)
+    db.executemany(
+        "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at, send_by) VALUES (?, 0, ?, ?, ?)",
+        [(out_id, db.ts(now), db.ts(now), send_by) for out_id, send_by in outbox_rows],
+    )
 
 
 def _decide(ruleset: Ruleset | None, convo: _Convo, message: Inbound, now: datetime) -> Decision | None:
@@ -428,9 +427,7 @@ def _reply_status(
     return "queued", None
 
 
-_SET_LATER = frozenset(
-    {"provider_serial", "error_code", "delivered_at", "sent_at", "checks", "checked_at", "lease_until", "leased_by"}
-)
+_SET_LATER = frozenset({"provider_serial", "error_code", "delivered_at", "sent_at", "checks", "checked_at"})
 """Columns of ``messages`` a new row leaves NULL: sending and delivery reports fill them in."""
 _MESSAGE_WRITTEN = [column for column in messages.columns if column.name not in _SET_LATER]
 """The columns a new message row is written with, in the model's order: the order of the tuples
@@ -479,20 +476,7 @@ def _inbound_row(db: DriverSql, p: _Pending, message_id: int, key: str, now: dat
         None,
         p.message.extend or None,
         None,
-        *_NOT_QUEUED,
     )
-
-
-_NOT_QUEUED = (None, None, None, None)
-"""The queue columns (``next_attempt_at``, ``send_by``, ``attempts``, ``queued_at``) of a row that is not queued."""
-
-
-def queue_columns(db: DriverSql, status: str, now: datetime, send_by: datetime | None) -> tuple[Any, ...]:
-    """``next_attempt_at``, ``send_by``, ``attempts``, ``queued_at`` of a new outbound row: a queued
-    one is in the outbox, due now, until its deadline (``reply_max_delay``)."""
-    if status != "queued":
-        return _NOT_QUEUED
-    return (db.ts(now), db.ts(send_by), 0, db.ts(now))
 
 
 def _outbound_row(
@@ -504,9 +488,7 @@ def _outbound_row(
     status: str,
     reason: str | None,
     now: datetime,
-    send_by: datetime | None,
 ) -> tuple[Any, ...]:
-    """The reply's row; a queued one is the outbox's too (``send_by``: its deadline)."""
     d = p.decision
     assert d is not None
     return (
@@ -538,7 +520,6 @@ def _outbound_row(
         reply.sender_id,
         p.message.extend or None,  # the reply goes out on the extend code the customer wrote to
         None,
-        *queue_columns(db, status, now, send_by),
     )
 
 
@@ -557,9 +538,7 @@ def _check_message_rows() -> None:
     reply = SimpleNamespace(
         text="", template=None, template_id=None, params=(), segments=1, marketing=False, sender_id=None
     )
-    rows["_outbound_row"] = _outbound_row(
-        cast(Any, db), cast(Any, p), 0, 0, cast(Any, reply), "queued", None, _EPOCH, _EPOCH
-    )
+    rows["_outbound_row"] = _outbound_row(cast(Any, db), cast(Any, p), 0, 0, cast(Any, reply), "queued", None, _EPOCH)
     for builder, row in rows.items():
         if len(row) != len(_MESSAGE_WRITTEN):
             raise AssertionError(
@@ -852,6 +831,10 @@ _PG_INSERT_OPT_EVENTS = (
     " actor, created_at) SELECT x.conversation_id, x.event, 'keyword', x.message_id, x.raw_text, x.normalized_text,"
     f" x.rule, NULL, x.created_at FROM (SELECT {_OPT_EVENT_SELECT} FROM jsonb_array_elements(%s::jsonb) AS r) x"
 )
+_PG_INSERT_OUTBOX = (
+    "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at, send_by)"
+    " SELECT (r->>0)::bigint, 0, %s, %s, (r->>1)::timestamptz FROM jsonb_array_elements(%s::jsonb) AS r"
+)
 
 
 def _write_postgres(
@@ -859,6 +842,8 @@ def _write_postgres(
     message_rows: Sequence[Sequence[Any]],
     conversation_rows: Sequence[Sequence[Any]],
     opt_event_rows: Sequence[Sequence[Any]],
+    outbox_rows: Sequence[tuple[int, Any]],
+    now: datetime,
 ) -> None:
     """Everything the batch writes, one statement per table, in one round trip (errors surface at its end)."""
     cursor = db.cursor
@@ -872,3 +857,5 @@ def _write_postgres(
             )
         if opt_event_rows:
             cursor.execute(_PG_INSERT_OPT_EVENTS, (_json_rows(opt_event_rows),))
+        if outbox_rows:
+            cursor.execute(_PG_INSERT_OUTBOX, (now, now, _json_rows(outbox_rows)))

@@ -3,7 +3,7 @@
 The webhook runner (``bot/webhooks``) calls ``handle_resumed`` in one
 transaction after a rule's ``call:`` has answered: the conversation is read
 again and locked, ``resume()`` decides, and the decision is applied with the
-same row builders as ``handle_batch`` (conversation, replies queued,
+same row builders as ``handle_batch`` (conversation, replies and outbox,
 opt-out audit, events, a further call), attached to the inbound message that
 fired the rule.
 """
@@ -101,15 +101,23 @@ def handle_resumed(
         p.reply_statuses.append((reply, status, reason))
 
     out_ids = db.allocate_ids("messages", len(p.reply_statuses))
-    send_by = now + (decision.reply_max_delay or policy.reply_max_delay)
     outbound = [
-        _outbound_row(db, p, out_id, message_id, reply, status, reason, now, send_by)
+        _outbound_row(db, p, out_id, message_id, reply, status, reason, now)
         for out_id, (reply, status, reason) in zip(out_ids, p.reply_statuses, strict=True)
     ]
-    db.executemany(_INSERT_MESSAGE, outbound)  # the queued replies are the outbox
+    db.executemany(_INSERT_MESSAGE, outbound)
     db.executemany(_UPDATE_CONVERSATION, _conversation_rows(db, [convo], {0: message_id}, now))
     if decision.opt_change:
         db.execute(_INSERT_OPT_EVENT, _opt_event_row(db, p, message_id, now))
+    max_delay = decision.reply_max_delay or policy.reply_max_delay
+    db.executemany(
+        "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at, send_by) VALUES (?, 0, ?, ?, ?)",
+        [
+            (out_id, db.ts(now), db.ts(now), db.ts(now + max_delay))
+            for out_id, (_, status, _) in zip(out_ids, p.reply_statuses, strict=True)
+            if status == "queued"
+        ],
+    )
     db.execute(
         "UPDATE messages SET state_after = ?, error_message = coalesce(?, error_message), updated_at = ? WHERE id = ?",
         (decision.state, "; ".join(decision.errors) or None, db.ts(now), message_id),

@@ -5,7 +5,7 @@ for messages the business sends first: contacts and conversations looked up
 or created and locked (``contact_ids`` / ``lock_conversations``, the same
 functions: FOR UPDATE on PostgreSQL, the caller's BEGIN IMMEDIATE on SQLite),
 opted-out conversations refused, state / expiry / vars set, the outbound
-message written (queued: the outbox's row), the loop guard applied, and a
+message and its outbox row written, the loop guard applied, and a
 ``state_entered`` event queued. The caller commits, then wakes delivery,
 which keeps opt-outs, quiet hours for marketing templates and frequency
 limits as it does for replies (``bot/delivery/outbox.py`` claim).
@@ -26,7 +26,7 @@ from sqlalchemy import Connection
 
 from bot.events.endpoints import EventEndpoints
 from bot.events.queue import PendingEvent, queue_events
-from bot.ingest.batch import SENDING_STATUSES, Policy, contact_ids, lock_conversations, queue_columns
+from bot.ingest.batch import SENDING_STATUSES, Policy, contact_ids, lock_conversations
 from bot.outreach.check import CheckedStart, StartRefused, render_params
 from bot.rules.engine import template_reply
 from bot.store.driver_sql import DriverSql, chunks
@@ -79,13 +79,16 @@ class _Started:
 _MESSAGE_COLUMNS = (
     "id, direction, conversation_id, contact_id, signature, text, rule, rule_kind, unmatched, state_before,"
     " state_after, template_name, template_id, params, segments, status, status_reason, marketing, created_at,"
-    " updated_at, sender_id, extend_code, started_by, next_attempt_at, send_by, attempts, queued_at"
+    " updated_at, sender_id, extend_code, started_by"
 )
 _INSERT_MESSAGE = (
     f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, 'out', ?, ?, ?, ?, NULL, '{RULE_KIND}', ?, ?, ?, ?, ?, ?,"
-    " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_CONVERSATION = "UPDATE conversations SET state = ?, variables = ?, expires_at = ?, updated_at = ? WHERE id = ?"
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (message_id, attempts, next_attempt_at, created_at, send_by) VALUES (?, 0, ?, ?, ?)"
+)
 _SENDING_SQL = "(" + ", ".join(f"'{status}'" for status in SENDING_STATUSES) + ")"
 
 
@@ -177,9 +180,9 @@ def _write(
     policy: Policy,
 ) -> None:
     message_rows = []
+    outbox_rows = []
     for item, message_id in zip(started, message_ids, strict=True):
         start = item.start
-        send_by = now + (start.rules.reply_max_delay or policy.reply_max_delay)
         message_rows.append(
             (
                 message_id,
@@ -202,14 +205,17 @@ def _write(
                 item.sender_id,
                 start.extend_code,
                 started_by,
-                *queue_columns(db, item.status, now, send_by),
             )
         )
+        if item.status == "queued":
+            send_by = now + (start.rules.reply_max_delay or policy.reply_max_delay)
+            outbox_rows.append((message_id, db.ts(now), db.ts(now), db.ts(send_by)))
     conversation_rows = [
         (c.state, db.json(c.variables), db.ts(c.expires_at), db.ts(now), c.id) for c in convos if c.changed
     ]
     db.executemany(_INSERT_MESSAGE, message_rows)
     db.executemany(_UPDATE_CONVERSATION, conversation_rows)
+    db.executemany(_INSERT_OUTBOX, outbox_rows)
 
 
 def _recent_counts(db: DriverSql, conversation_ids: Sequence[int], since: datetime) -> dict[tuple[int, str], int]:

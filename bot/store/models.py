@@ -152,21 +152,6 @@ class Message(Base):
             sqlite_where=text("status = 'ambiguous'"),
             postgresql_where=text("status = 'ambiguous'"),
         ),
-        # The queue (bot/delivery/outbox.py): the replies waiting to be sent, in claim order, and those
-        # leased by a delivery loop (few, found by time: numbers in flight, expired leases).
-        Index(
-            "ix_messages_queued",
-            "next_attempt_at",
-            "id",
-            sqlite_where=text("status = 'queued'"),
-            postgresql_where=text("status = 'queued'"),
-        ),
-        Index(
-            "ix_messages_queued_lease_until",
-            "lease_until",
-            sqlite_where=text("status = 'queued' AND lease_until IS NOT NULL"),
-            postgresql_where=text("status = 'queued' AND lease_until IS NOT NULL"),
-        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -214,21 +199,32 @@ class Message(Base):
     ``ExtendCode`` it is sent with (a reply keeps its message's, a started conversation the rule file's)."""
     started_by: Mapped[str | None] = mapped_column(String(128))
     """For an outbound message that started a conversation: ``api:<key name>`` or ``cli``."""
-    # The queue: an outbound row with status 'queued' is a reply waiting to be sent (there is no
-    # separate outbox table: a reply costs one insert and, when it is settled, one update, beside the
-    # claim's lease). The columns below mean something only while the row is queued; a settled reply
-    # keeps attempts and leased_by as a record of how it went out.
-    next_attempt_at: Mapped[datetime | None]
-    """For a queued reply: when it may be sent (now, or later: a retry, marketing hours, a limit)."""
-    send_by: Mapped[datetime | None]
-    """For a queued reply: its deadline (``reply_max_delay``): held past it, it expires instead of going out late."""
-    attempts: Mapped[int | None] = mapped_column(Integer)
-    """For a reply that was queued: the sends tried so far (0 when queued; the console's retry resets it)."""
-    queued_at: Mapped[datetime | None]
-    """For a reply that was queued: when it was (last) queued, for ``/metrics``' oldest age."""
+
+
+class Outbox(Base):
+    """Replies waiting to be sent; a row leaves when the send is settled."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_next_attempt_at", "next_attempt_at"),
+        # Leases exist only while a send is in flight at some worker: a claim looks for them by time.
+        Index(
+            "ix_outbox_lease_until",
+            "lease_until",
+            sqlite_where=text("lease_until IS NOT NULL"),
+            postgresql_where=text("lease_until IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
     lease_until: Mapped[datetime | None]
-    """For a queued reply being sent: until when it belongs to the delivery loop that claimed it."""
     leased_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    send_by: Mapped[datetime | None]
+    """The reply's deadline (``reply_max_delay``): held past it, it expires instead of going out late."""
 
 
 class OptOutEvent(Base):
@@ -484,6 +480,7 @@ class Event(Base):
 contacts = cast(Table, Contact.__table__)
 conversations = cast(Table, Conversation.__table__)
 messages = cast(Table, Message.__table__)
+outbox = cast(Table, Outbox.__table__)
 opt_out_events = cast(Table, OptOutEvent.__table__)
 users = cast(Table, User.__table__)
 login_failures = cast(Table, LoginFailure.__table__)

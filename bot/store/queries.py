@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sqlalchemy import ColumnElement, Connection, Join, String, and_, func, literal_column, or_, select
 
-from bot.store.models import account_limits, contacts, conversations, events, messages, webhook_calls
+from bot.store.models import account_limits, contacts, conversations, events, messages, outbox, webhook_calls
 
 # ---------------------------------------------------------------- reply statuses
 
@@ -141,15 +141,9 @@ def replies_by_status(conn: Connection, *, since: datetime) -> dict[str, int]:
     return {str(status): int(count) for status, count in conn.execute(stmt)}
 
 
-def queued() -> ColumnElement[bool]:
-    """The outbox: replies waiting to be sent (the predicate of the partial index ``ix_messages_queued``,
-    written as a literal: SQLite uses a partial index only for a query that states its predicate)."""
-    return messages.c.status == literal_column("'queued'")
-
-
 def outbox_backlog(conn: Connection) -> tuple[int, datetime | None]:
     """How many replies wait in the outbox, and when the oldest of them was queued (None: it is empty)."""
-    depth, oldest_at = conn.execute(select(func.count(), func.min(messages.c.queued_at)).where(queued())).one()
+    depth, oldest_at = conn.execute(select(func.count(), func.min(outbox.c.created_at))).one()
     return int(depth), oldest_at
 
 

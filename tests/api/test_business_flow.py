@@ -23,11 +23,11 @@ import pytest
 
 from bot.config import Settings
 from bot.events.signing import verify
-from bot.store.models import events, messages, webhook_calls
+from bot.store.models import events, messages, outbox, webhook_calls
 from tests.api.helpers import auth, new_key
 from tests.fakes.receiver import Receiver
 from tests.support import RULES as EXAMPLE_RULES
-from tests.support import Harness, outbox, wait_until, write_rules
+from tests.support import Harness, wait_until, write_rules
 
 SECRET = "whsec-test-0123456789"
 

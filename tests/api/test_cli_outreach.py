@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from bot.cli import app
 from bot.outreach.check import StartRefused
 from bot.outreach.numbers import parse_number
-from bot.store.models import api_keys, audit_events, conversations, messages
+from bot.store.models import api_keys, audit_events, conversations, messages, outbox
 from tests.api.helpers import SIGN, api_rules
-from tests.support import count, outbox, rows
+from tests.support import count, rows
 
 runner = CliRunner()
 

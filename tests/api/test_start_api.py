@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bot.store.models import api_idempotency, audit_events, conversations, messages
+from bot.store.models import api_idempotency, audit_events, conversations, messages, outbox
 from tests.api.helpers import SIGN, api_rules, auth, new_key, revoke, start, start_body
-from tests.support import Harness, outbox, stored_counts
+from tests.support import Harness, stored_counts
 
 
 @pytest.fixture

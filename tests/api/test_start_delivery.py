@@ -11,10 +11,10 @@ import pytest
 from bot.config import Settings
 from bot.delivery.senders import make_sender
 from bot.numbers import CHINA
-from bot.store.models import messages
+from bot.store.models import messages, outbox
 from tests.api.helpers import api_rules, new_key, start, start_body
 from tests.fakes.tencent_sms import FakeTencentSms
-from tests.support import FakeClock, Harness, outbox, tencent_settings, wait_until
+from tests.support import FakeClock, Harness, tencent_settings, wait_until
 
 TEMPLATES = {
     "2000001": "Appointment {1} at {2}. Reply 1 to confirm.",

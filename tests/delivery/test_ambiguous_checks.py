@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import RowMapping
+from sqlalchemy import RowMapping, insert, update
 
 from bot.config import Settings
-from bot.console.queries.deliveries import requeue
 from bot.delivery.deliverer import Deliverer, delivery_options
 from bot.delivery.reconcile import (
     AmbiguousChecks,
@@ -33,7 +32,7 @@ from bot.delivery.senders import make_sender
 from bot.runtime.live_rules import LiveRules
 from bot.sms import ConsoleSender
 from bot.store.db import make_engine
-from bot.store.models import messages
+from bot.store.models import messages, outbox
 from bot.store.writer import DbWriter
 from bot.tencent.config import session_contexts, sms_client, tencent_config
 from bot.tencent.pull import TencentPullClient
@@ -45,7 +44,6 @@ from tests.support import (
     FakeClock,
     Harness,
     copy_rules,
-    outbox,
     payload,
     rows,
     tencent_settings,
@@ -270,8 +268,13 @@ def test_a_resent_reply_that_is_ambiguous_again_gets_checks_of_its_own(
     fake.set_send_status(fake.sends[0], None)
     later(h, CHECK_AFTER)
     assert reply_row(h, reply)["checks"] == 1  # used up: left to ops
-    with writing(h.engine) as conn:  # an admin resends it with the console's retry (checks untouched)
-        assert requeue(conn, message_id=reply["id"], status="ambiguous", reason="resent", at=h.clock())
+    with writing(h.engine) as conn:  # an admin resends it, as the console's retry does (checks untouched)
+        conn.execute(
+            update(messages).where(messages.c.id == reply["id"]).values(status="queued", status_reason="resent")
+        )
+        conn.execute(
+            insert(outbox).values(message_id=reply["id"], attempts=0, next_attempt_at=h.clock(), created_at=h.clock())
+        )
     fake.disconnect(after_processing=True)
     h.app.state.runtime.pipeline.wake_delivery()
     wait_until(lambda: len(fake.sends) == 2 and h.count(outbox) == 0, timeout=10, what="the resend")

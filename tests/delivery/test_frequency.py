@@ -11,7 +11,8 @@ from bot.config import Settings
 from bot.delivery.deliverer import frequency_limits
 from bot.delivery.frequency import FrequencyLimits, Sent, earliest_send
 from bot.numbers import CHINA
-from tests.support import Harness, outbox, wait_until
+from bot.store.models import outbox
+from tests.support import Harness, wait_until
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)  # 10:00 China time
 TENCENT = FrequencyLimits()

@@ -18,9 +18,9 @@ import pytest
 from bot.config import Settings
 from bot.delivery.senders import make_sender
 from bot.numbers import CHINA
-from bot.store.models import account_limits, opt_out_events
+from bot.store.models import account_limits, opt_out_events, outbox
 from tests.fakes.tencent_sms import FakeTencentSms, FrequencyLimits
-from tests.support import FakeClock, Harness, outbox, tencent_settings, wait_until
+from tests.support import FakeClock, Harness, tencent_settings, wait_until
 
 EVENING = datetime(2026, 1, 5, 23, 0, tzinfo=CHINA).astimezone(UTC)
 MORNING = datetime(2026, 1, 5, 10, 0, tzinfo=CHINA).astimezone(UTC)

@@ -12,10 +12,10 @@ import pytest
 from bot.delivery.retry import Final, Retry, RetryPolicy, plan
 from bot.delivery.senders import make_sender
 from bot.numbers import CHINA
-from bot.store.models import conversations, opt_out_events
+from bot.store.models import conversations, opt_out_events, outbox
 from bot.tencent.config import session_contexts
 from tests.fakes.tencent_sms import FakeTencentSms
-from tests.support import FakeClock, Harness, outbox, tencent_settings, wait_until
+from tests.support import FakeClock, Harness, tencent_settings, wait_until
 
 NOW = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)  # 10:00 China time
 POLICY = RetryPolicy()

@@ -21,10 +21,10 @@ from bot.delivery.retry import RetryPolicy
 from bot.ingest.delivery_reports import apply_reports
 from bot.sms import OutboundSms, SendResult
 from bot.store.db import make_engine
-from bot.store.models import messages
+from bot.store.models import messages, outbox
 from bot.store.writer import DbWriter
 from bot.tencent.callbacks import StatusReport
-from tests.support import FakeClock, Harness, RecordingSender, outbox, wait_until, writing
+from tests.support import FakeClock, Harness, RecordingSender, wait_until, writing
 
 NUMBERS = [f"1380000{n:04d}" for n in range(40)]
 
@@ -215,7 +215,7 @@ def test_a_claim_passes_over_a_number_whose_earlier_reply_another_claim_holds(
     h.say("hi", mobile=NUMBERS[1])
     first, second, other_number = (m["id"] for m in h.outbound())
     with h.engine.connect() as other_worker, other_worker.begin():
-        other_worker.execute(sa.text("SELECT id FROM messages WHERE id = :m FOR NO KEY UPDATE"), {"m": first})
+        other_worker.execute(sa.text("SELECT id FROM outbox WHERE message_id = :m FOR UPDATE"), {"m": first})
         with writing(h.engine) as conn:
             claimed = claim_due(conn, now=clock(), limit=10, owner="second-worker")
         assert [sms.message_id for sms in claimed] == [other_number], "the later reply overtook the earlier one"

@@ -30,7 +30,7 @@ from bot.numbers import CHINA
 from bot.rules.loader import load_rules
 from bot.sms import Inbound, OutboundSms, SendResult
 from bot.store.db import WRITE_OPTIONS
-from bot.store.models import events, messages
+from bot.store.models import events, messages, outbox
 from bot.tencent.callbacks import parse_status_callback
 from tests.fakes.receiver import Receiver
 from tests.fakes.tencent_sms import FakeTencentSms, FrequencyLimits
@@ -126,7 +126,7 @@ def test_a_report_kept_until_its_send_is_recorded_sends_reply_failed_then(engine
     apply(engine, [delivery_report("5000:early", "FAIL")], endpoints)  # no reply has this serial yet: kept
     assert queued(engine) == []
     with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
-        settle(conn, [Settlement(out_id, "sent", serial="5000:early", sent_at=NOW)], NOW, endpoints)
+        settle(conn, [Settlement(0, out_id, "sent", serial="5000:early", sent_at=NOW)], NOW, endpoints)
     [event] = queued(engine)
     assert (event["message_id"], event["reason"], event["error_code"]) == (out_id, "delivery_failed", "MK:0001")
 
@@ -293,6 +293,7 @@ def one_reply(engine: Engine, mobile: str = "13800000000", serial: str | None = 
         assert out_id is not None
         if serial is not None:  # sent: out of the outbox, with Tencent's serial
             conn.execute(messages.update().where(messages.c.id == out_id).values(status="sent", provider_serial=serial))
+            conn.execute(outbox.delete().where(outbox.c.message_id == out_id))
     return int(out_id)
 
 

@@ -185,7 +185,7 @@ def test_a_report_that_overtakes_the_sends_own_answer_is_applied_when_the_send_i
     assert apply(engine, [delivery_report("5000:early", "FAIL")]) == (0, ["5000:early"])
     assert reply_row(engine, out_id)["status"] == "queued"
     with engine.connect().execution_options(**WRITE_OPTIONS) as conn, conn.begin():
-        settle(conn, [Settlement(out_id, "sent", serial="5000:early", sent_at=NOW)], NOW)
+        settle(conn, [Settlement(0, out_id, "sent", serial="5000:early", sent_at=NOW)], NOW)
     row = reply_row(engine, out_id)
     assert (row["status"], row["provider_serial"], row["error_code"]) == ("failed", "5000:early", "MK:0001")
     with engine.connect() as conn:

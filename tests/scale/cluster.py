@@ -399,7 +399,7 @@ def inbound_texts(engine: Engine) -> dict[str, list[str]]:
 
 def outbox_count(engine: Engine) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(text("SELECT count(*) FROM messages WHERE status = 'queued'")).scalar_one())
+        return int(conn.execute(text("SELECT count(*) FROM outbox")).scalar_one())
 
 
 def rules_loaded(proc: Proc, version: str) -> int:

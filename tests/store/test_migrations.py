@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, insert, inspect, select
+from sqlalchemy import Engine, inspect
 from typer.testing import CliRunner
 
 from bot.cli import app as cli
@@ -24,7 +23,7 @@ from bot.store.db import (
     make_engine,
     upgrade,
 )
-from bot.store.models import Base, UtcDateTime, contacts, messages
+from bot.store.models import Base
 from tests.support import RULES
 
 runner = CliRunner()
@@ -52,10 +51,9 @@ def test_migrations_match_the_models(engine: Engine) -> None:
 
 def test_migrated_schema_has_the_tables_constraints_and_indexes(engine: Engine) -> None:
     schema = inspect(engine)
-    assert {"contacts", "conversations", "messages", "opt_out_events", "alembic_version"} <= set(
+    assert {"contacts", "conversations", "messages", "outbox", "opt_out_events", "alembic_version"} <= set(
         schema.get_table_names()
     )
-    assert "outbox" not in schema.get_table_names()  # the queued messages rows are the outbox
     assert "uq_contacts_number" in {u["name"] for u in schema.get_unique_constraints("contacts")}
     indexes = {i["name"]: i for i in schema.get_indexes("messages")}
     # dedupe keys: a unique index over the inbound rows only (partial: outbound rows have none)
@@ -65,15 +63,14 @@ def test_migrated_schema_has_the_tables_constraints_and_indexes(engine: Engine) 
         "ix_messages_conversation_id_created_at",
         "ix_messages_provider_serial",
         "ix_messages_failed_created_at",
-        "ix_messages_queued",
-        "ix_messages_queued_lease_until",
     } <= set(indexes)
+    assert "ix_outbox_next_attempt_at" in {i["name"] for i in schema.get_indexes("outbox")}
 
 
 def test_empty_database_differs_from_the_models(empty_engine: Engine) -> None:
     """The comparison is not vacuous: before the migrations it sees every table missing."""
     added = {diff[1].name for diff in differences(empty_engine) if diff[0] == "add_table"}
-    assert {"contacts", "conversations", "messages", "opt_out_events"} <= added
+    assert {"contacts", "conversations", "messages", "outbox", "opt_out_events"} <= added
 
 
 def test_downgrade_to_nothing_and_upgrade_again(db_url: str, engine: Engine) -> None:
@@ -82,107 +79,6 @@ def test_downgrade_to_nothing_and_upgrade_again(db_url: str, engine: Engine) -> 
     assert "messages" not in inspect(engine).get_table_names()
     upgrade(db_url)
     assert current_revision(engine) == head_revision()
-    assert differences(engine) == []
-
-
-_T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
-
-
-_OLD_OUTBOX = Table(
-    "outbox",
-    MetaData(),
-    Column("id", Integer, primary_key=True),
-    Column("message_id", Integer),
-    Column("attempts", Integer),
-    Column("next_attempt_at", UtcDateTime(timezone=True)),
-    Column("lease_until", UtcDateTime(timezone=True)),
-    Column("leased_by", String(64)),
-    Column("created_at", UtcDateTime(timezone=True)),
-    Column("send_by", UtcDateTime(timezone=True)),
-)
-"""The outbox table as revisions 0008-0011 have it."""
-
-
-def _before_the_queue_moved(db_url: str, engine: Engine) -> None:
-    """A database at 0011 with three replies: one waiting for a retry, one being sent (leased), one sent."""
-    command.downgrade(alembic_config(db_url), "0011")
-    with engine.begin() as conn:
-        conn.execute(insert(contacts).values(id=1, nationcode="86", mobile="13800000000", created_at=_T0))
-        for message_id, status in ((10, "queued"), (11, "queued"), (12, "sent")):
-            conn.execute(
-                insert(messages).values(
-                    id=message_id,
-                    direction="out",
-                    contact_id=1,
-                    signature="Acme Shop",
-                    text="menu",
-                    unmatched=False,
-                    status=status,
-                    marketing=False,
-                    created_at=_T0,
-                    updated_at=_T0,
-                )
-            )
-        conn.execute(
-            insert(_OLD_OUTBOX),
-            [
-                {
-                    "message_id": 10,
-                    "attempts": 2,
-                    "next_attempt_at": _T0 + timedelta(minutes=5),
-                    "lease_until": None,
-                    "leased_by": None,
-                    "created_at": _T0,
-                    "send_by": _T0 + timedelta(hours=1),
-                },
-                {
-                    "message_id": 11,
-                    "attempts": 0,
-                    "next_attempt_at": _T0,
-                    "lease_until": _T0 + timedelta(minutes=1),
-                    "leased_by": "worker-a",
-                    "created_at": _T0,
-                    "send_by": None,
-                },
-            ],
-        )
-
-
-def test_upgrade_moves_waiting_replies_onto_their_messages_and_downgrade_brings_the_outbox_back(
-    db_url: str, engine: Engine
-) -> None:
-    _before_the_queue_moved(db_url, engine)
-    upgrade(db_url)
-    assert "outbox" not in inspect(engine).get_table_names()
-    with engine.connect() as conn:
-        got = {
-            row["id"]: row
-            for row in conn.execute(
-                select(
-                    messages.c.id,
-                    messages.c.status,
-                    messages.c.attempts,
-                    messages.c.next_attempt_at,
-                    messages.c.send_by,
-                    messages.c.lease_until,
-                    messages.c.leased_by,
-                    messages.c.queued_at,
-                )
-            ).mappings()
-        }
-    waiting, leased, sent = got[10], got[11], got[12]
-    assert (waiting["status"], waiting["attempts"], waiting["lease_until"]) == ("queued", 2, None)
-    assert waiting["next_attempt_at"] == _T0 + timedelta(minutes=5)
-    assert waiting["send_by"] == _T0 + timedelta(hours=1)
-    assert waiting["queued_at"] == _T0
-    assert (leased["lease_until"], leased["leased_by"]) == (_T0 + timedelta(minutes=1), "worker-a")
-    assert (sent["next_attempt_at"], sent["attempts"], sent["queued_at"]) == (None, None, None)
-
-    command.downgrade(alembic_config(db_url), "0011")
-    with engine.connect() as conn:
-        back = conn.exec_driver_sql("SELECT message_id, attempts, leased_by FROM outbox ORDER BY message_id").all()
-    assert [tuple(row) for row in back] == [(10, 2, None), (11, 0, "worker-a")]
-    upgrade(db_url)
     assert differences(engine) == []
 
 

@@ -27,7 +27,7 @@ from bot.runtime.live_rules import LiveRules
 from bot.runtime.pulling import Puller
 from bot.sms import Inbound, OutboundSms
 from bot.store.db import make_engine
-from bot.store.models import messages
+from bot.store.models import messages, outbox
 from bot.tencent.callbacks import parse_reply_callback
 from bot.tencent.config import session_contexts, tencent_config
 from bot.tencent.pull import (
@@ -44,8 +44,7 @@ from tests.support import (
     Harness,
     copy_rules,
     count,
-    fail_queued_inserts,
-    outbox,
+    fail_inserts_into_outbox,
     payload,
     rows,
     stop_app,
@@ -204,7 +203,7 @@ def lookup_client(fake: FakeTencentSms) -> TencentPullClient:
 
 def test_send_statuses_by_number_asks_for_the_window_and_returns_tencents_items(fake: FakeTencentSms) -> None:
     sender = make_sender(tencent_settings(fake))
-    outbound = OutboundSms(42, "86", "13800000000", SIGN, "1490002", ("A1", "sent"), "Order A1: sent.")
+    outbound = OutboundSms(7, 42, "86", "13800000000", SIGN, "1490002", ("A1", "sent"), "Order A1: sent.")
     sent = sender.send(outbound)
     other = sender.send(dataclasses.replace(outbound, mobile="13900000000"))
     assert (sent.ok, other.ok) == (True, True)
@@ -354,7 +353,7 @@ def test_pulled_replies_the_database_refuses_are_kept_and_stored_later(
 ) -> None:
     admin = create_engine(db_url)
     try:
-        fail_queued_inserts(admin)
+        fail_inserts_into_outbox(admin)
         h = pulling_app(make_app, db_url, fake)
         fake.enqueue_reply(CUSTOMER, "hi", sign_name=SIGN)
         p = puller(h)
@@ -387,7 +386,7 @@ def test_stopping_with_replies_held_keeps_them_in_full_in_the_unstored_file(
     caplog.set_level(logging.ERROR, logger="smsbot.pull")
     admin = create_engine(db_url)
     try:
-        fail_queued_inserts(admin)
+        fail_inserts_into_outbox(admin)
         h = pulling_app(make_app, db_url, fake)
         fake.enqueue_reply(CUSTOMER, "TD please", sign_name=SIGN)
         wait_until(lambda: puller(h).held == 1, what="the pulled reply held")

@@ -49,6 +49,7 @@ def sms(
     *, mobile: str = "13800000000", template: str = "1490002", params: tuple[str, ...] = ("A1", "sent")
 ) -> OutboundSms:
     return OutboundSms(
+        outbox_id=7,
         message_id=42,
         nationcode="86",
         mobile=mobile,

@@ -23,7 +23,7 @@ from tests.support import (
     FakeClock,
     Harness,
     copy_rules,
-    fail_queued_inserts,
+    fail_inserts_into_outbox,
     payload,
     start_app,
     stop_app,
@@ -340,7 +340,7 @@ def test_failure_midway_leaves_nothing_half_written(harness: Harness, admin_engi
     h.say("hi", mobile="13900000000")  # another number's conversation, committed before the failure
     h.wait_settled()
     before = stored_counts(h.engine)
-    fail_queued_inserts(admin_engine)
+    fail_inserts_into_outbox(admin_engine)
     body = [good(h), good(h, text="1")]
     response = h.post(body)
     assert response.status_code == 503

@@ -23,7 +23,7 @@ from bot.config import Settings
 from bot.delivery.outbox import claim_due
 from bot.rules.normalize import normalize
 from bot.store.db import make_engine
-from bot.store.models import contacts, conversations, messages, opt_out_events
+from bot.store.models import contacts, conversations, messages, opt_out_events, outbox
 from bot.store.writer import DbWriter
 from tests.support import (
     MOBILE,
@@ -33,7 +33,6 @@ from tests.support import (
     SIGN,
     Harness,
     copy_rules,
-    outbox,
     payload,
     stored_counts,
     write_rules,

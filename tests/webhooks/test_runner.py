@@ -21,11 +21,11 @@ from bot.ingest.batch import handle_batch
 from bot.rules.engine import resume
 from bot.rules.model import Decision, Ruleset
 from bot.sms import Inbound
-from bot.store.models import conversations, events, messages, webhook_calls
+from bot.store.models import conversations, events, messages, outbox, webhook_calls
 from bot.store.writer import DbWriter
 from bot.webhooks.runner import WebhookRunner, claim_calls
 from tests.fakes.receiver import Receiver
-from tests.support import FakeClock, compile_text, outbox, rows, writing
+from tests.support import FakeClock, compile_text, rows, writing
 
 
 def rules_text(url: str, timeout: int = 1) -> str:

@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Join, func, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Join, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
 
-from bot.store.models import conversations, messages
-from bot.store.queries import NEEDS_A_LOOK, NUMBER, message_filter, messages_with_numbers, queued
+from bot.store.models import conversations, messages, outbox
+from bot.store.queries import NEEDS_A_LOOK, NUMBER, message_filter, messages_with_numbers
 
 
 def _listed() -> Join:
-    """Replies with their number (a queued one is in the outbox: what "pending" looks for)."""
-    return messages_with_numbers()
+    """Replies with their number, and their outbox row while they wait (what "pending" looks for)."""
+    return messages_with_numbers().outerjoin(outbox, outbox.c.message_id == messages.c.id)
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,11 @@ class DeliveryFilter:
     def conditions(self) -> list[ColumnElement[bool]]:
         where = message_filter(direction="out")
         if self.status == "pending":
-            where.append(queued())
+            where.append(outbox.c.id.is_not(None))
         elif self.status:
             where.append(messages.c.status == self.status)
         else:
-            where.append(or_(messages.c.status.in_(NEEDS_A_LOOK), queued()))
+            where.append(or_(messages.c.status.in_(NEEDS_A_LOOK), outbox.c.id.is_not(None)))
         where += message_filter(signature=self.signature)
         if self.code is not None:
             where.append(messages.c.error_code == self.code)
@@ -48,7 +48,7 @@ def count_deliveries(conn: Connection, *, filters: DeliveryFilter) -> int:
 
 
 def delivery_page(conn: Connection, *, filters: DeliveryFilter, limit: int, offset: int) -> list[dict[str, Any]]:
-    """Newest first: what was sent, what became of it, and its queue columns (meaningful while it waits)."""
+    """Newest first: what was sent, what became of it, and its outbox row if it is still waiting."""
     stmt = (
         select(
             messages.c.id,
@@ -66,9 +66,10 @@ def delivery_page(conn: Connection, *, filters: DeliveryFilter, limit: int, offs
             messages.c.checks,
             messages.c.checked_at,
             *NUMBER,
-            messages.c.attempts,
-            messages.c.next_attempt_at,
-            messages.c.lease_until,
+            outbox.c.id.label("outbox_id"),
+            outbox.c.attempts,
+            outbox.c.next_attempt_at,
+            outbox.c.lease_until,
         )
         .select_from(_listed())
         .where(*filters.conditions())
@@ -110,8 +111,7 @@ def counts_by_status(conn: Connection) -> dict[str, int]:
 
 
 def retry_facts(conn: Connection, *, message_id: int) -> RowMapping | None:
-    """What decides whether a reply may be sent again: its outcome (``queued``: it waits) and its conversation's
-    opt-out."""
+    """What decides whether a reply may be sent again: its outcome, its conversation's opt-out, its outbox row."""
     stmt = (
         select(
             messages.c.status,
@@ -121,8 +121,13 @@ def retry_facts(conn: Connection, *, message_id: int) -> RowMapping | None:
             messages.c.error_code,
             messages.c.error_message,
             conversations.c.opted_out,
+            outbox.c.id.label("outbox_id"),
         )
-        .select_from(messages.outerjoin(conversations, conversations.c.id == messages.c.conversation_id))
+        .select_from(
+            messages.outerjoin(conversations, conversations.c.id == messages.c.conversation_id).outerjoin(
+                outbox, outbox.c.message_id == messages.c.id
+            )
+        )
         .where(messages.c.id == message_id)
     )
     return conn.execute(stmt).mappings().first()
@@ -137,15 +142,13 @@ def requeue(conn: Connection, *, message_id: int, status: str, reason: str, at: 
     changed = conn.execute(
         update(messages)
         .where(messages.c.id == message_id, messages.c.status == status)
-        .values(
-            status="queued",
-            status_reason=reason,
-            updated_at=at,
-            attempts=0,
-            next_attempt_at=at,
-            queued_at=at,
-            lease_until=None,
-            leased_by=None,
-        )
+        .values(status="queued", status_reason=reason, updated_at=at)
     ).rowcount
-    return bool(changed)
+    if not changed:
+        return False
+    conn.execute(
+        insert(outbox).values(
+            message_id=message_id, attempts=0, next_attempt_at=at, lease_until=None, leased_by=None, created_at=at
+        )
+    )
+    return True
