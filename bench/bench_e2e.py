@@ -490,8 +490,7 @@ def outbox_left(url: str) -> int:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            # the outbox: the queued replies (bot/delivery/outbox.py)
-            return int(conn.execute(text("SELECT COUNT(*) FROM messages WHERE status = 'queued'")).scalar_one())
+            return int(conn.execute(text("SELECT COUNT(*) FROM outbox")).scalar_one())
     finally:
         engine.dispose()
 

@@ -524,7 +524,8 @@ def count_stored(url: str, answered_ok: int) -> Stored:
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT direction, COUNT(*) FROM messages GROUP BY direction"))
             by_direction: dict[str, int] = {str(direction): int(count) for direction, count in rows}
-            # replies still waiting: 'queued' (the outbox's rows, in this schema and in the one before)
+            # replies still waiting to be sent; by status, not by the outbox table, so that a --compare-with
+            # tree whose schema keeps its queue elsewhere (e.g. on the messages rows) is counted the same way
             outbox_left = conn.execute(text("SELECT COUNT(*) FROM messages WHERE status = 'queued'")).scalar_one()
             conversations = conn.execute(text("SELECT COUNT(*) FROM conversations")).scalar_one()
     finally:

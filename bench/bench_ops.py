@@ -24,14 +24,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, func, insert, select, text, update
+from sqlalchemy import Engine, create_engine, func, insert, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.config import Settings
 from bot.store.db import make_engine, upgrade
 from bot.store.export import ExportFilter, export_chunks
-from bot.store.models import contacts, conversations, messages
+from bot.store.models import contacts, conversations, messages, outbox
 from bot.web.metrics import AppMetrics
 
 POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -75,7 +75,7 @@ def fill(engine: Engine, n: int, now: datetime) -> None:
             rows.append(
                 {"id": i + 1, "direction": "out" if out else "in", "conversation_id": who, "contact_id": who,
                  "signature": "Acme Shop", "text": "Reply 1 for order status" if out else "MENU",
-                 "status": rng.choice(["sent", "delivered", "failed"]) if out else "received",
+                 "status": rng.choice(["sent", "delivered", "failed", "queued"]) if out else "received",
                  "rule": "acme-shop.yaml:32", "template_id": "1490001" if out else None,
                  "params": ["a"] if out else None, "created_at": at, "updated_at": at}
             )  # fmt: skip
@@ -84,10 +84,12 @@ def fill(engine: Engine, n: int, now: datetime) -> None:
                 rows = []
         if rows:
             conn.execute(insert(messages), rows)
-        conn.execute(  # 100 replies waiting: the queued rows are the outbox
-            update(messages)
-            .where(messages.c.id.in_([i * 2 for i in range(1, 101)]))
-            .values(status="queued", attempts=0, next_attempt_at=now, queued_at=now - timedelta(minutes=5))
+        conn.execute(
+            insert(outbox),
+            [
+                {"message_id": i * 2, "attempts": 0, "next_attempt_at": now, "created_at": now - timedelta(minutes=5)}
+                for i in range(1, 101)
+            ],
         )
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
