@@ -37,8 +37,23 @@ script measures that, for SQLite and for PostgreSQL:
    database share the same cores, so this shows what a request costs each of
    them and how far the machine is from full.
 
+5. ``--compare-with PATH`` measures another checkout of the repository (with
+   its own ``.venv``, e.g. a worktree of main) side by side with this one, in
+   one run: rounds of bare, this tree, the other tree, alternately
+   (``--rounds``, default 3 then), each tree's server, migrations and rules
+   its own. It prints every round's req/s, its ratio to that round's bare
+   endpoint and the CPU per request, then the medians and the spread of the
+   rounds, and whether the medians differ by more than that spread.
+6. ``--production`` adds a production-shaped run on PostgreSQL: ``smsbot serve
+   --workers 2 --no-deliver`` (two HTTP processes, each with its writer
+   process) and one ``smsbot worker`` process sending through the Tencent
+   sender to the fake Tencent API (``python -m tests.fakes.tencent_sms``, as
+   ``bench/bench_e2e.py`` starts it), with its req/s and ratio to the bare
+   endpoint (the worker's and the fake's CPU in the "others" column).
+
 Run it with ``.venv/bin/python bench/bench_ingest.py [--seconds 10]
-[--connections 32] [--databases sqlite,postgres]``. It needs ``wrk``
+[--connections 32] [--databases sqlite,postgres] [--rounds N]
+[--compare-with PATH] [--production]``. It needs ``wrk``
 (Debian/Ubuntu: ``apt-get install wrk``) and, for PostgreSQL, a database it may
 wipe: ``--postgres-url``, default ``smsbot_bench`` on the local server of the
 test database (``postgres@127.0.0.1:5432``, trust auth), created if missing. It
@@ -61,6 +76,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,10 +214,12 @@ class CpuUse:
     """The server's child processes (smsbot's writer process and multiprocessing's fork server)."""
     postgres: float
     """Every PostgreSQL server process on this machine: backends, WAL writer, autovacuum."""
+    others: float = 0.0
+    """Processes beside the server (``--production``: the ``smsbot worker`` and the fake Tencent API)."""
 
     @property
     def total(self) -> float:
-        return self.wrk + self.server + self.helpers + self.postgres
+        return self.wrk + self.server + self.helpers + self.postgres + self.others
 
 
 @dataclass(frozen=True)
@@ -211,6 +229,34 @@ class Row:
     result: WrkResult
     stored: Stored | None = None
     cpu: CpuUse | None = None
+    tree: str = ""
+    """``--compare-with``: which checkout ran the full server ("this" or "other"); empty for bare."""
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A checkout of the repository whose ``smsbot`` (its own venv, migrations and rules) is measured."""
+
+    label: str
+    root: Path
+    smsbot: str
+
+    @property
+    def rules(self) -> Path:
+        return self.root / "rules"
+
+
+def this_tree() -> Tree:
+    return Tree("this", REPO, smsbot_command())
+
+
+def other_tree(path: str) -> Tree:
+    root = Path(path).resolve()
+    smsbot = root / ".venv" / "bin" / "smsbot"
+    if not smsbot.exists():
+        raise BenchError(f"--compare-with {path}: no {smsbot} (run 'make .venv/.installed' there first)")
+    return Tree("other", root, str(smsbot))
 
 
 # ------------------------------------------------------------------ wrk
@@ -327,11 +373,11 @@ def server(
         log.close()
 
 
-def server_env(database_url: str | None) -> dict[str, str]:
+def server_env(database_url: str | None, rules_dir: Path = RULES_DIR) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("SMSBOT_CALLBACK_TOKEN", "SMSBOT_CONFIG"):
         env.pop(name, None)
-    env["SMSBOT_RULES_DIR"] = str(RULES_DIR)
+    env["SMSBOT_RULES_DIR"] = str(rules_dir)
     env["SMSBOT_SENDER"] = "console"
     # 4,999 numbers text over and over: Tencent's per-number limits would hold most replies back
     # (deferring is cheaper than sending), so they are off and every reply is really sent.
@@ -405,15 +451,18 @@ def postgres_pids() -> list[int]:
     return found
 
 
-def cpu_snapshot(server_pid: int) -> dict[str, float] | None:
-    """CPU seconds so far of the server, of its descendants, and of PostgreSQL; None without /proc."""
+def cpu_snapshot(server_pid: int, others: Sequence[int] = ()) -> dict[str, float] | None:
+    """CPU seconds so far of the server, of its descendants, of ``others`` (with theirs) and of PostgreSQL;
+    None without /proc."""
     if not Path("/proc/self/stat").exists():
         return None
     tree = cpu_ticks(process_tree(server_pid))
+    beside = cpu_ticks([pid for root in others for pid in process_tree(root)])
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
     return {
         "server": tree.get(server_pid, 0) / CLK_TCK,
         "helpers": sum(ticks for pid, ticks in tree.items() if pid != server_pid) / CLK_TCK,
+        "others": sum(beside.values()) / CLK_TCK,
         "postgres": sum(cpu_ticks(postgres_pids()).values()) / CLK_TCK,
         "wrk": usage.ru_utime + usage.ru_stime,
         "wall": time.monotonic(),
@@ -431,14 +480,16 @@ def cpu_used(before: dict[str, float] | None, after: dict[str, float] | None) ->
         server=delta["server"],
         helpers=max(0.0, delta["helpers"]),
         postgres=max(0.0, delta["postgres"]),
+        others=max(0.0, delta["others"]),
     )
 
 
 # ------------------------------------------------------------------ databases
 
 
-def fresh_database(name: str, workdir: Path, postgres_url: str) -> str:
-    """A URL to an empty, migrated database."""
+def fresh_database(name: str, workdir: Path, postgres_url: str, tree: Tree | None = None) -> str:
+    """A URL to an empty database, migrated by ``tree``'s ``smsbot db upgrade`` (default: this checkout's)."""
+    tree = tree or this_tree()
     if name == "sqlite":
         url = f"sqlite:///{workdir / 'bench.db'}"
         for suffix in ("", "-wal", "-shm"):
@@ -455,9 +506,9 @@ def fresh_database(name: str, workdir: Path, postgres_url: str) -> str:
         finally:
             engine.dispose()
     proc = subprocess.run(
-        [smsbot_command(), "db", "upgrade"],
-        cwd=REPO,
-        env=server_env(url),
+        [tree.smsbot, "db", "upgrade"],
+        cwd=tree.root,
+        env=server_env(url, tree.rules),
         capture_output=True,
         text=True,
         check=False,
@@ -473,7 +524,9 @@ def count_stored(url: str, answered_ok: int) -> Stored:
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT direction, COUNT(*) FROM messages GROUP BY direction"))
             by_direction: dict[str, int] = {str(direction): int(count) for direction, count in rows}
-            outbox_left = conn.execute(text("SELECT COUNT(*) FROM outbox")).scalar_one()
+            # replies still waiting to be sent; by status, not by the outbox table, so that a --compare-with
+            # tree whose schema keeps its queue elsewhere (e.g. on the messages rows) is counted the same way
+            outbox_left = conn.execute(text("SELECT COUNT(*) FROM messages WHERE status = 'queued'")).scalar_one()
             conversations = conn.execute(text("SELECT COUNT(*) FROM conversations")).scalar_one()
     finally:
         engine.dispose()
@@ -537,10 +590,18 @@ class Load:
 
 
 def measure(
-    load: Load, label: str, cmd: Sequence[str], env: dict[str, str], port: int, log_path: Path
+    load: Load,
+    label: str,
+    cmd: Sequence[str],
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    *,
+    cwd: Path = REPO,
+    others: Sequence[int] = (),
 ) -> tuple[WrkResult, int, CpuUse | None]:
     """Warm up, then measure; returns the measured run, the 2xx answers of both wrk runs, and the CPU used."""
-    with server(label, cmd, env, port, log_path) as proc:
+    with server(label, cmd, env, port, log_path, cwd=cwd) as proc:
         answered = 0
         if load.warmup > 0:
             warm, _ = run_wrk(
@@ -554,7 +615,7 @@ def measure(
                 workdir=log_path.parent,
             )
             answered += warm.answered_ok
-        before = cpu_snapshot(proc.pid)
+        before = cpu_snapshot(proc.pid, others)
         result, report = run_wrk(
             load.wrk,
             port,
@@ -565,29 +626,101 @@ def measure(
             t0=load.t0,
             workdir=log_path.parent,
         )
-        cpu = cpu_used(before, cpu_snapshot(proc.pid))
+        cpu = cpu_used(before, cpu_snapshot(proc.pid, others))
         answered += result.answered_ok
     log_path.with_suffix(".wrk.txt").write_text(report, encoding="utf-8")
     return result, answered, cpu
 
 
-def bench_database(name: str, load: Load, postgres_url: str, workdir: Path) -> list[Row]:
-    rows: list[Row] = []
+def bench_bare(name: str, load: Load, workdir: Path, round_: int = 0) -> Row:
     port = free_port()
     bare_cmd = [sys.executable, str(BARE_APP), "--port", str(port)]
     print(f"  {name}: bare endpoint ...", flush=True)
-    bare, _, bare_cpu = measure(load, f"{name} bare", bare_cmd, server_env(None), port, workdir / f"{name}-bare.log")
-    rows.append(Row(name, "bare", bare, cpu=bare_cpu))
-
-    url = fresh_database(name, workdir, postgres_url)
-    port = free_port()
-    full_cmd = [smsbot_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    print(f"  {name}: full pipeline (smsbot serve) ...", flush=True)
-    full, answered, full_cpu = measure(
-        load, f"{name} full", full_cmd, server_env(url), port, workdir / f"{name}-full.log"
+    bare, _, bare_cpu = measure(
+        load, f"{name} bare", bare_cmd, server_env(None), port, workdir / f"{name}-bare-{round_}.log"
     )
-    rows.append(Row(name, "full", full, count_stored(url, answered), full_cpu))
-    return rows
+    return Row(name, "bare", bare, cpu=bare_cpu, round=round_)
+
+
+def bench_full(name: str, load: Load, postgres_url: str, workdir: Path, tree: Tree, round_: int = 0) -> Row:
+    url = fresh_database(name, workdir, postgres_url, tree)
+    port = free_port()
+    full_cmd = [tree.smsbot, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    print(f"  {name}: full pipeline (smsbot serve, {tree.label} tree: {tree.root}) ...", flush=True)
+    full, answered, full_cpu = measure(
+        load,
+        f"{name} full",
+        full_cmd,
+        server_env(url, tree.rules),
+        port,
+        workdir / f"{name}-full-{tree.label}-{round_}.log",
+        cwd=tree.root,
+    )
+    return Row(name, "full", full, count_stored(url, answered), full_cpu, tree=tree.label, round=round_)
+
+
+def bench_database(name: str, load: Load, postgres_url: str, workdir: Path) -> list[Row]:
+    return [bench_bare(name, load, workdir), bench_full(name, load, postgres_url, workdir, this_tree())]
+
+
+PRODUCTION = "production"
+"""The database column's name for ``--production`` rows (PostgreSQL, serve --workers 2 + smsbot worker)."""
+
+
+def bench_production(load: Load, postgres_url: str, workdir: Path, tree: Tree, round_: int = 0) -> Row:
+    """``smsbot serve --workers 2 --no-deliver`` with delivery in one ``smsbot worker`` process, Tencent sender
+    against the fake Tencent API: the layout of docs/deploy.md on one machine."""
+    import bench_e2e  # the fake Tencent API as bench_e2e starts it (imported here: it imports this module)
+
+    url = fresh_database("postgres", workdir, postgres_url, tree)
+    fake_port = free_port()
+    env = server_env(url, tree.rules) | {
+        "SMSBOT_SENDER": "tencent",
+        "SMSBOT_TENCENT_ENDPOINT": f"127.0.0.1:{fake_port}",
+        "SMSBOT_TENCENT_SCHEME": "http",
+        "SMSBOT_TENCENT_SDK_APP_ID": bench_e2e.APP_ID,
+        "TENCENTCLOUD_SECRET_ID": bench_e2e.SECRET_ID,
+        "TENCENTCLOUD_SECRET_KEY": bench_e2e.SECRET_KEY,
+        "SMSBOT_LOOP_LIMIT": "100000",  # numbers come back thousands of times: every reply really goes out
+    }
+    for name in bench_e2e.PROXY_VARIABLES:
+        env.pop(name, None)
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    label = f"production-{tree.label}-{round_}"
+    with bench_e2e.fake_tencent(fake_port, workdir / f"{label}-fake.log") as fake:
+        worker_log = workdir / f"{label}-worker.log"
+        with worker_log.open("wb") as out:
+            worker = subprocess.Popen(
+                [tree.smsbot, "worker"], cwd=tree.root, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while "sending queued replies" not in worker_log.read_text(encoding="utf-8", errors="replace"):
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"smsbot worker did not start:\n{_tail(worker_log)}")
+                time.sleep(0.1)
+            port = free_port()
+            cmd = [tree.smsbot, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--no-deliver"]
+            print(f"  {PRODUCTION}: serve --workers 2 --no-deliver + smsbot worker ({tree.label} tree) ...", flush=True)
+            result, answered, cpu = measure(
+                load,
+                label,
+                cmd,
+                env,
+                port,
+                workdir / f"{label}-serve.log",
+                cwd=tree.root,
+                others=[worker.pid, fake.pid],
+            )
+        finally:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGINT)
+                try:
+                    worker.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+    return Row(PRODUCTION, "full", result, count_stored(url, answered), cpu, tree=tree.label, round=round_)
 
 
 # ------------------------------------------------------------------ report
@@ -657,24 +790,110 @@ def print_cpu(rows: list[Row]) -> None:
         f"{cores * 1_000_000:,} us of CPU per second); busy = all CPU used / (cores x seconds)"
     )
     header = (
-        f"{'database':<10} {'server':<6} {'wrk':>6} {'server':>7} {'helpers':>8} {'postgres':>9} {'total':>7} "
-        f"{'busy':>5}"
+        f"{'database':<10} {'server':<6} {'wrk':>6} {'server':>7} {'helpers':>8} {'postgres':>9} {'others':>7} "
+        f"{'total':>7} {'busy':>5}"
     )
     print(header)
     print("-" * len(header))
     for row in measured:
-        cpu = row.cpu
-        assert cpu is not None
-        per = 1e6 / row.result.requests
-        busy = cpu.total / (cores * cpu.wall) if cpu.wall > 0 else 0.0
-        print(
-            f"{row.database:<10} {row.server:<6} {cpu.wrk * per:>6.0f} {cpu.server * per:>7.0f} "
-            f"{cpu.helpers * per:>8.0f} {cpu.postgres * per:>9.0f} {cpu.total * per:>7.0f} {busy:>5.0%}"
-        )
-    print(
-        "(server: the process wrk talks to; helpers: its child processes, i.e. smsbot's writer process; "
-        "postgres: every PostgreSQL process on this machine)"
+        print(f"{row.database:<10} {row.server:<6} {cpu_columns(row, cores)}")
+    print(CPU_LEGEND)
+
+
+CPU_LEGEND = (
+    "(server: the process wrk talks to; helpers: its child processes, i.e. smsbot's writer process (with "
+    "--workers 2: the two HTTP processes and their writers); others: smsbot worker and the fake Tencent; "
+    "postgres: every PostgreSQL process on this machine)"
+)
+
+
+def cpu_columns(row: Row, cores: int) -> str:
+    """wrk, server, helpers, postgres, others and total CPU per answered request (us), and how busy the cores were."""
+    cpu = row.cpu
+    if cpu is None or not row.result.requests:
+        return ""
+    per = 1e6 / row.result.requests
+    busy = cpu.total / (cores * cpu.wall) if cpu.wall > 0 else 0.0
+    return (
+        f"{cpu.wrk * per:>6.0f} {cpu.server * per:>7.0f} {cpu.helpers * per:>8.0f} {cpu.postgres * per:>9.0f} "
+        f"{cpu.others * per:>7.0f} {cpu.total * per:>7.0f} {busy:>5.0%}"
     )
+
+
+def _ratio(row: Row, rows: Sequence[Row]) -> float:
+    """A full run's req/s over its round's bare endpoint's (the bare run of the same database and round)."""
+    database = "postgres" if row.database == PRODUCTION else row.database
+    bare = next(r for r in rows if r.server == "bare" and r.database == database and r.round == row.round)
+    return row.result.rps / bare.result.rps if bare.result.rps else 0.0
+
+
+def print_rounds(rows: Sequence[Row]) -> None:
+    """Every round (bare, then each tree's full server), then per database and tree the medians and spread."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    header = (
+        f"{'database':<10} {'round':>5} {'tree':<6} {'req/s':>8} {'ratio':>6} {'p99 ms':>7} "
+        f"| CPU us/request: {'wrk':>6} {'server':>7} {'helpers':>8} {'postgres':>9} {'others':>7} {'total':>7} "
+        f"{'busy':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ratio = f"{_ratio(row, rows):>6.2f}" if row.server == "full" else f"{'':>6}"
+        tree = row.tree or "bare"
+        print(
+            f"{row.database:<10} {row.round:>5} {tree:<6} {row.result.rps:>8,.0f} {ratio} {row.result.p99_ms:>7.1f} "
+            f"|                 {cpu_columns(row, cores)}"
+        )
+    print(CPU_LEGEND)
+    print()
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        if row.server == "full":
+            groups.setdefault((row.database, row.tree), []).append(row)
+    medians: dict[tuple[str, str], float] = {}
+    spreads: dict[tuple[str, str], float] = {}
+    for (database, tree), found in groups.items():
+        ratios = [_ratio(r, rows) for r in found]
+        rps = [r.result.rps for r in found]
+        per = [r.cpu.total * 1e6 / r.result.requests for r in found if r.cpu is not None and r.result.requests]
+        medians[(database, tree)] = statistics.median(ratios)
+        spreads[(database, tree)] = max(ratios) - min(ratios)
+        print(
+            f"{database:<10} {tree:<6} median of {len(found)}: {statistics.median(rps):,.0f} req/s, "
+            f"ratio {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f}, "
+            f"spread {max(ratios) - min(ratios):.3f})"
+            + (f", CPU {statistics.median(per):,.0f} us/request" if per else "")
+        )
+    bares = [r.result.rps for r in rows if r.server == "bare"]
+    if bares:
+        print(f"bare endpoint: {min(bares):,.0f}-{max(bares):,.0f} req/s over {len(bares)} runs")
+    for database in dict.fromkeys(d for d, _ in groups):
+        if (database, "this") in medians and (database, "other") in medians:
+            difference = medians[(database, "this")] - medians[(database, "other")]
+            noise = max(spreads[(database, "this")], spreads[(database, "other")])
+            verdict = "MORE than the spread of the rounds" if abs(difference) > noise else "within the noise"
+            print(
+                f"{database:<10} this - other: {difference:+.3f} in the median ratio; the larger spread of the "
+                f"rounds is {noise:.3f}: {verdict}"
+            )
+            # The same round's two runs share the machine's load at that moment: their quotient is steadier.
+            paired = [
+                this.result.rps / other.result.rps
+                for this in groups[(database, "this")]
+                for other in groups[(database, "other")]
+                if this.round == other.round and other.result.rps
+            ]
+            if paired:
+                print(
+                    f"{database:<10} this / other in the same round: "
+                    + ", ".join(f"{p:.3f}" for p in paired)
+                    + f" (median {statistics.median(paired):.3f})"
+                )
+
+
+def _git_head(root: Path) -> str:
+    proc = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+    return proc.stdout.strip()[:70] or "not a git checkout"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -693,7 +912,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default $SMSBOT_BENCH_POSTGRES_URL, else smsbot_bench on the local server)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with server and wrk logs")
+    parser.add_argument(
+        "--compare-with",
+        metavar="PATH",
+        help="another checkout of the repository with its own .venv (e.g. a worktree of main): measured in "
+        "alternating rounds with this one",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="rounds of bare + full per database (default 1; 3 with --compare-with)"
+    )
+    parser.add_argument(
+        "--production",
+        action="store_true",
+        help="also run serve --workers 2 --no-deliver + smsbot worker (Tencent sender, fake Tencent) on PostgreSQL",
+    )
     args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.compare_with else 1)
 
     databases = [d.strip() for d in args.databases.split(",") if d.strip()]
     unknown = [d for d in databases if d not in ("sqlite", "postgres")]
@@ -737,8 +971,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="smsbot-bench-"))
     rows: list[Row] = []
     try:
-        for database in databases:
-            rows.extend(bench_database(database, load, args.postgres_url, workdir))
+        trees = [this_tree()] + ([other_tree(args.compare_with)] if args.compare_with else [])
+        if args.production and "postgres" not in databases:
+            parser.error("--production runs on PostgreSQL: include postgres in --databases")
+        if args.compare_with:
+            print("trees: " + ", ".join(f"{t.label} = {t.root} ({_git_head(t.root)})" for t in trees) + "\n")
+        if len(trees) == 1 and rounds == 1 and not args.production:
+            for database in databases:
+                rows.extend(bench_database(database, load, args.postgres_url, workdir))
+        else:
+            for database in databases:
+                for round_ in range(1, rounds + 1):
+                    print(f"round {round_} of {rounds}:", flush=True)
+                    rows.append(bench_bare(database, load, workdir, round_))
+                    for tree in trees:
+                        rows.append(bench_full(database, load, args.postgres_url, workdir, tree, round_))
+                    if args.production and database == "postgres":
+                        for tree in trees:
+                            rows.append(bench_production(load, args.postgres_url, workdir, tree, round_))
     except BenchError as exc:
         print(f"bench_ingest: {exc}\n(server and wrk logs kept in {workdir})", file=sys.stderr)
         return 2
@@ -748,7 +998,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
-    met = print_table(rows)
+    if all(row.round == 0 for row in rows):
+        met = print_table(rows)
+    else:
+        print_rounds(rows)
+        met = all(row.stored.all_stored for row in rows if row.stored is not None) and all(
+            _ratio(row, rows) >= TARGET_RATIO for row in rows if row.server == "full" and row.tree == "this"
+        )
+        for row in rows:
+            if row.stored is not None and not row.stored.all_stored:
+                print(f"{row.database} round {row.round} {row.tree}: MISSING ROWS ({row.stored})")
     if args.keep:
         print(f"\nserver logs and wrk reports: {workdir}")
     return 0 if met else 1
