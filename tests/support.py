@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -526,3 +527,28 @@ def ingest_history(
                 batch=[Inbound(NATIONCODE, mobile, sign, text, int(at.timestamp()))],
                 now=at,
             )
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+"""Debian's Chromium, which the real-browser tests drive through Playwright (.ci/run installs it)."""
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def require_chromium() -> None:
+    """Skip without Chromium, unless SMSBOT_REQUIRE_BROWSER says a missing browser is a failure (CI)."""
+    if not CHROMIUM.exists():
+        if os.environ.get("SMSBOT_REQUIRE_BROWSER"):
+            raise RuntimeError(f"{CHROMIUM} is missing: .ci/run installs it with apt-get (package chromium)")
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+def launch_chromium(playwright: Any) -> Any:
+    """A headless Chromium for one test (Playwright's ``sync_playwright()`` object in, its browser out)."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

@@ -3,7 +3,6 @@ Rules page to the Activity page, the funnel's SVG and numbers shown; its screens
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,19 +23,17 @@ from tests.support import (
     copy_rules,
     free_port,
     ingest_history,
+    launch_chromium,
+    require_chromium,
     wait_until,
     writing,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 PASSWORD = "correct horse battery"
 
 pytestmark = pytest.mark.slow
 
-if not CHROMIUM.exists():
-    if os.environ.get("SMSBOT_REQUIRE_BROWSER"):
-        raise RuntimeError(f"{CHROMIUM} is missing: .ci/run installs it with apt-get (package chromium)")
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+require_chromium()
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -75,7 +72,7 @@ def test_a_viewer_opens_rules_activity_and_reads_the_funnel(server: str) -> None
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "activity.png"
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(10_000)

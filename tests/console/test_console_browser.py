@@ -8,7 +8,6 @@ forms a browser really uses. Screenshots land in ``tests/artifacts/``.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -32,22 +31,20 @@ from tests.support import (
     RecordingSender,
     copy_rules,
     free_port,
+    launch_chromium,
     payload,
+    require_chromium,
     wait_until,
     writing,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 PASSWORD = "correct horse battery"
 FAILING = "13900001111"
 """Replies to this number fail (a permanent Tencent error) until the test repairs the sender."""
 
 pytestmark = pytest.mark.slow
 
-if not CHROMIUM.exists():
-    if os.environ.get("SMSBOT_REQUIRE_BROWSER"):
-        raise RuntimeError(f"{CHROMIUM} is missing: .ci/run installs it with apt-get (package chromium)")
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+require_chromium()
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -111,17 +108,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def test_ops_person_logs_in_searches_reads_a_thread_retries_and_simulates(server: Server) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(10_000)

@@ -7,7 +7,6 @@ screenshot of the page (``docs/rules-page.png``).
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -32,12 +31,13 @@ from tests.support import (
     Harness,
     copy_rules,
     free_port,
+    launch_chromium,
     payload,
+    require_chromium,
     wait_until,
     writing,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 PASSWORD = "correct horse battery"
 
 
@@ -139,10 +139,7 @@ def test_an_admin_promotes_pins_and_unpins_and_each_is_audited(staged_app: Harne
 @pytest.fixture
 def browser_server(tmp_path: Path) -> Iterator[tuple[str, LiveRules, Path]]:
     """The real app under uvicorn (staged rollout, one tester), with an admin and a candidate waiting."""
-    if not CHROMIUM.exists():
-        if os.environ.get("SMSBOT_REQUIRE_BROWSER"):
-            raise RuntimeError(f"{CHROMIUM} is missing: .ci/run installs it with apt-get (package chromium)")
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    require_chromium()
     url = f"sqlite:///{tmp_path / 'smsbot.db'}"
     upgrade(url)
     engine = make_engine(url)
@@ -176,17 +173,7 @@ def test_an_admin_clicks_promote_in_a_browser(browser_server: tuple[str, LiveRul
     assert candidate is not None
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.set_default_timeout(10_000)
